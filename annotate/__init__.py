@@ -1,0 +1,1 @@
+"""annotate: automatic image annotation (multi-label classification) in JAX/Flax NNX."""

@@ -1,0 +1,91 @@
+"""Layers shared by every backbone, written so a timm/torchvision state_dict maps onto them 1:1.
+
+Parameter names follow flax (`kernel`, `scale`, `bias`, `mean`, `var`) and the module tree follows
+timm's attribute names, so `annotate.convert` needs one generic rule per tensor kind and no
+per-model key tables. Activations are NHWC.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
+           stride: int = 1, padding: int | tuple[int, int] = 0, groups: int = 1,
+           dilation: int = 1, bias: bool = False, dtype: Dtype = jnp.float32,
+           rngs: nnx.Rngs) -> nnx.Conv:
+    """A torch `nn.Conv2d` as `nnx.Conv`: symmetric explicit padding, kaiming-normal fan-out init."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return nnx.Conv(in_channels, out_channels, (kh, kw), strides=stride,
+                    padding=((ph, ph), (pw, pw)), kernel_dilation=dilation,
+                    feature_group_count=groups, use_bias=bias, dtype=dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    rngs=rngs)
+
+
+class BatchNorm2d(nnx.Module):
+    """torch `nn.BatchNorm2d` semantics: eps 1e-5, momentum 0.1, unbiased running variance.
+
+    Statistics and parameters stay float32 whatever the compute dtype; the output has the input's
+    dtype. `model.train()` / `model.eval()` flip `use_running_average`.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
+                 zero_init: bool = False, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.eps = eps
+        self.momentum = momentum
+        self.use_running_average = False
+        init = jnp.zeros if zero_init else jnp.ones
+        self.scale = nnx.Param(init((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            n = x.size // x.shape[-1]
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean)
+            self.var[...] = jax.lax.stop_gradient((1 - m) * self.var[...] + m * unbiased)
+        inv = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+        shift = self.bias[...] - mean * inv
+        return (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
+
+
+def global_pool(x: jax.Array, kind: str) -> jax.Array:
+    """Global average or max pool over H and W: [B, H, W, C] -> [B, C] (float32 for the head)."""
+    if kind == "avg":
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if kind == "max":
+        return jnp.max(x, axis=(1, 2)).astype(jnp.float32)
+    raise ValueError(f"global_pool must be 'avg' or 'max', got {kind!r}")
+
+
+class ClassifierHead(nnx.Module):
+    """The seed's head: global pool (avg or max) -> dropout -> linear, named `fc` like timm."""
+
+    def __init__(self, in_features: int, num_classes: int, *, global_pool: str = "avg",
+                 drop_rate: float = 0.3, rngs: nnx.Rngs):
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        self.global_pool = global_pool
+        self.dropout = nnx.Dropout(drop_rate, rngs=rngs)
+        self.fc = nnx.Linear(in_features, num_classes, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        return self.fc(self.dropout(global_pool(features, self.global_pool)))

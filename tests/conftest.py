@@ -1,0 +1,50 @@
+"""Shared fixtures: the real Corel-5k (from $COREL5K_DIR) and tiny synthetic datasets in its format."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def corel5k_dir() -> Path:
+    """The real Corel-5k folder; tests that need it are skipped when COREL5K_DIR is unset."""
+    root = os.environ.get("COREL5K_DIR")
+    if not root:
+        pytest.skip("COREL5K_DIR is not set")
+    path = Path(root)
+    assert (path / "train.json").is_file(), f"COREL5K_DIR={root} has no train.json"
+    return path
+
+
+def write_dataset(root: Path, *, n_train: int = 12, n_test: int = 6, vocabulary=None,
+                  seed: int = 0, size: tuple[int, int] = (48, 32)) -> Path:
+    """Write a tiny dataset in the seed's folder format: images/ + train.json + test.json.
+
+    Image i is a smooth colour gradient plus noise; labels are drawn at random from `vocabulary`.
+    """
+    rng = np.random.default_rng(seed)
+    vocabulary = list(vocabulary or ["sky", "water", "tree", "grass", "people"])
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
+        samples = []
+        for i in range(n):
+            name = f"{offset + i}.jpeg"
+            w, h = size if i % 3 else size[::-1]  # some portrait images
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / name, quality=95)
+            k = int(rng.integers(0, 3))
+            labels = [str(v) for v in rng.choice(vocabulary, size=k, replace=False)]
+            samples.append({"image_name": name, "image_labels": labels})
+        (root / f"{split}.json").write_text(json.dumps({"samples": samples, "labels": vocabulary}))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A fresh tiny dataset folder (12 train / 6 test images, 5 labels)."""
+    return write_dataset(tmp_path / "tiny")
