@@ -1,0 +1,93 @@
+"""On-disk cache of decoded uint8 image arrays, keyed by a fingerprint of the dataset's files.
+
+One `.npy` file per (dataset folder, split, image size, source); it is written atomically (a temp
+file in the cache folder, then `os.replace`), so an interrupted or failed decode never leaves a
+half-written cache behind, and it is re-decoded whenever the JSON or any image file changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from annotate.data.folder import SplitIndex, check_images_exist
+
+# Bump when the decoding or the file layout changes, so old caches are not reused.
+CACHE_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """The cache folder: $ANNOTATE_CACHE when set, else ~/.cache/annotate."""
+    return Path(os.environ.get("ANNOTATE_CACHE") or Path.home() / ".cache" / "annotate").expanduser()
+
+
+def short_hash(text: str, length: int = 8) -> str:
+    """A short hex digest of `text`, used to tell apart cache entries of different folders."""
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def hash_parts(parts: Iterable[str | bytes]) -> str:
+    """SHA-256 hex digest of a sequence of strings/bytes (each length-prefixed, so unambiguous)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def index_fingerprint_parts(index: SplitIndex) -> list[str | bytes]:
+    """What identifies an index's content: its JSON path and bytes, and each image's name/size/mtime.
+
+    Raises DatasetError when an image is missing, before any decoding starts.
+    """
+    parts: list[str | bytes] = [str(index.json_path), index.json_path.read_bytes()]
+    for name, stat in zip(index.image_names, check_images_exist(index)):
+        parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return parts
+
+
+def directory_fingerprint_parts(directory: Path) -> list[str]:
+    """What identifies a folder of files (a TFDS build): its path, each file's name/size/mtime."""
+    parts = [str(directory.absolute())]
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = path.stat()
+        parts.append(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return parts
+
+
+def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[int],
+                       fill: Callable[[np.ndarray], None], *, mmap: bool = False) -> np.ndarray:
+    """Return the cached array `<cache_dir>/<prefix>-<key>.npy`, creating it with `fill` on a miss.
+
+    `fill` writes into a memory-mapped temp file in `cache_dir` (so large splits need not fit in
+    RAM twice); only after it returns is the file moved into place. On any error the temp file is
+    removed. Older entries with the same prefix (stale versions of this split) are deleted.
+    """
+    final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
+    mmap_mode = "r" if mmap else None
+    if final_path.is_file():
+        return np.load(final_path, mmap_mode=mmap_mode)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{final_path.name}.", suffix=".tmp")
+    os.close(handle)
+    os.chmod(temp_name, 0o644)  # mkstemp makes it private; a cache is as readable as the dataset
+    try:
+        array = np.lib.format.open_memmap(temp_name, mode="w+", dtype=np.uint8, shape=tuple(shape))
+        fill(array)
+        array.flush()
+        del array
+        os.replace(temp_name, final_path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    for stale in cache_dir.iterdir():
+        is_same_entry = (stale.name.startswith(f"{prefix}-") and stale.suffix == ".npy"
+                         and len(stale.name) == len(final_path.name))
+        if is_same_entry and stale != final_path:
+            stale.unlink(missing_ok=True)
+    return np.load(final_path, mmap_mode=mmap_mode)

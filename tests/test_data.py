@@ -1,0 +1,310 @@
+"""Data layer: JSON validation, multi-hot targets, seed-identical decoding, the disk cache, TFDS."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import annotate.data
+from annotate.data import DatasetError, decode_image, load_split, read_split_index
+
+SIZE = 16
+
+
+def seed_decode(path: Path, size: int) -> np.ndarray:
+    """The seed's decoding, written out independently: PIL RGB, bilinear square resize."""
+    return np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def hand_multi_hot(json_path: Path) -> tuple[list[str], np.ndarray]:
+    """Image names and 0/1 targets built directly from a JSON index, label by label."""
+    content = json.loads(json_path.read_text())
+    vocabulary = content["labels"]
+    targets = np.zeros((len(content["samples"]), len(vocabulary)), np.float32)
+    for i, sample in enumerate(content["samples"]):
+        for label in sample["image_labels"]:
+            targets[i, vocabulary.index(label)] = 1
+    return [sample["image_name"] for sample in content["samples"]], targets
+
+
+def cache_files(cache_dir: Path) -> list[str]:
+    """Every file directly in the cache folder (cache entries and any stray temp file)."""
+    return sorted(p.name for p in cache_dir.iterdir() if p.is_file()) if cache_dir.exists() else []
+
+
+def edit_json(path: Path, change) -> None:
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_targets_and_images_match_independent_reference(tiny_dataset, cache_dir, split):
+    gray = tiny_dataset / "images" / "1.jpeg"  # a greyscale JPEG must come out as RGB like the seed
+    Image.open(gray).convert("L").save(gray)
+    loaded = load_split(tiny_dataset, split, SIZE, cache_dir=cache_dir)
+    names, targets = hand_multi_hot(tiny_dataset / f"{split}.json")
+    assert loaded.image_names == names
+    assert loaded.vocabulary == json.loads((tiny_dataset / f"{split}.json").read_text())["labels"]
+    assert loaded.targets.dtype == np.float32
+    np.testing.assert_array_equal(loaded.targets, targets)
+    assert loaded.images.dtype == np.uint8 and loaded.images.shape == (len(names), SIZE, SIZE, 3)
+    for image, name in zip(loaded.images, names):
+        np.testing.assert_array_equal(image, seed_decode(tiny_dataset / "images" / name, SIZE))
+
+
+def test_images_without_labels_get_zero_targets(tiny_dataset, cache_dir):
+    edit_json(tiny_dataset / "train.json", lambda c: c["samples"][0].update(image_labels=[]))
+    loaded = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    assert loaded.targets[0].sum() == 0
+
+
+def test_second_load_reads_the_cache_without_decoding(tiny_dataset, cache_dir, monkeypatch):
+    first = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    assert len(cache_files(cache_dir)) == 1 and cache_files(cache_dir)[0].endswith(".npy")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache is valid")
+
+    monkeypatch.setattr(annotate.data, "decode_image", no_decoding)
+    second = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    mapped = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir, mmap=True)
+    np.testing.assert_array_equal(second.images, first.images)
+    np.testing.assert_array_equal(second.targets, first.targets)
+    assert isinstance(mapped.images, np.memmap)
+    np.testing.assert_array_equal(mapped.images, first.images)
+
+
+def test_default_cache_dir_follows_annotate_cache(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANNOTATE_CACHE", str(tmp_path / "env-cache"))
+    assert annotate.data.default_cache_dir() == tmp_path / "env-cache"
+    load_split(tiny_dataset, "test", SIZE)
+    assert len(cache_files(tmp_path / "env-cache")) == 1
+
+
+def count_decodes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = annotate.data.decode_image
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(annotate.data, "decode_image", counting)
+    return calls
+
+
+def test_changed_json_or_image_invalidates_the_cache(tiny_dataset, cache_dir, monkeypatch):
+    load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    old_entry = cache_files(cache_dir)
+    calls = count_decodes(monkeypatch)
+
+    edit_json(tiny_dataset / "train.json", lambda c: c["samples"][0].update(image_labels=["sky"]))
+    relabelled = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    assert len(calls) == 12
+    np.testing.assert_array_equal(relabelled.targets, hand_multi_hot(tiny_dataset / "train.json")[1])
+    assert len(cache_files(cache_dir)) == 1 and cache_files(cache_dir) != old_entry  # stale: pruned
+
+    replaced = tiny_dataset / "images" / "0.jpeg"
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(replaced)
+    redecoded = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    assert len(calls) == 24
+    np.testing.assert_array_equal(redecoded.images[0], seed_decode(replaced, SIZE))
+
+    load_split(tiny_dataset, "train", SIZE + 1, cache_dir=cache_dir)  # another size: its own entry
+    assert len(cache_files(cache_dir)) == 2
+
+
+def truncate_image(root: Path) -> str:
+    path = root / "images" / "5.jpeg"
+    path.write_bytes(path.read_bytes()[:200])
+    return "5.jpeg"
+
+
+def garble_image(root: Path) -> str:
+    (root / "images" / "7.jpeg").write_bytes(b"this is not a jpeg")
+    return "7.jpeg"
+
+
+def delete_image(root: Path) -> str:
+    (root / "images" / "3.jpeg").unlink()
+    return "3.jpeg"
+
+
+def unknown_label(root: Path) -> str:
+    edit_json(root / "train.json", lambda c: c["samples"][2].update(image_labels=["sky", "unicorn"]))
+    return "train.json"
+
+
+def duplicate_name(root: Path) -> str:
+    edit_json(root / "train.json", lambda c: c["samples"][4].update(image_name="1.jpeg"))
+    return "train.json"
+
+
+def invalid_json(root: Path) -> str:
+    (root / "train.json").write_text('{"samples": [')
+    return "train.json"
+
+
+def missing_key(root: Path) -> str:
+    edit_json(root / "train.json", lambda c: c.pop("labels"))
+    return "train.json"
+
+
+def different_vocabulary(root: Path) -> str:
+    edit_json(root / "test.json", lambda c: c.update(labels=c["labels"] + ["moon"]))
+    return "test.json"
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (truncate_image, "cannot decode"), (garble_image, "cannot decode"), (delete_image, "missing"),
+    (unknown_label, "unicorn"), (duplicate_name, "duplicate image name"),
+    (invalid_json, "invalid JSON"), (missing_key, "'labels'"), (different_vocabulary, "vocabulary"),
+])
+def test_bad_input_names_the_file_and_leaves_no_cache(tiny_dataset, cache_dir, spoil, reason):
+    culprit = spoil(tiny_dataset)
+    with pytest.raises(DatasetError, match=reason) as caught:
+        load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    assert isinstance(caught.value, ValueError)
+    assert culprit in str(caught.value)
+    assert cache_files(cache_dir) == []  # neither a cache entry nor a leftover temp file
+
+
+def test_decode_image_rejects_truncated_jpeg(tiny_dataset):
+    truncate_image(tiny_dataset)
+    path = tiny_dataset / "images" / "5.jpeg"
+    with pytest.raises(DatasetError, match="5.jpeg.*cannot decode"):
+        decode_image(path, SIZE)
+
+
+def test_missing_dataset_folder_says_how_to_get_it(tmp_path, cache_dir):
+    with pytest.raises(DatasetError) as caught:
+        load_split(tmp_path / "nowhere", "train", SIZE, cache_dir=cache_dir)
+    message = str(caught.value)
+    assert "nowhere" in message and "fetch_corel5k.py" in message and "COREL5K_DIR" in message
+
+
+def test_unknown_split_or_source_lists_the_valid_ones(tiny_dataset, cache_dir):
+    with pytest.raises(ValueError, match="train"):
+        read_split_index(tiny_dataset, "validation")
+    with pytest.raises(ValueError, match="folder"):
+        load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir, source="lmdb")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+def test_read_only_dataset_folder_loads_and_is_not_written(tiny_dataset, cache_dir):
+    before = snapshot(tiny_dataset)
+    paths = [tiny_dataset, tiny_dataset / "images", *tiny_dataset.rglob("*")]
+    modes = {path: path.stat().st_mode for path in paths}
+    for path in paths:
+        path.chmod(stat.S_IMODE(modes[path]) & ~0o222)
+    try:
+        loaded = load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir)
+    finally:
+        for path in paths:
+            path.chmod(modes[path])
+    assert loaded.images.shape == (6, SIZE, SIZE, 3)
+    assert snapshot(tiny_dataset) == before
+
+
+def write_augmentation(augmentation_dir: Path, vocabulary: list[str]) -> list[str]:
+    """Two WGAN-style samples in <dir>/train_aug.json with their images in <dir>/aug-images/."""
+    images = augmentation_dir / "aug-images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = ["0_aug.jpeg", "0_aug_hor_flip.jpeg"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), np.uint8)).save(images / name)
+    samples = [{"image_name": names[0], "image_labels": ["sky", "tree"]},
+               {"image_name": names[1], "image_labels": []}]
+    index = {"samples": samples, "labels": vocabulary}
+    (augmentation_dir / "train_aug.json").write_text(json.dumps(index))
+    return names
+
+
+def test_augmentation_appends_train_aug_samples(tiny_dataset, tmp_path, cache_dir):
+    vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
+    augmentation_dir = tmp_path / "wgan-out"
+    aug_names = write_augmentation(augmentation_dir, vocabulary)
+    plain = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    augmented = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir,
+                           augmentation_dir=augmentation_dir)
+    assert augmented.image_names == plain.image_names + aug_names
+    _, aug_targets = hand_multi_hot(augmentation_dir / "train_aug.json")
+    np.testing.assert_array_equal(augmented.targets, np.concatenate([plain.targets, aug_targets]))
+    np.testing.assert_array_equal(augmented.images[:12], plain.images)
+    for image, name in zip(augmented.images[12:], aug_names):
+        reference = seed_decode(augmentation_dir / "aug-images" / name, SIZE)
+        np.testing.assert_array_equal(image, reference)
+
+    edit_json(augmentation_dir / "train_aug.json", lambda c: c.update(labels=c["labels"][::-1]))
+    with pytest.raises(DatasetError, match="train_aug.json.*vocabulary"):
+        load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir,
+                   augmentation_dir=augmentation_dir)
+    with pytest.raises(ValueError, match="train split"):
+        load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir,
+                   augmentation_dir=augmentation_dir)
+
+
+def test_tfds_build_gives_the_same_arrays_without_tensorflow(tiny_dataset, tmp_path, cache_dir):
+    assert importlib.util.find_spec("tensorflow") is None, "tensorflow must not be needed"
+    import tensorflow_datasets as tfds
+
+    from annotate.data.tfds_corel5k import build_tfds
+
+    data_dir = tmp_path / "tfds"
+    build_dir = build_tfds(tiny_dataset, data_dir)
+    assert any(name.startswith("corel5k-train.array_record") for name in os.listdir(build_dir))
+    records = tfds.data_source("corel5k", split="test", data_dir=str(data_dir), download=False)
+    assert len(records) == 6 and records[0]["image"].ndim == 3
+
+    for split in ("train", "test"):
+        from_folder = load_split(tiny_dataset, split, SIZE, cache_dir=cache_dir)
+        from_tfds = load_split(tiny_dataset, split, SIZE, cache_dir=cache_dir, source="tfds",
+                               tfds_data_dir=data_dir)
+        assert from_tfds.image_names == from_folder.image_names
+        assert from_tfds.vocabulary == from_folder.vocabulary
+        np.testing.assert_array_equal(from_tfds.targets, from_folder.targets)
+        np.testing.assert_array_equal(from_tfds.images, from_folder.images)
+
+    edit_json(tiny_dataset / "test.json", lambda c: c["samples"][0].update(image_labels=["water"]))
+    rebuilt = load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir, source="tfds",
+                         tfds_data_dir=data_dir)
+    np.testing.assert_array_equal(rebuilt.targets, hand_multi_hot(tiny_dataset / "test.json")[1])
+    assert "tensorflow" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def corel5k_train(corel5k_dir, tmp_path_factory):
+    return load_split(corel5k_dir, "train", 32, cache_dir=tmp_path_factory.mktemp("corel-cache"))
+
+
+def test_real_corel5k_statistics(corel5k_dir, corel5k_train, tmp_path):
+    train_json = json.loads((corel5k_dir / "train.json").read_text())
+    label_counts = [len(sample["image_labels"]) for sample in train_json["samples"]]
+    assert corel5k_train.images.shape == (4500, 32, 32, 3)
+    assert len(corel5k_train.vocabulary) == 260 == len(train_json["labels"])
+    assert int((corel5k_train.targets.sum(1) == 0).sum()) == 7 == label_counts.count(0)
+    mean_labels = corel5k_train.targets.sum(1).mean()
+    assert mean_labels == pytest.approx(np.mean(label_counts)) and 3.3 < mean_labels < 3.5
+    for i in (0, 1234, 4499):
+        reference = seed_decode(corel5k_dir / "images" / corel5k_train.image_names[i], 32)
+        np.testing.assert_array_equal(corel5k_train.images[i], reference)
+    test = read_split_index(corel5k_dir, "test")
+    assert len(test.image_names) == 499 and test.vocabulary == corel5k_train.vocabulary
