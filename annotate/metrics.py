@@ -1,0 +1,102 @@
+"""Annotation metrics of the seed (per-class / per-image P, R, F1 and N+) and MCC thresholds.
+
+Pure numpy on host arrays: targets are 0/1 [N, C], probs are sigmoid outputs [N, C]. Definitions
+follow the seed's `EvaluationMetrics` exactly, including its 1e-7 guards, so that numbers are
+comparable with the published tables.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+EPSILON = 1e-7  # the seed's guard against empty denominators
+MCC_GRID: np.ndarray = np.round(np.arange(0.05, 0.701, 0.05), 2)  # 0.05, 0.10, ..., 0.70
+
+
+def _check_inputs(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate shapes/values; return targets as float64 and probs in their own float dtype
+    (thresholds are compared in that dtype, as the seed's float32 tensors were)."""
+    targets = np.asarray(targets, dtype=np.float64)
+    probs = np.asarray(probs)
+    if not np.issubdtype(probs.dtype, np.floating):
+        probs = probs.astype(np.float64)
+    if targets.ndim != 2 or targets.shape != probs.shape:
+        raise ValueError(f"targets and probs must both be [N, C] of equal shape; got targets "
+                         f"{targets.shape} and probs {probs.shape}")
+    if not np.isin(targets, (0.0, 1.0)).all():
+        raise ValueError("targets must contain only 0 and 1")
+    if np.isnan(probs).any():
+        raise ValueError("probs contain NaN")
+    return targets, probs
+
+
+def _predictions(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
+    """The seed's hard predictions: probs > threshold (one scalar or one value per label)."""
+    thresholds = np.asarray(thresholds, dtype=probs.dtype)
+    if thresholds.ndim != 0 and thresholds.shape != (probs.shape[1],):
+        raise ValueError(f"thresholds must be a scalar or have shape ({probs.shape[1]},); got "
+                         f"{thresholds.shape}")
+    return (probs > thresholds).astype(np.float64)
+
+
+def _f1(precision: np.ndarray | float, recall: np.ndarray | float) -> np.ndarray | float:
+    """The seed's F1 with its epsilon: 2PR / (P + R + 1e-7)."""
+    return 2 * precision * recall / (precision + recall + EPSILON)
+
+
+def per_label_metrics(targets: np.ndarray, probs: np.ndarray,
+                      thresholds: float | np.ndarray = 0.5) -> dict[str, np.ndarray]:
+    """Per-label precision, recall, F1 (seed epsilons) and support (#positives), arrays of [C];
+    for per-label tables and F1-vs-frequency plots. Their means are the per-class P and R."""
+    targets, probs = _check_inputs(targets, probs)
+    predicted = _predictions(probs, thresholds)
+    true_positives = (targets * predicted).sum(axis=0)
+    precision = true_positives / (predicted.sum(axis=0) + EPSILON)
+    recall = true_positives / (targets.sum(axis=0) + EPSILON)
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall),
+            "support": targets.sum(axis=0).astype(np.int64)}
+
+
+def annotation_metrics(targets: np.ndarray, probs: np.ndarray,
+                       thresholds: float | np.ndarray = 0.5) -> dict[str, float | int]:
+    """The seed's seven annotation metrics as JSON-ready Python numbers: per-class P/R (means over
+    labels), per-class F1 (of those means), per-image P/R/F1 (all labels pooled), and N+."""
+    targets, probs = _check_inputs(targets, probs)
+    predicted = _predictions(probs, thresholds)
+    true_positives = (targets * predicted).sum(axis=0)
+    per_class_precision = float(np.mean(true_positives / (predicted.sum(axis=0) + EPSILON)))
+    per_class_recall = float(np.mean(true_positives / (targets.sum(axis=0) + EPSILON)))
+    per_image_precision = float(true_positives.sum() / (predicted.sum() + EPSILON))
+    per_image_recall = float(true_positives.sum() / (targets.sum() + EPSILON))
+    return {
+        "per_class_precision": per_class_precision,
+        "per_class_recall": per_class_recall,
+        "per_class_f1": float(_f1(per_class_precision, per_class_recall)),
+        "per_image_precision": per_image_precision,
+        "per_image_recall": per_image_recall,
+        "per_image_f1": float(_f1(per_image_precision, per_image_recall)),
+        "n_plus": int((true_positives > 0).sum()),
+    }
+
+
+def mcc_thresholds(targets: np.ndarray, probs: np.ndarray,
+                   grid: np.ndarray | tuple[float, ...] = MCC_GRID) -> np.ndarray:
+    """Per label, the grid threshold with the highest Matthews correlation of (probs >= t) with the
+    targets (MCC 0 where undefined, ties to the smallest t): the seed's threshold tuning, [C]."""
+    targets, probs = _check_inputs(targets, probs)
+    grid = np.sort(np.asarray(grid, dtype=np.float64).ravel())
+    if grid.size == 0:
+        raise ValueError("mcc_thresholds needs a non-empty grid")
+    truth = targets.astype(bool)
+    predicted = probs[None, :, :] >= grid.astype(probs.dtype)[:, None, None]  # [G, N, C]
+    true_pos = np.sum(predicted & truth, axis=1).astype(np.float64)  # [G, C]
+    pred_pos = predicted.sum(axis=1).astype(np.float64)
+    actual_pos = truth.sum(axis=0).astype(np.float64)[None, :]
+    n = float(targets.shape[0])
+    false_pos = pred_pos - true_pos
+    false_neg = actual_pos - true_pos
+    true_neg = n - true_pos - false_pos - false_neg
+    denominator = pred_pos * actual_pos * (n - actual_pos) * (n - pred_pos)
+    numerator = true_pos * true_neg - false_pos * false_neg
+    mcc = np.where(denominator > 0, numerator / np.sqrt(np.where(denominator > 0, denominator, 1)),
+                   0.0)
+    return grid[np.argmax(mcc, axis=0)]  # argmax returns the first (smallest t) on ties
