@@ -67,6 +67,14 @@ class BatchNorm2d(nnx.Module):
         return (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
 
 
+def max_pool2d(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.Array:
+    """torch `nn.MaxPool2d` on NHWC input: padded cells are -inf, so they never win the max."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max,
+        window_dimensions=(1, kernel_size, kernel_size, 1), window_strides=(1, stride, stride, 1),
+        padding=((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
 def global_pool(x: jax.Array, kind: str) -> jax.Array:
     """Global average or max pool over H and W: [B, H, W, C] -> [B, C] (float32 for the head)."""
     if kind == "avg":

@@ -1,0 +1,144 @@
+"""Checkpoint import: key/shape errors, head skipping, .pth/.safetensors/timm:/orbax loading."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from flax import nnx
+from safetensors.torch import save_file
+
+from annotate.convert import load_pretrained, load_timm_weights
+from annotate.models import MODEL_NAMES, create_model
+from parity import randomize_torch_model_
+
+NUM_CLASSES = 10
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def timm_state() -> dict[str, torch.Tensor]:
+    """A randomised timm resnet18 state_dict (10 classes) as torch tensors."""
+    model = timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES)
+    return {k: v.clone() for k, v in randomize_torch_model_(model, seed=3).state_dict().items()}
+
+
+def variables(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Every Param and BatchStat of `model` by dotted path, as numpy."""
+    return {".".join(map(str, path)): np.asarray(v[...]) for path, v in nnx.iter_graph(model)
+            if isinstance(v, (nnx.Param, nnx.BatchStat))}
+
+
+def assert_same_variables(model: nnx.Module, other: nnx.Module) -> None:
+    """Both models hold the same variable names with bit-identical values."""
+    ours, theirs = variables(model), variables(other)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference_model(timm_state) -> nnx.Module:
+    """resnet18 holding `timm_state`, loaded straight from the in-memory state_dict."""
+    return load_timm_weights(create_model("resnet18", NUM_CLASSES), timm_state)
+
+
+def test_every_tensor_lands_in_its_variable(reference_model, timm_state):
+    loaded = variables(reference_model)
+    np.testing.assert_array_equal(loaded["head.fc.kernel"], timm_state["fc.weight"].numpy().T)
+    downsample = timm_state["layer2.0.downsample.0.weight"].numpy()
+    np.testing.assert_array_equal(loaded["layer2.0.downsample.0.kernel"],
+                                  downsample.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(loaded["layer4.1.bn2.scale"],
+                                  timm_state["layer4.1.bn2.weight"].numpy())
+    np.testing.assert_array_equal(loaded["bn1.var"], timm_state["bn1.running_var"].numpy())
+    used = {k for k in timm_state if not k.endswith("num_batches_tracked")}
+    assert len(used) == len(loaded)
+
+
+def test_missing_key_is_named(timm_state):
+    state = dict(timm_state)
+    del state["layer2.0.bn1.running_var"]
+    with pytest.raises(KeyError, match=r"layer2\.0\.bn1\.var"):
+        load_timm_weights(create_model("resnet18", NUM_CLASSES), state)
+
+
+def test_extra_key_is_named(timm_state):
+    state = dict(timm_state, **{"layer1.0.se.fc.weight": torch.zeros(4, 4)})
+    with pytest.raises(KeyError, match=r"layer1\.0\.se\.fc\.weight"):
+        load_timm_weights(create_model("resnet18", NUM_CLASSES), state)
+
+
+def test_shape_mismatch_is_named(timm_state):
+    state = dict(timm_state, **{"layer3.1.conv2.weight": torch.zeros(256, 256, 1, 1)})
+    with pytest.raises(ValueError, match=r"layer3\.1\.conv2\.weight"):
+        load_timm_weights(create_model("resnet18", NUM_CLASSES), state)
+
+
+def test_imagenet_head_is_skipped_with_a_log_message(timm_state, caplog):
+    state = dict(timm_state, **{"fc.weight": torch.ones(1000, 512), "fc.bias": torch.ones(1000)})
+    model = create_model("resnet18", NUM_CLASSES)
+    head_before = np.asarray(model.head.fc.kernel[...])
+    with caplog.at_level(logging.WARNING, logger="annotate.convert"):
+        load_timm_weights(model, state)
+    assert "fc.weight" in caplog.text and "fc.bias" in caplog.text
+    np.testing.assert_array_equal(np.asarray(model.head.fc.kernel[...]), head_before)
+    np.testing.assert_array_equal(np.asarray(model.layer1[0].conv1.kernel[...]),
+                                  timm_state["layer1.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+def test_unknown_model_name_lists_valid_names():
+    with pytest.raises(ValueError, match="resnet1010") as error:
+        create_model("resnet1010", NUM_CLASSES)
+    assert all(name in str(error.value) for name in MODEL_NAMES)
+
+
+def test_pretrained_from_pth_and_safetensors(tmp_path, timm_state, reference_model):
+    wrapped = tmp_path / "wrapped.pth"  # DataParallel-style keys inside {"state_dict": ...}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in timm_state.items()}}, wrapped)
+    plain = tmp_path / "plain.safetensors"
+    save_file(timm_state, plain)
+    for path in (wrapped, plain):
+        assert_same_variables(load_pretrained(create_model("resnet18", NUM_CLASSES), str(path)),
+                              reference_model)
+
+
+def test_pretrained_missing_file_or_format_is_an_error(tmp_path):
+    model = create_model("resnet18", NUM_CLASSES)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_pretrained(model, str(tmp_path / "nowhere.pth"))
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.npz"):
+        load_pretrained(model, str(tmp_path / "weights.npz"))
+
+
+def test_pretrained_timm_failure_names_the_model(monkeypatch):
+    model = create_model("resnet18", NUM_CLASSES)
+    with pytest.raises(RuntimeError, match="not_a_timm_model"):
+        load_pretrained(model, "timm:not_a_timm_model")
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="'resnet18'.*internet"):
+        load_pretrained(model, "timm:resnet18")
+
+
+def test_convert_script_writes_a_reusable_orbax_checkpoint(tmp_path, timm_state, reference_model):
+    script = REPO / "scripts" / "convert_timm.py"
+    spec = importlib.util.spec_from_file_location("convert_timm", script)
+    convert_timm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_timm)
+    source = tmp_path / "resnet18.pth"
+    torch.save(timm_state, source)
+    out = convert_timm.main(["--model", "resnet18", "--num-classes", str(NUM_CLASSES),
+                             "--checkpoint", str(source), "--out", str(tmp_path / "orbax")])
+    assert_same_variables(load_pretrained(create_model("resnet18", NUM_CLASSES, seed=7), str(out)),
+                          reference_model)
+    with pytest.raises(ValueError, match="orbax"):
+        load_pretrained(create_model("resnet18", NUM_CLASSES + 1), str(out))
