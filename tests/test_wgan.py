@@ -1,0 +1,289 @@
+"""ML-WGAN: models and losses against torch (the seed's code), vmap independence, the CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn as tnn
+from flax import nnx
+from ml_collections import config_dict
+from PIL import Image
+
+from annotate.data import read_augmentation_index, read_split_index
+from conftest import write_dataset
+from wgan import run as wgan_run
+from wgan.models import BatchNorm2d, Conv2d, Critic, Generator
+from wgan.train import (WganSetup, augmented_views, critic_loss, generator_loss,
+                        gradient_penalty, image_keys, init_pairs, load_wgan_image, train_pairs)
+
+WIDTH = 4  # the seed's architecture at hidden width 4 instead of 64: same code paths, fast on CPU
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torch_generator(width: int) -> tnn.Sequential:
+    """The seed's Generator layers (augmentation/gen_critic.py), written out from the issue."""
+    channels = [width * 16, width * 8, width * 4, width * 2, width]
+    layers = [tnn.ConvTranspose2d(100, channels[0], (4, 6), 1), tnn.BatchNorm2d(channels[0]),
+              tnn.ReLU()]
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [tnn.ConvTranspose2d(c_in, c_out, 4, 2, 1), tnn.BatchNorm2d(c_out), tnn.ReLU()]
+    return tnn.Sequential(*layers, tnn.ConvTranspose2d(width, 3, 4, 2, 1), tnn.Tanh())
+
+
+def torch_critic(width: int) -> tnn.Sequential:
+    """The seed's Critic layers."""
+    channels = [3, width, width * 2, width * 4, width * 8, width * 16]
+    layers = []
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [tnn.Conv2d(c_in, c_out, 4, 2, 1), tnn.BatchNorm2d(c_out), tnn.LeakyReLU(0.2)]
+    return tnn.Sequential(*layers, tnn.Conv2d(channels[-1], 1, (4, 6), 1), tnn.Flatten())
+
+
+def copy_torch_weights(torch_model: tnn.Sequential, convs: list, norms: list) -> None:
+    """Load torch conv/BN weights into our layers (OIHW / IOHW -> [kh, kw, in, out])."""
+    torch_convs = [m for m in torch_model if isinstance(m, (tnn.Conv2d, tnn.ConvTranspose2d))]
+    torch_norms = [m for m in torch_model if isinstance(m, tnn.BatchNorm2d)]
+    for source, target in zip(torch_convs, convs, strict=True):
+        weight = source.weight.detach().numpy()
+        order = (2, 3, 0, 1) if isinstance(source, tnn.ConvTranspose2d) else (2, 3, 1, 0)
+        target.kernel.set_value(jnp.asarray(weight.transpose(order)))
+        target.bias.set_value(jnp.asarray(source.bias.detach().numpy()))
+    for source, target in zip(torch_norms, norms, strict=True):
+        target.scale.set_value(jnp.asarray(source.weight.detach().numpy()))
+        target.bias.set_value(jnp.asarray(source.bias.detach().numpy()))
+
+
+@pytest.fixture(scope="module")
+def torch_pair():
+    """Seed-architecture torch generator/critic (BN scale N(1, 0.3) so activations are O(1)) and
+    our modules holding the same weights."""
+    torch.manual_seed(0)
+    t_gen, t_crit = torch_generator(WIDTH), torch_critic(WIDTH)
+    for module in [*t_gen, *t_crit]:
+        if isinstance(module, tnn.BatchNorm2d):
+            tnn.init.normal_(module.weight, 1.0, 0.3)
+            tnn.init.normal_(module.bias, 0.0, 0.1)
+    # Abstract modules (no random init to compile): every parameter is then set from torch.
+    gen = nnx.eval_shape(lambda: Generator(width=WIDTH, rngs=nnx.Rngs(0)))
+    crit = nnx.eval_shape(lambda: Critic(width=WIDTH, rngs=nnx.Rngs(1)))
+    copy_torch_weights(t_gen, [gen.project, *gen.ups, gen.to_image], [gen.project_norm, *gen.norms])
+    copy_torch_weights(t_crit, [*crit.downs, crit.score], list(crit.norms))
+    return t_gen, t_crit, gen, crit
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    """NHWC numpy -> NCHW torch."""
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def jitted_call(module: nnx.Module, x: np.ndarray) -> jax.Array:
+    """module(x) through jax.jit (one compile instead of op-by-op dispatch)."""
+    graph, params = nnx.split(module)
+    return jax.jit(lambda p, v: nnx.merge(graph, p)(v))(params, jnp.asarray(x))
+
+
+def test_models_match_torch_seed_architecture(torch_pair):
+    t_gen, t_crit, gen, crit = torch_pair
+    noise = np.random.default_rng(0).standard_normal((1, 100)).astype(np.float32)
+    expected = t_gen(torch.from_numpy(noise)[:, :, None, None]).detach().numpy()
+    np.testing.assert_allclose(np.asarray(jitted_call(gen, noise)),
+                               expected.transpose(0, 2, 3, 1), atol=2e-5)
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 128, 192, 3)).astype(np.float32)
+    # Our batch of 2 == the seed's two separate batch-1 calls (per-image BatchNorm statistics).
+    expected = [t_crit(nchw(images[i:i + 1])).item() for i in range(2)]
+    np.testing.assert_allclose(np.asarray(jitted_call(crit, images)), expected, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_parameter_count_and_init_as_seed(trained):
+    def torch_count(model):
+        return sum(p.numel() for p in model.parameters())
+    gen = nnx.eval_shape(lambda: Generator(rngs=nnx.Rngs(0)))
+    crit = nnx.eval_shape(lambda: Critic(rngs=nnx.Rngs(0)))
+    count = lambda m: sum(int(p.size) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count(gen) == torch_count(torch_generator(64)) == 13_607_747
+    assert count(crit) == torch_count(torch_critic(64)) == 11_174_721
+    # The seed's weights_init: conv weights and BN scales ~ N(0, 0.02), BN bias 0.
+    initial = trained["initial"]
+    kernel = np.asarray(initial.critic["downs"][4]["kernel"][...])
+    assert abs(kernel.mean()) < 1e-3 and abs(kernel.std() - 0.02) < 1e-3
+    norms = [*initial.critic["norms"].values(), *initial.generator["norms"].values()]
+    scales = np.concatenate([np.asarray(n["scale"][...]).ravel() for n in norms])
+    assert abs(scales.mean()) < 3e-3 and abs(scales.std() - 0.02) < 3e-3
+    assert all(np.all(np.asarray(n["bias"][...]) == 0) for n in norms)
+    # torch's default conv bias, untouched by weights_init: U(+-1/sqrt(fan_in)), fan_in 3*4*4.
+    first_bias = np.asarray(initial.critic["downs"][0]["bias"][...])
+    assert np.all(np.abs(first_bias) <= 1 / np.sqrt(48)) and first_bias.std() > 0.02
+
+
+def test_gradient_penalty_matches_finite_differences():
+    conv = Conv2d(3, 4, 4, stride=2, padding=1, rngs=nnx.Rngs(0))
+    norm = BatchNorm2d(4, rngs=nnx.Rngs(1))
+    norm.scale[...] = jnp.ones(4)
+
+    def small_critic(x):
+        return jnp.sum(jax.nn.leaky_relu(norm(conv(x)), 0.2) ** 2, axis=(1, 2, 3)) * 10.0
+
+    image = jax.random.uniform(jax.random.key(2), (6, 8, 3), minval=-1, maxval=1)
+    step = 1e-2
+    flat = np.asarray(image, np.float64).ravel()
+    basis = np.eye(flat.size) * step
+    plus = small_critic(jnp.asarray((flat + basis).reshape(-1, 6, 8, 3), jnp.float32))
+    minus = small_critic(jnp.asarray((flat - basis).reshape(-1, 6, 8, 3), jnp.float32))
+    grad_fd = (np.asarray(plus, np.float64) - np.asarray(minus, np.float64)) / (2 * step)
+    expected = (np.linalg.norm(grad_fd) - 1.0) ** 2
+    np.testing.assert_allclose(float(gradient_penalty(small_critic, image)), expected, rtol=1e-3)
+
+
+def test_losses_and_gradients_match_torch(torch_pair):
+    t_gen, t_crit, gen, crit = torch_pair
+    rng = np.random.default_rng(4)
+    fake = rng.uniform(-1, 1, (1, 128, 192, 3)).astype(np.float32)
+    real = rng.uniform(-1, 1, (1, 128, 192, 3)).astype(np.float32)
+    eps = 0.3
+    # The seed's critic loss: three separate critic calls, GP through autograd.grad.
+    t_fake, t_real = nchw(fake), nchw(real)
+    mixed = (eps * t_real + (1 - eps) * t_fake).requires_grad_(True)
+    (input_grad,) = torch.autograd.grad(t_crit(mixed).sum(), mixed, create_graph=True)
+    penalty = (input_grad.flatten(1).norm(2, dim=1) - 1) ** 2
+    t_loss = (t_crit(t_fake) - t_crit(t_real) + 10 * penalty).sum()
+    t_crit.zero_grad()
+    t_loss.backward()
+    setup = WganSetup(width=WIDTH)
+    params = nnx.state(crit, nnx.Param)
+    loss, grads = jax.jit(jax.value_and_grad(critic_loss), static_argnums=1)(
+        params, setup, jnp.asarray(fake[0]), jnp.asarray(real[0]), jnp.float32(eps))
+    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-4)
+    ours = grads["downs"][1]["kernel"][...]
+    theirs = t_crit[3].weight.grad.numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-3,
+                               atol=1e-4 * np.abs(theirs).max())
+    # The generator loss -critic(generator(z)) (its gradient is plain autodiff of this).
+    noise = rng.standard_normal(100).astype(np.float32)
+    t_gen_loss = -t_crit(t_gen(torch.from_numpy(noise)[None, :, None, None])).sum()
+    gen_loss = jax.jit(generator_loss, static_argnums=2)(nnx.state(gen, nnx.Param), params,
+                                                         setup, jnp.asarray(noise))
+    np.testing.assert_allclose(float(gen_loss), t_gen_loss.item(), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Pairs 0 and 1 trained together, and pair 0 again beside another partner, 3 iterations
+    (the CLI smoke test's setup and K, so the compiled step is shared)."""
+    setup = WganSetup(width=WIDTH)
+    keys = jax.vmap(jax.random.split)(image_keys(7, np.arange(3)))  # [3, 2]: init, training
+    images = jax.random.uniform(jax.random.key(3), (3, 128, 192, 3), minval=-1, maxval=1)
+    runs = {}
+    for name, pairs in [("together", np.array([0, 1])), ("new_partner", np.array([0, 2]))]:
+        state = init_pairs(setup, keys[pairs, 0])
+        runs[name] = train_pairs(setup, state, images[pairs], keys[pairs, 1], 3)
+    runs["initial"] = init_pairs(setup, keys[:2, 0])
+    return runs
+
+
+def test_vmapped_pair_does_not_depend_on_its_partners(trained):
+    """Pair 0's whole trajectory is the same whoever trains beside it in the vmapped step.
+
+    (Against a separate K=1 run the results agree only to ~1e-6 per gradient, and Adam's first
+    steps, lr * sign(g), turn that into lr-sized differences wherever a gradient is ~0 — e.g. the
+    conv biases before BatchNorm, whose exact gradient is 0 — so the K=1 comparison cannot be
+    tight. Swapping the partner inside the same compiled program can.)
+    """
+    (state, saved), (state_other, saved_other) = trained["together"], trained["new_partner"]
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_other), strict=True):
+        np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(saved[0]), np.asarray(saved_other[0]), atol=1e-6)
+    # Both pairs trained (their parameters moved) and differ from each other.
+    moved = np.abs(np.asarray(state.critic["score"]["kernel"][...])
+                   - np.asarray(trained["initial"].critic["score"]["kernel"][...]))
+    assert moved.max() > 1e-4
+    assert not np.allclose(np.asarray(saved[0]), np.asarray(saved[1]), atol=1e-2)
+    assert not np.allclose(np.asarray(saved[1]), np.asarray(saved_other[1]), atol=1e-2)
+
+
+def test_preprocessing_matches_seed_transforms(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    transforms = torchvision.transforms
+    rng = np.random.default_rng(5)
+    for size in [(192, 128), (128, 192)]:  # landscape and portrait (W, H) as in Corel-5k
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.fromarray(rng.integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(path)
+        image = Image.open(path).convert("RGB")
+        if image.height == 192:
+            image = image.rotate(90, expand=True)
+        expected = transforms.Compose([
+            transforms.CenterCrop((122, 186)), transforms.Resize((128, 192)),
+            transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])(image)
+        np.testing.assert_allclose(load_wgan_image(path), expected.numpy().transpose(1, 2, 0),
+                                   atol=1e-5)
+
+
+def test_augmented_views_are_the_seeds():
+    fakes = np.tanh(np.random.default_rng(6).standard_normal((3, 128, 192, 3))).astype(np.float32)
+    views = augmented_views(fakes)
+    to_uint8 = lambda img: (img * 255).astype(np.uint8)  # matplotlib imsave on floats in [0, 1]
+    flipped = torch.flip(torch.from_numpy(fakes[1]).permute(2, 0, 1), dims=[2])
+    expected = [to_uint8(fakes[0] / 2 + 0.5),
+                to_uint8((flipped / 2 + 0.5).permute(1, 2, 0).numpy()),
+                to_uint8(np.rot90(fakes[2] / 2 + 0.5, -1))]
+    for view, reference in zip(views, expected, strict=True):
+        np.testing.assert_array_equal(view, reference)
+    assert views[2].shape == (192, 128, 3)
+
+
+def wgan_config(**overrides) -> config_dict.ConfigDict:
+    """configs/wgan.py's get_config() with `overrides` (dotted keys as double underscores)."""
+    spec = importlib.util.spec_from_file_location("wgan_config", REPO / "configs" / "wgan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def test_cli_writes_jpegs_and_index_then_resumes(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    out = tmp_path / "out"
+    # What `python -m wgan.run --config=configs/wgan.py --config.data.root=... ...` runs (absl's
+    # config_flags reads overrides from sys.argv at import, so the test calls run() itself).
+    config = wgan_config(data__root=str(root), out_dir=str(out), limit=2, iterations=3, pairs=2,
+                         model_width=WIDTH)
+    assert wgan_run.run(config) == out
+    train = read_split_index(root, "train")
+    files = sorted(p.name for p in (out / "aug-images").iterdir())
+    stems = [name.split(".")[0] for name in train.image_names[:2]]
+    assert files == sorted(f"{s}{suffix}.jpeg" for s in stems
+                           for suffix in ("_aug", "_aug_hor_flip", "_aug_rot_90"))
+    for name in files:
+        with Image.open(out / "aug-images" / name) as image:
+            assert image.format == "JPEG"
+            assert image.size == ((128, 192) if "rot_90" in name else (192, 128))
+            pixels = np.asarray(image.convert("RGB"))
+            assert pixels.std() > 0  # a generated image, not a blank one
+    index = read_augmentation_index(out)
+    assert index.vocabulary == train.vocabulary
+    assert len(index.image_names) == 6
+    for name, labels in zip(index.image_names, index.image_labels):
+        original = train.image_names.index(f"{name.split('_aug')[0]}.jpeg")
+        assert labels == train.image_labels[original]
+    first_index = (out / "train_aug.json").read_text()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "aug-images").iterdir()}
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("finished images must be skipped")
+
+    monkeypatch.setattr(wgan_run, "train_chunk", must_not_train)
+    wgan_run.run(config)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "aug-images").iterdir()} == mtimes
+    assert json.loads((out / "train_aug.json").read_text()) == json.loads(first_index)

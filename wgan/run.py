@@ -1,0 +1,118 @@
+"""Augment the training split with ML-WGAN images, K images at a time; resumable.
+
+    python -m wgan.run --config=configs/wgan.py [--config.data.root=DIR] [--config.out_dir=DIR]
+        [--config.limit=N] [--config.iterations=N] [--config.pairs=K]
+
+Writes `<out_dir>/aug-images/<stem>_aug.jpeg`, `<stem>_aug_hor_flip.jpeg`, `<stem>_aug_rot_90.jpeg`
+per training image and `<out_dir>/train_aug.json` (seed format, each image with its original's
+labels). Images whose three files exist are skipped, so a killed run started again resumes; every
+file is written to a temporary name and renamed, so none is ever half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from ml_collections import config_dict, config_flags
+from PIL import Image
+from tqdm import tqdm
+
+from annotate.data import AUGMENTATION_IMAGES, AUGMENTATION_INDEX, SplitIndex, read_split_index
+from wgan.train import WganSetup, augmented_views, image_keys, load_wgan_image, train_chunk
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/wgan.py",
+                                          "ML-WGAN config file (get_config()).")
+
+VIEW_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")  # the seed's file names, in save order
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def data_root(configured: str | None) -> Path:
+    """The dataset folder: the config's, else $COREL5K_DIR, else data/corel5k."""
+    return Path(configured or os.environ.get("COREL5K_DIR") or "data/corel5k").expanduser()
+
+
+def augmented_names(image_name: str) -> list[str]:
+    """The seed's three output names for a training image: stem (up to the first '.') + suffix."""
+    stem = image_name.split(".")[0]
+    return [f"{stem}{suffix}.jpeg" for suffix in VIEW_SUFFIXES]
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    write(tmp_path)
+    os.replace(tmp_path, path)
+
+
+def save_jpeg(path: Path, pixels: np.ndarray) -> None:
+    """Save uint8 [H, W, 3] as JPEG (PIL's default quality, as the seed's plt.imsave)."""
+    write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="JPEG"))
+
+
+def is_done(image_dir: Path, image_name: str) -> bool:
+    """True when all three augmented images of `image_name` exist."""
+    return all((image_dir / name).is_file() for name in augmented_names(image_name))
+
+
+def write_augmentation_index(out_dir: Path, index: SplitIndex) -> int:
+    """Rewrite `train_aug.json` from the training images whose three files exist (split order);
+    returns the number of samples."""
+    image_dir = out_dir / AUGMENTATION_IMAGES
+    samples = [{"image_name": name, "image_labels": list(labels)}
+               for original, labels in zip(index.image_names, index.image_labels)
+               if is_done(image_dir, original) for name in augmented_names(original)]
+    text = json.dumps({"samples": samples, "labels": list(index.vocabulary)})
+    write_atomically(out_dir / AUGMENTATION_INDEX, lambda tmp: tmp.write_text(text))
+    return len(samples)
+
+
+def run(config: config_dict.ConfigDict) -> Path:
+    """Train one WGAN-GP per (pending) training image, K at once; returns the output folder."""
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype must be one of {list(COMPUTE_DTYPES)}, "
+                         f"got {config.compute_dtype!r}")
+    if config.pairs < 1:
+        raise ValueError(f"config.pairs must be >= 1, got {config.pairs}")
+    root = data_root(config.data.root)
+    index = read_split_index(root, "train")
+    out_dir = Path(config.out_dir).expanduser() if config.out_dir else root
+    image_dir = out_dir / AUGMENTATION_IMAGES
+    image_dir.mkdir(parents=True, exist_ok=True)
+    count = len(index.image_names) if config.limit is None else min(config.limit,
+                                                                     len(index.image_names))
+    pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
+    setup = WganSetup(width=config.model_width,
+                      compute_dtype=COMPUTE_DTYPES[config.compute_dtype])
+    with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
+        for start in range(0, len(pending), config.pairs):
+            chunk = pending[start:start + config.pairs]
+            # A short last chunk repeats its last image so every chunk has the compiled shape K.
+            padded = chunk + [chunk[-1]] * (config.pairs - len(chunk))
+            images = np.stack([load_wgan_image(root / index.image_folder / index.image_names[i])
+                               for i in padded])
+            fakes = train_chunk(setup, image_keys(config.seed, np.asarray(padded)), images,
+                                config.iterations)
+            for position, image_index in enumerate(chunk):
+                names = augmented_names(index.image_names[image_index])
+                for name, pixels in zip(names, augmented_views(fakes[position])):
+                    save_jpeg(image_dir / name, pixels)
+            write_augmentation_index(out_dir, index)
+            bar.update(len(chunk))
+    write_augmentation_index(out_dir, index)
+    return out_dir
+
+
+def main(argv: list[str]) -> None:
+    """absl entry point: run with the --config file and its overrides."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
