@@ -1,0 +1,147 @@
+"""Evaluation reports from predictions: results.json, results.md (the seed's tables), thresholds.json
+and two pictures (test images with true vs predicted labels; per-label F1 against label frequency).
+
+Everything here is a function of arrays (targets, probabilities, images); the model and the
+checkpoints are handled by annotate.train.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from annotate import metrics, summary  # noqa: E402
+
+PREDICTIONS_PICTURE = "test_predictions.png"
+F1_PICTURE = "per_label_f1_vs_frequency.png"
+
+
+def evaluation_results(train_targets: np.ndarray, train_probs: np.ndarray,
+                       test_targets: np.ndarray, test_probs: np.ndarray,
+                       vocabulary: Sequence[str]) -> dict:
+    """The seed's evaluation: test metrics at 0.5 and at per-label MCC thresholds chosen on the
+    training predictions, the thresholds, and one record per label (counts, threshold, P/R/F1)."""
+    thresholds = metrics.mcc_thresholds(train_targets, train_probs)
+    at_mcc = metrics.per_label_metrics(test_targets, test_probs, thresholds)
+    at_half = metrics.per_label_metrics(test_targets, test_probs, 0.5)
+    train_counts = np.asarray(train_targets).sum(axis=0).astype(int)
+    per_label = [{"label": label, "train_count": int(train_counts[i]),
+                  "test_count": int(at_mcc["support"][i]), "threshold": float(thresholds[i]),
+                  "precision": float(at_mcc["precision"][i]), "recall": float(at_mcc["recall"][i]),
+                  "f1": float(at_mcc["f1"][i]), "f1_at_0.5": float(at_half["f1"][i])}
+                 for i, label in enumerate(vocabulary)]
+    return {"fixed_0.5": metrics.annotation_metrics(test_targets, test_probs, 0.5),
+            "mcc": metrics.annotation_metrics(test_targets, test_probs, thresholds),
+            "thresholds": [float(t) for t in thresholds],
+            "per_label": per_label}
+
+
+def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
+                     num_train_images: int, epoch_seconds: float | None) -> str:
+    """results.md: the seed's run table, P/R/F1 table (per-image and per-class, without and with
+    MCC thresholds), N+ table, then the per-label table (most frequent labels first)."""
+    fixed, mcc = results["fixed_0.5"], results["mcc"]
+    epoch_time = f"{epoch_seconds:.0f}s" if epoch_seconds is not None else "-"
+    image_size = config.data.image_size
+    lines = [
+        f"# {config.model.name} + {config.loss.name}: Corel-5k test set",
+        "",
+        "| model | loss | global-pooling | batch-size | num of training images | image-size | "
+        "best epoch | epoch time |",
+        "| :---: | :---: | :---: | :---: | :---: | :---: | :---: | :---: |",
+        f"| **{config.model.name}** | {config.loss.name} | {config.model.global_pool} | "
+        f"{config.train.batch_size} | {num_train_images} | {image_size} * {image_size} | "
+        f"{results.get('best_epoch', '-')} | {epoch_time} |",
+        "",
+        "| data | precision | recall | f1-score |",
+        "| :---: | :---: | :---: | :---: |",
+    ]
+    for name, values, kind in (("per-image metrics", fixed, "per_image"),
+                               ("per-image metrics + MCC", mcc, "per_image"),
+                               ("per-class metrics", fixed, "per_class"),
+                               ("per-class metrics + MCC", mcc, "per_class")):
+        lines.append(f"| *testset* {name} | {values[kind + '_precision']:.3f} | "
+                     f"{values[kind + '_recall']:.3f} | {values[kind + '_f1']:.3f} |")
+    lines += ["", "| data | N+ |", "| :---: | :---: |",
+              f"| *testset* | {fixed['n_plus']} |", f"| *testset* + MCC | {mcc['n_plus']} |",
+              "", "## Per label (MCC thresholds; F1 at 0.5 for comparison)", "",
+              "| label | train images | test images | threshold | precision | recall | f1 | f1 at 0.5 |",
+              "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in sorted(results["per_label"], key=lambda r: (-r["train_count"], r["label"])):
+        lines.append(f"| {row['label']} | {row['train_count']} | {row['test_count']} | "
+                     f"{row['threshold']:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | "
+                     f"{row['f1']:.3f} | {row['f1_at_0.5']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _label_text(prefix: str, labels: list[str], per_line: int = 4) -> str:
+    rows = [" - ".join(labels[i:i + per_line]) for i in range(0, len(labels), per_line)] or [""]
+    return prefix + "\n".join(rows)
+
+
+def plot_predictions(path: Path | str, images: np.ndarray, targets: np.ndarray,
+                     probs: np.ndarray, thresholds: Sequence[float], vocabulary: Sequence[str],
+                     *, count: int = 16, columns: int = 4) -> Path:
+    """The seed's `predicted_batch_plot`: the first `count` images titled with their true labels
+    (GT) and the labels predicted above the per-label thresholds (Pre)."""
+    count = min(count, len(images))
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
+    predicted = np.asarray(probs) > np.asarray(thresholds)[None, :]
+    for i, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if i >= count:
+            continue
+        axis.imshow(images[i])
+        true_labels = [vocabulary[j] for j in np.flatnonzero(targets[i])]
+        predicted_labels = [vocabulary[j] for j in np.flatnonzero(predicted[i])]
+        axis.set_title(_label_text("GT: ", true_labels) + "\n" + _label_text("Pre: ", predicted_labels),
+                       fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_f1_vs_frequency(path: Path | str, per_label: Sequence[dict]) -> Path:
+    """Per-label test F1 (MCC thresholds) against the label's number of training images."""
+    counts = np.array([row["train_count"] for row in per_label])
+    f1 = np.array([row["f1"] for row in per_label])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.scatter(np.maximum(counts, 1), f1, s=12, alpha=0.7)
+    axis.set_xscale("log")
+    axis.set_xlabel("training images with the label (log scale)")
+    axis.set_ylabel("test F1 (MCC thresholds)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(f"per-label F1 vs label frequency ({len(per_label)} labels)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def write_reports(workdir: Path | str, results: dict, config: ml_collections.ConfigDict,
+                  test_images: np.ndarray, test_targets: np.ndarray, test_probs: np.ndarray,
+                  vocabulary: Sequence[str], num_train_images: int) -> None:
+    """Write results.json, results.md, thresholds.json (vocabulary + thresholds, read by
+    annotate.predict) and the two pictures into `workdir`."""
+    workdir = Path(workdir)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / "thresholds.json").write_text(json.dumps(
+        {"vocabulary": list(vocabulary), "thresholds": results["thresholds"]}, indent=2) + "\n")
+    seconds = [r["train/epoch_seconds"] for r in summary.read_metrics(workdir)
+               if "train/epoch_seconds" in r]
+    epoch_seconds = float(np.median(seconds)) if seconds else None
+    (workdir / "results.md").write_text(results_markdown(
+        results, config, num_train_images=num_train_images, epoch_seconds=epoch_seconds))
+    plot_predictions(workdir / PREDICTIONS_PICTURE, test_images, test_targets, test_probs,
+                     results["thresholds"], vocabulary)
+    plot_f1_vs_frequency(workdir / F1_PICTURE, results["per_label"])

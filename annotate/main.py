@@ -1,0 +1,55 @@
+"""Train and evaluate from the command line.
+
+    python -m annotate.main --config=configs/tresnet_asl.py [--workdir=runs/tresnet_asl]
+        [--config.train.epochs=5 ...] [--evaluate]
+
+The default workdir is runs/<config file name>. Rerunning a command resumes from the workdir's
+latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from annotate import train
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Register the flags; done only when run as a program, so importing this module is harmless."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tresnet_asl.py.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config file name>).")
+    flags.DEFINE_bool("evaluate", False, "Evaluate the best checkpoint of --workdir, do not train.")
+    flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_path: str) -> Path:
+    """runs/<config file stem>: configs/tresnet_asl.py -> runs/tresnet_asl."""
+    return Path("runs") / Path(config_path.split(":")[0]).stem
+
+
+def main(argv: list[str]) -> None:
+    """Parse flags, then train and evaluate (or only evaluate) into the workdir."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger("annotate").setLevel(logging.INFO)  # epoch records; libraries stay quiet
+    config = FLAGS.config
+    if config.distributed:
+        jax.distributed.initialize()
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
+    results = (train.evaluate if FLAGS.evaluate else train.train_and_evaluate)(config, workdir)
+    mcc = results["mcc"]
+    print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
+          f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see {workdir}/results.md")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

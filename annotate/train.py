@@ -1,0 +1,586 @@
+"""Training and evaluation: the seed's recipe as one sharded, jitted train step over on-device data.
+
+The whole decoded split sits on the accelerators as uint8 (replicated over the mesh). Each step
+receives the batch's indices (sharded along the "data" axis) and does gather, random flips,
+normalisation, the compute-dtype cast, forward, loss, gradients, the optax update and the
+BatchNorm statistics update inside one `jax.jit`. The model is split once into a static graph
+and a pure `TrainState`; every random number derives from (config.seed, epoch, step), so a run
+resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted one.
+
+Workdir layout: config.json, metrics.jsonl, tensorboard/, checkpoints/{latest,best}/<epoch>/,
+and after evaluation results.json, results.md, thresholds.json and two PNG pictures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from annotate import data, losses, metrics, models, summary
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("onecycle", "constant")
+DEFAULT_DATA_ROOT = "data/corel5k"
+
+# Input normalisation of each backbone's ImageNet weights (timm `pretrained_cfg` mean/std), used
+# when config.model.pretrained is set and config.data.mean/std are not.
+IMAGENET_MEAN_STD = {
+    "resnet18": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "resnet50": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "resnet101": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "resnext50_32x4d": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "xception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "tresnet_m": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+# --------------------------------------------------------------------------- configuration
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
+    models.check_model_name(config.model.name)
+    if config.loss.name not in losses.LOSS_NAMES:
+        raise ValueError(f"config.loss.name: unknown loss {config.loss.name!r}; valid losses: "
+                         f"{', '.join(losses.LOSS_NAMES)}")
+    losses.make_loss(config.loss.name, **loss_hyper(config))
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
+
+    train = config.train
+    require(config.model.global_pool in ("avg", "max"), "model.global_pool", "use 'avg' or 'max'")
+    require(0 <= config.model.drop_rate < 1, "model.drop_rate", "must lie in [0, 1)")
+    require(config.model.dtype in DTYPES, "model.dtype", f"use one of {list(DTYPES)}")
+    require(config.data.source in data.SOURCES, "data.source", f"use one of {list(data.SOURCES)}")
+    require(config.data.image_size > 0, "data.image_size", "must be positive")
+    for key in ("mean", "std"):
+        value = config.data[key]
+        require(value is None or len(value) == 3, f"data.{key}", "needs 3 values (R, G, B)")
+    require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
+    require(train.batch_size > 0, "train.batch_size", "must be positive")
+    require(train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+    require(train.epochs > 0, "train.epochs", "must be positive")
+    require(0 < train.stop_epoch <= train.epochs, "train.stop_epoch",
+            f"must lie in [1, train.epochs={train.epochs}]")
+    require(train.optimizer in OPTIMIZERS, "train.optimizer", f"use one of {list(OPTIMIZERS)}")
+    require(train.schedule in SCHEDULES, "train.schedule", f"use one of {list(SCHEDULES)}")
+    require(0 < train.pct_start < 1, "train.pct_start", "must lie in (0, 1)")
+    require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(0 <= train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1); 0 disables EMA")
+    require(train.log_every > 0, "train.log_every", "must be positive")
+    return config
+
+
+def config_value(config: ml_collections.ConfigDict, dotted_key: str) -> Any:
+    """The value at `dotted_key` ("train.batch_size") of `config`."""
+    value = config
+    for part in dotted_key.split("."):
+        value = value[part]
+    return value
+
+
+def loss_hyper(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The hyper-parameters of the configured loss: config.loss.<name> (e.g. loss.asl), or none."""
+    name = config.loss.name
+    return dict(config.loss[name]) if name in config.loss else {}
+
+
+def data_root(config: ml_collections.ConfigDict) -> Path:
+    """The dataset folder: config.data.root, else $COREL5K_DIR, else data/corel5k."""
+    root = Path(config.data.root or os.environ.get("COREL5K_DIR") or DEFAULT_DATA_ROOT)
+    root = root.expanduser().absolute()
+    if config.data.source == "folder" and not (root / "train.json").is_file():
+        raise data.DatasetError(
+            f"no Corel-5k dataset at {root} (train.json missing): download it with "
+            f"`python scripts/fetch_corel5k.py` (writes {DEFAULT_DATA_ROOT}), or point "
+            f"--config.data.root or $COREL5K_DIR at a folder with images/, train.json, test.json")
+    return root
+
+
+def normalisation(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std: config.data.mean/std if set, else the backbone's ImageNet statistics when
+    pretrained weights are loaded, else the seed's Corel-5k statistics."""
+    if config.model.pretrained and config.model.name in IMAGENET_MEAN_STD:
+        mean, std = IMAGENET_MEAN_STD[config.model.name]
+    else:
+        mean, std = data.COREL5K_MEAN, data.COREL5K_STD
+    return (tuple(config.data.mean or mean), tuple(config.data.std or std))
+
+
+# --------------------------------------------------------------------------- optimisation
+
+def one_cycle(total_steps: int, pct_start: float, initial: float, peak: float,
+              final: float) -> Callable[[jax.Array], jax.Array]:
+    """torch's OneCycleLR curve (two phases, cosine annealing) from `initial` to `peak` over the
+    first `pct_start` of `total_steps`, then to `final`; also its momentum curve (peak < initial)."""
+    warmup_end = float(pct_start * total_steps) - 1  # torch's phase boundaries, as floats
+    last = float(total_steps - 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warming = step <= warmup_end
+        pct = jnp.where(warming, step / max(warmup_end, 1e-12),
+                        (step - warmup_end) / max(last - warmup_end, 1e-12))
+        start = jnp.where(warming, initial, peak)
+        end = jnp.where(warming, peak, final)
+        return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * pct) + 1.0)
+
+    return schedule
+
+
+def learning_rate_and_beta1(config: ml_collections.ConfigDict, total_steps: int
+                            ) -> tuple[Callable | float, Callable | float]:
+    """The learning-rate and Adam beta1 schedules (torch OneCycleLR with cycle_momentum), or
+    constants for schedule="constant"."""
+    train = config.train
+    if train.schedule == "constant":
+        return train.learning_rate, train.max_momentum
+    initial = train.learning_rate / train.div_factor
+    learning_rate = one_cycle(total_steps, train.pct_start, initial, train.learning_rate,
+                              initial / train.final_div_factor)
+    if not train.cycle_momentum:
+        return learning_rate, train.max_momentum
+    beta1 = one_cycle(total_steps, train.pct_start, train.max_momentum, train.base_momentum,
+                      train.max_momentum)
+    return learning_rate, beta1
+
+
+def _adam(learning_rate: float, b1: float, *, b2: float, weight_decay: float,
+          decoupled: bool) -> optax.GradientTransformation:
+    """Adam with torch semantics: weight decay added to the gradient (torch Adam) or decoupled
+    (torch AdamW, decay scaled by the learning rate)."""
+    if decoupled:
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
+    coupled_decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    return optax.chain(*coupled_decay, optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+    """Adam/AdamW whose learning rate and beta1 follow the configured schedule; the current values
+    live in opt_state.hyperparams (optax.inject_hyperparams)."""
+    learning_rate, beta1 = learning_rate_and_beta1(config, total_steps)
+    return optax.inject_hyperparams(_adam, static_args=("b2", "weight_decay", "decoupled"))(
+        learning_rate=learning_rate, b1=beta1, b2=config.train.beta2,
+        weight_decay=config.train.weight_decay, decoupled=config.train.optimizer == "adamw")
+
+
+# --------------------------------------------------------------------------- state and steps
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree, checkpointed as a whole."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    ema_params: nnx.State | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The static half of a split model: train- and eval-mode graphs, and the dropout RNG streams
+    (a template, reseeded from the step key at every call)."""
+
+    train_graph: nnx.GraphDef
+    eval_graph: nnx.GraphDef
+    rng_state: nnx.State
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How uint8 images become network inputs: flips (train only), /255, mean/std, dtype cast."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip_horizontal: bool
+    flip_vertical: bool
+    dtype: Any
+
+    def __call__(self, images_u8: jax.Array, key: jax.Array | None) -> jax.Array:
+        """uint8 [B, H, W, 3] -> normalised [B, H, W, 3] in `dtype`; key None = no flips."""
+        if key is not None:
+            horizontal_key, vertical_key = jax.random.split(key)
+            shape = (images_u8.shape[0], 1, 1, 1)
+            if self.flip_horizontal:
+                flip = jax.random.bernoulli(horizontal_key, 0.5, shape)
+                images_u8 = jnp.where(flip, images_u8[:, :, ::-1], images_u8)
+            if self.flip_vertical:
+                flip = jax.random.bernoulli(vertical_key, 0.5, shape)
+                images_u8 = jnp.where(flip, images_u8[:, ::-1], images_u8)
+        x = images_u8.astype(jnp.float32) / 255.0
+        x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+        return x.astype(self.dtype)
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, nnx.State, nnx.State]:
+    """Split `model` into its static ModelDef, parameters and BatchNorm statistics."""
+    model.eval()
+    eval_graph = nnx.graphdef(model)
+    model.train()
+    train_graph, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    return ModelDef(train_graph, eval_graph, rng_state), params, batch_stats
+
+
+def reseeded(rng_state: nnx.State, key: jax.Array) -> nnx.State:
+    """The model's RNG streams restarted from `key`: stream i gets fold_in(key, i), count 0."""
+    leaves, treedef = jax.tree.flatten(rng_state)
+    fresh = [jax.random.fold_in(key, i) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+             else jnp.zeros_like(leaf) for i, leaf in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, fresh)
+
+
+def train_step(state: TrainState, images: jax.Array, targets: jax.Array,
+               batch_indices: jax.Array, key: jax.Array, *, model_def: ModelDef,
+               tx: optax.GradientTransformation, loss_fn: Callable, preprocess: Preprocess,
+               ema_decay: float, batch_sharding: NamedSharding) -> tuple[TrainState, jax.Array]:
+    """One optimisation step on images[batch_indices]; flips and dropout draw from
+    fold_in(key, state.step), so the step is a pure function of its inputs."""
+    flip_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+    batch = jax.lax.with_sharding_constraint(images[batch_indices], batch_sharding)
+    inputs = preprocess(batch, flip_key)
+    batch_targets = targets[batch_indices]
+
+    def loss_and_batch_stats(params: nnx.State, batch_stats: nnx.State,
+                             rng_state: nnx.State) -> tuple[jax.Array, nnx.State]:
+        model = nnx.merge(model_def.train_graph, params, batch_stats, rng_state, copy=True)
+        loss = loss_fn(model(inputs).astype(jnp.float32), batch_targets)
+        return loss, nnx.state(model, nnx.BatchStat)
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_and_batch_stats, has_aux=True)(
+        state.params, state.batch_stats, reseeded(model_def.rng_state, dropout_key))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state, ema_params=ema_params), loss
+
+
+def predict_step(params: nnx.State, batch_stats: nnx.State, images: jax.Array,
+                 batch_indices: jax.Array, *, model_def: ModelDef, preprocess: Preprocess,
+                 batch_sharding: NamedSharding) -> jax.Array:
+    """Eval-mode sigmoid probabilities [B, C] of images[batch_indices] (no flips, no dropout)."""
+    batch = jax.lax.with_sharding_constraint(images[batch_indices], batch_sharding)
+    model = nnx.merge(model_def.eval_graph, params, batch_stats, model_def.rng_state)
+    return jax.nn.sigmoid(model(preprocess(batch, None)).astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- devices
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global jax.Array laid out by `sharding`."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """The static parts of a run: model structure, optimizer and the two jitted, sharded steps."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model_def: ModelDef
+    tx: optax.GradientTransformation
+    train_step: Callable[..., tuple[TrainState, jax.Array]]
+    predict_step: Callable[..., jax.Array]
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec("data"))
+
+
+def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
+                      mesh: Mesh) -> tuple[Experiment, TrainState]:
+    """Build the model (loading config.model.pretrained if set), optimizer, jitted steps and the
+    initial TrainState, replicated over `mesh`."""
+    model = models.create_model(config.model.name, num_classes, global_pool=config.model.global_pool,
+                                drop_rate=config.model.drop_rate,
+                                dtype=DTYPES[config.model.dtype], seed=config.seed)
+    if config.model.pretrained:
+        from annotate.convert import load_pretrained
+        load_pretrained(model, config.model.pretrained)
+    model_def, params, batch_stats = split_model(model)
+    tx = make_optimizer(config, total_steps)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params),
+                       ema_params=params if config.train.ema_decay > 0 else None)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    mean, std = normalisation(config)
+    preprocess = Preprocess(mean, std, config.train.flip_horizontal, config.train.flip_vertical,
+                            DTYPES[config.model.dtype])
+    jitted_train = jax.jit(
+        functools.partial(train_step, model_def=model_def, tx=tx,
+                          loss_fn=losses.make_loss(config.loss.name, **loss_hyper(config)),
+                          preprocess=preprocess, ema_decay=config.train.ema_decay,
+                          batch_sharding=batch_sharding),
+        in_shardings=(replicated, replicated, replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated), donate_argnums=0)
+    jitted_predict = jax.jit(
+        functools.partial(predict_step, model_def=model_def, preprocess=preprocess,
+                          batch_sharding=batch_sharding),
+        in_shardings=(replicated, replicated, replicated, batch_sharding),
+        out_shardings=replicated)
+    state = jax.tree.map(lambda leaf: put(np.asarray(leaf), replicated), state)
+    return Experiment(config, mesh, model_def, tx, jitted_train, jitted_predict), state
+
+
+def predict(experiment: Experiment, params: nnx.State, batch_stats: nnx.State,
+            images: jax.Array) -> np.ndarray:
+    """Sigmoid probabilities [N, C] of all on-device `images`, in chunks of eval_batch_size
+    (rounded to the device count; the last chunk is padded by repeating the last image)."""
+    num_images, devices = images.shape[0], experiment.mesh.size
+    chunk = min(experiment.config.train.eval_batch_size, num_images)
+    chunk = -(-chunk // devices) * devices
+    probs = []
+    for start in range(0, num_images, chunk):
+        indices = np.minimum(np.arange(start, start + chunk), num_images - 1).astype(np.int32)
+        probs.append(experiment.predict_step(params, batch_stats, images,
+                                             put(indices, experiment.batch_sharding)))
+    return np.concatenate([np.asarray(p) for p in probs])[:num_images]
+
+
+def eval_params(state: TrainState) -> nnx.State:
+    """The parameters to evaluate: the EMA weights when EMA is on, else the trained ones."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def checkpoint_managers(workdir: Path) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    """(latest, best) orbax managers under workdir/checkpoints, keeping one checkpoint each;
+    checkpoint numbers are completed epochs."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    return (ocp.CheckpointManager(workdir / "checkpoints" / "latest", options=options),
+            ocp.CheckpointManager(workdir / "checkpoints" / "best", options=options))
+
+
+def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
+    """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`."""
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
+    return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+    """A split on the accelerators (uint8 images, float32 targets, replicated) plus host copies."""
+
+    images: jax.Array
+    targets: jax.Array
+    host: data.Split
+
+
+def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[DeviceSplit, DeviceSplit]:
+    """Decode (or read from cache) train and test at config.data.image_size and put them on
+    every device of `mesh`; with data.augmentation the WGAN samples join the train split."""
+    root = data_root(config)
+    common = dict(cache_dir=config.data.cache_dir, source=config.data.source)
+    augmentation_dir = (config.data.augmentation_dir or root) if config.data.augmentation else None
+    train = data.load_split(root, "train", config.data.image_size,
+                            augmentation_dir=augmentation_dir, **common)
+    test = data.load_split(root, "test", config.data.image_size, **common)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return tuple(DeviceSplit(put(split.images, replicated), put(split.targets, replicated), split)
+                 for split in (train, test))
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _epoch_permutation(key: jax.Array, epoch: int, num_images: int) -> np.ndarray:
+    """The image order of `epoch`: a permutation drawn from fold_in(key, epoch)."""
+    return np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_images))
+
+
+def _check_finite(losses_so_far: np.ndarray, first_step: int, epoch: int, steps_per_epoch: int) -> None:
+    bad = np.flatnonzero(~np.isfinite(losses_so_far))
+    if bad.size:
+        step = first_step + int(bad[0])
+        raise FloatingPointError(
+            f"non-finite training loss {losses_so_far[bad[0]]} at step {step} (epoch {epoch}, "
+            f"batch {(step - 1) % steps_per_epoch + 1}/{steps_per_epoch}); training stopped, the "
+            f"checkpoints of the last completed epoch are intact")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    path = workdir / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if path.exists() and json.loads(path.read_text()) != json.loads(text):
+        log.warning("config differs from the one in %s; the run continues with the new one", path)
+    path.write_text(text)
+
+
+def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with the data root and the input normalisation filled in."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.root = str(data_root(config))
+    config.data.mean, config.data.std = normalisation(config)
+    return config
+
+
+def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSplit, epoch: int,
+                order_key: jax.Array, step_key: jax.Array, *, show_progress: bool
+                ) -> tuple[TrainState, float, float]:
+    """Run epoch `epoch` (1-based) over the permutation fold_in(order_key, epoch), showing loss and
+    images/s; returns (state, mean loss, seconds). A non-finite loss raises FloatingPointError."""
+    batch_size, num_images = experiment.config.train.batch_size, train_split.images.shape[0]
+    steps_per_epoch = num_images // batch_size
+    permutation = _epoch_permutation(order_key, epoch, num_images)
+    first_step = (epoch - 1) * steps_per_epoch + 1
+    step_losses, checked = [], 0
+    start_time = time.perf_counter()
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{experiment.config.train.stop_epoch}",
+              disable=not show_progress, leave=False) as bar:
+        for index in range(steps_per_epoch):
+            batch = permutation[index * batch_size:(index + 1) * batch_size].astype(np.int32)
+            state, loss = experiment.train_step(state, train_split.images, train_split.targets,
+                                                put(batch, experiment.batch_sharding), step_key)
+            step_losses.append(loss)
+            if (index + 1) % experiment.config.train.log_every == 0 or index + 1 == steps_per_epoch:
+                recent = np.asarray(jax.device_get(step_losses[checked:]), np.float32)
+                _check_finite(recent, first_step + checked, epoch, steps_per_epoch)
+                bar.update(len(recent))
+                checked = len(step_losses)
+                images_per_second = checked * batch_size / (time.perf_counter() - start_time)
+                bar.set_postfix(loss=f"{recent[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+    seconds = time.perf_counter() - start_time
+    return state, float(np.mean(jax.device_get(step_losses))), seconds
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> dict:
+    """Train as configured (resuming from workdir's latest checkpoint), validating on test after
+    each epoch, then evaluate the best checkpoint; returns the results.json dictionary."""
+    validate_config(config)
+    config = resolved_config(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        _write_config(config, workdir)
+
+    mesh = make_mesh()
+    train_split, test_split = load_data(config, mesh)
+    num_images, batch_size = train_split.images.shape[0], config.train.batch_size
+    if batch_size % mesh.size:
+        raise ValueError(f"config.train.batch_size = {batch_size} must be a multiple of the "
+                         f"device count {mesh.size}")
+    steps_per_epoch = num_images // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"config.train.batch_size = {batch_size} exceeds the {num_images} "
+                         f"training images")
+    experiment, state = create_experiment(config, len(train_split.host.vocabulary),
+                                          config.train.epochs * steps_per_epoch, mesh)
+
+    latest, best = checkpoint_managers(workdir)
+    start_epoch = latest.latest_step() or 0
+    if start_epoch:
+        state = restore_state(latest, start_epoch, state)
+        log.info("resumed from %s, epoch %d", latest.directory, start_epoch)
+    history = [r for r in summary.read_metrics(workdir) if r["epoch"] <= start_epoch]
+    if is_writer:  # drop records of an epoch that was interrupted before its checkpoint
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    writer = summary.MetricsWriter(workdir) if is_writer else None
+    best_f1 = max((r["test/per_class_f1"] for r in history), default=-math.inf)
+
+    root_key = jax.random.key(config.seed)
+    order_key, step_key = jax.random.split(root_key)
+    step_key = put(jax.random.key_data(step_key), experiment.replicated)
+    step_key = jax.random.wrap_key_data(step_key)
+    try:
+        for epoch in range(start_epoch + 1, config.train.stop_epoch + 1):
+            state, train_loss, seconds = train_epoch(experiment, state, train_split, epoch,
+                                                     order_key, step_key, show_progress=is_writer)
+            probs = predict(experiment, eval_params(state), state.batch_stats, test_split.images)
+            test_metrics = metrics.annotation_metrics(test_split.host.targets, probs)
+            hyper = state.opt_state.hyperparams
+            record = {"epoch": epoch, "train/loss": train_loss,
+                      "train/learning_rate": float(hyper["learning_rate"]),
+                      "train/beta1": float(hyper["b1"]), "train/epoch_seconds": seconds,
+                      "train/images_per_second": steps_per_epoch * batch_size / seconds,
+                      **{f"test/{k}": v for k, v in test_metrics.items()}}
+            if writer:
+                writer.write(int(state.step), record)
+                log.info("epoch %d: %s", epoch, json.dumps(record))
+            if test_metrics["per_class_f1"] > best_f1:
+                best_f1 = test_metrics["per_class_f1"]
+                if epoch not in best.all_steps():  # present when a kill came between the two saves
+                    best.save(epoch, args=ocp.args.StandardSave(state))
+            latest.save(epoch, args=ocp.args.StandardSave(state))
+    finally:  # an interrupted or failed run still completes the checkpoints already begun
+        latest.wait_until_finished()
+        best.wait_until_finished()
+    return evaluate_best(experiment, state, train_split, test_split, workdir)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate_best(experiment: Experiment, like: TrainState, train_split: DeviceSplit,
+                  test_split: DeviceSplit, workdir: Path) -> dict:
+    """Evaluate workdir's best checkpoint: MCC thresholds on train, metrics on test; writes
+    results.json/.md, thresholds.json and the pictures (see annotate.evaluate)."""
+    from annotate import evaluate as reports
+
+    _, best = checkpoint_managers(workdir)
+    best_epoch = best.latest_step()
+    if best_epoch is None:
+        raise FileNotFoundError(f"no best checkpoint in {best.directory}; train first")
+    state = restore_state(best, best_epoch, like)
+    params = eval_params(state)
+    train_probs = predict(experiment, params, state.batch_stats, train_split.images)
+    test_probs = predict(experiment, params, state.batch_stats, test_split.images)
+    results = reports.evaluation_results(train_split.host.targets, train_probs,
+                                         test_split.host.targets, test_probs,
+                                         test_split.host.vocabulary)
+    results["best_epoch"] = best_epoch
+    if jax.process_index() == 0:
+        host = test_split.host
+        reports.write_reports(workdir, results, experiment.config, host.images, host.targets,
+                              test_probs, host.vocabulary, len(train_split.host.images))
+    return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> dict:
+    """Evaluate the best checkpoint of `workdir` (trained with `config`); see evaluate_best."""
+    validate_config(config)
+    config = resolved_config(config)
+    workdir = Path(workdir).absolute()
+    mesh = make_mesh()
+    train_split, test_split = load_data(config, mesh)
+    experiment, state = create_experiment(config, len(train_split.host.vocabulary), 1, mesh)
+    return evaluate_best(experiment, state, train_split, test_split, workdir)

@@ -1,0 +1,1 @@
+"""Experiment configs: `python -m annotate.main --config=configs/<model>_<loss>.py`."""

@@ -1,0 +1,66 @@
+"""The seed's recipe (CNN_Image_Annotaion) as an ml_collections config; the per-run files pick
+the backbone and the loss: `get_config(model="tresnet_m", loss="asl")`.
+
+Override anything on the command line, e.g. `--config.train.epochs=5 --config.data.image_size=224`.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from annotate.train import validate_config
+
+
+def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.ConfigDict:
+    """Seed hyper-parameters: 448 px, batch 32, Adam 1e-4 with OneCycle (pct 0.2) over 80 epochs,
+    stopped after 60, flips h+v, dropout 0.3, avg pool; validated before it is returned."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.distributed = False  # True: jax.distributed.initialize() (multi-host)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = model
+    config.model.pretrained = config_dict.placeholder(str)  # path, orbax dir or "timm:<name>"
+    config.model.global_pool = "avg"
+    config.model.drop_rate = 0.3
+    config.model.dtype = "float32"  # compute dtype of the backbone: "float32" or "bfloat16"
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = loss
+    config.loss.focal = ml_collections.ConfigDict({"gamma": 3.0})
+    config.loss.asl = ml_collections.ConfigDict({"gamma_neg": 4.0, "gamma_pos": 0.0, "clip": 0.05})
+
+    config.data = ml_collections.ConfigDict()
+    config.data.root = config_dict.placeholder(str)  # else $COREL5K_DIR, else data/corel5k
+    config.data.source = "folder"  # or "tfds" (array_record build of the same folder)
+    config.data.image_size = 448
+    config.data.augmentation = False  # add the WGAN images of train_aug.json (seed --augmentation)
+    config.data.augmentation_dir = config_dict.placeholder(str)  # default: the data root
+    config.data.cache_dir = config_dict.placeholder(str)  # default: $ANNOTATE_CACHE or ~/.cache/annotate
+    # Input normalisation; unset = the seed's Corel-5k statistics, or the backbone's ImageNet
+    # statistics when pretrained weights are loaded.
+    config.data.mean = config_dict.placeholder(tuple)
+    config.data.std = config_dict.placeholder(tuple)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 32
+    config.train.epochs = 80  # length of the OneCycle schedule
+    config.train.stop_epoch = 60  # the seed's early stop: training ends after this epoch
+    config.train.optimizer = "adam"  # or "adamw" (decoupled weight decay)
+    config.train.learning_rate = 1e-4  # OneCycle max_lr
+    config.train.weight_decay = 0.0
+    config.train.beta2 = 0.999
+    config.train.schedule = "onecycle"  # or "constant"
+    config.train.pct_start = 0.2
+    config.train.div_factor = 25.0
+    config.train.final_div_factor = 1e4
+    config.train.cycle_momentum = True  # Adam beta1 cycles max_momentum -> base -> max
+    config.train.base_momentum = 0.85
+    config.train.max_momentum = 0.95
+    config.train.flip_horizontal = True
+    config.train.flip_vertical = True
+    config.train.ema_decay = 0.0  # > 0: evaluate an exponential moving average of the weights
+    config.train.eval_batch_size = 250
+    config.train.log_every = 10  # steps between progress-bar updates (and loss checks)
+
+    return validate_config(config)

@@ -1,0 +1,7 @@
+"""ResNet-101 trained with BCE (torch MultiLabelSoftMarginLoss), the seed's recipe."""
+from configs import base
+
+
+def get_config():
+    """The base config with model resnet101 and loss bce."""
+    return base.get_config(model="resnet101", loss="bce")

@@ -1,0 +1,7 @@
+"""ResNet-101 trained with focal loss (gamma 3), the seed's recipe."""
+from configs import base
+
+
+def get_config():
+    """The base config with model resnet101 and loss focal."""
+    return base.get_config(model="resnet101", loss="focal")

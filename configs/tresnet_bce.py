@@ -1,0 +1,7 @@
+"""TResNet-M trained with BCE (torch MultiLabelSoftMarginLoss), the seed's recipe."""
+from configs import base
+
+
+def get_config():
+    """The base config with model tresnet_m and loss bce."""
+    return base.get_config(model="tresnet_m", loss="bce")

@@ -1,0 +1,7 @@
+"""TResNet-M trained with focal loss (gamma 3), the seed's recipe."""
+from configs import base
+
+
+def get_config():
+    """The base config with model tresnet_m and loss focal."""
+    return base.get_config(model="tresnet_m", loss="focal")

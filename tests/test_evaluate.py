@@ -1,0 +1,99 @@
+"""annotate.evaluate: results.json content against sklearn, the results.md tables, the pictures."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score, matthews_corrcoef, precision_score, recall_score
+
+from annotate import evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
+from configs import base  # noqa: E402
+
+VOCABULARY = ["sky", "water", "tree", "grass", "people", "sand"]
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    """Synthetic train/test targets with probabilities that carry signal plus noise."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        targets = (rng.random((n, len(VOCABULARY))) < [0.4, 0.3, 0.3, 0.2, 0.15, 0.05]).astype(np.float32)
+        probs = np.clip(0.35 * targets + 0.5 * rng.random(targets.shape), 0, 1).astype(np.float32)
+        return targets, probs
+
+    return split(80), split(40)
+
+
+@pytest.fixture(scope="module")
+def results(predictions):
+    (train_targets, train_probs), (test_targets, test_probs) = predictions
+    return evaluate.evaluation_results(train_targets, train_probs, test_targets, test_probs, VOCABULARY)
+
+
+def test_results_against_sklearn(predictions, results):
+    (train_targets, train_probs), (test_targets, test_probs) = predictions
+    grid = np.round(np.arange(0.05, 0.701, 0.05), 2)
+    for label in range(len(VOCABULARY)):  # the seed's loop over sklearn's MCC, first best wins
+        scores = [matthews_corrcoef(train_targets[:, label], train_probs[:, label] >= t) for t in grid]
+        assert results["thresholds"][label] == pytest.approx(grid[int(np.argmax(scores))])
+    thresholds = np.array(results["thresholds"])
+    for key, predicted in (("fixed_0.5", test_probs > 0.5), ("mcc", test_probs > thresholds)):
+        metrics = results[key]
+        assert metrics["per_image_f1"] == pytest.approx(f1_score(test_targets, predicted, average="micro"), abs=1e-5)
+        assert metrics["per_image_precision"] == pytest.approx(
+            precision_score(test_targets, predicted, average="micro"), abs=1e-5)
+        assert metrics["per_class_recall"] == pytest.approx(
+            recall_score(test_targets, predicted, average="macro", zero_division=0), abs=1e-5)
+        assert metrics["n_plus"] == int(((test_targets == 1) & predicted).any(axis=0).sum())
+    per_label_f1 = f1_score(test_targets, test_probs > thresholds, average=None, zero_division=0)
+    for i, row in enumerate(results["per_label"]):
+        assert row["label"] == VOCABULARY[i]
+        assert row["train_count"] == int(train_targets[:, i].sum())
+        assert row["test_count"] == int(test_targets[:, i].sum())
+        assert row["threshold"] == results["thresholds"][i]
+        assert row["f1"] == pytest.approx(per_label_f1[i], abs=1e-5)
+
+
+def test_results_markdown_tables(results):
+    config = base.get_config(model="resnet101", loss="focal")
+    text = evaluate.results_markdown(results, config, num_train_images=80, epoch_seconds=12.4)
+    assert "| **resnet101** | focal | avg | 32 | 80 | 448 * 448 | - | 12s |" in text
+
+    def row(name):
+        match = re.search(r"^\| \*testset\* " + re.escape(name) + r" \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                          text, flags=re.M)
+        assert match, name
+        return [float(x) for x in match.groups()]
+
+    for name, key, kind in (("per-image metrics", "fixed_0.5", "per_image"),
+                            ("per-class metrics + MCC", "mcc", "per_class")):
+        expected = [results[key][f"{kind}_{m}"] for m in ("precision", "recall", "f1")]
+        assert row(name) == pytest.approx(expected, abs=5e-4)
+    assert f"| *testset* + MCC | {results['mcc']['n_plus']} |" in text
+    label_rows = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 9
+                  and line.split("|")[1].strip() in VOCABULARY]
+    counts = [int(line.split("|")[2]) for line in label_rows]
+    assert len(label_rows) == len(VOCABULARY) and counts == sorted(counts, reverse=True)
+
+
+def test_write_reports(tmp_path, predictions, results):
+    _, (test_targets, test_probs) = predictions
+    images = np.random.default_rng(1).integers(0, 256, (len(test_targets), 24, 24, 3), dtype=np.uint8)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train/epoch_seconds": 30.0}) + "\n")
+    config = base.get_config(model="xception", loss="lsep")
+    evaluate.write_reports(tmp_path, results, config, images, test_targets, test_probs, VOCABULARY, 80)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    stored = json.loads((tmp_path / "thresholds.json").read_text())
+    assert stored == {"vocabulary": VOCABULARY, "thresholds": results["thresholds"]}
+    assert "| 30s |" in (tmp_path / "results.md").read_text()
+    for name in (evaluate.PREDICTIONS_PICTURE, evaluate.F1_PICTURE):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 200

@@ -1,0 +1,51 @@
+"""annotate.main: the command line (flags, overrides, errors, --evaluate on a trained workdir)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from annotate import main
+from test_train import trained_smoke_workdir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "annotate.main", *args], cwd=REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_default_workdir():
+    assert main.default_workdir("configs/tresnet_asl.py") == Path("runs/tresnet_asl")
+    assert main.default_workdir("/abs/configs/smoke.py") == Path("runs/smoke")
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    done = run_main("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}",
+                    f"--config.data.root={tmp_path / 'nowhere'}")
+    assert done.returncode != 0
+    assert "scripts/fetch_corel5k.py" in done.stderr and str(tmp_path / "nowhere") in done.stderr
+
+
+def test_unknown_model_override_lists_valid_models(tmp_path):
+    done = run_main("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}",
+                    "--config.model.name=vgg16")
+    assert done.returncode != 0
+    assert "unknown model 'vgg16'" in done.stderr and "tresnet_m" in done.stderr
+
+
+def test_evaluate_reproduces_results(tmp_path_factory, corel5k_dir):
+    workdir = trained_smoke_workdir(tmp_path_factory.getbasetemp(), corel5k_dir)
+    trained = json.loads((workdir / "results.json").read_text())
+    (workdir / "results.json").unlink()
+    done = run_main("--config=configs/smoke.py", f"--workdir={workdir}", "--evaluate",
+                    env={"COREL5K_DIR": str(corel5k_dir)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((workdir / "results.json").read_text()) == trained
+    assert f"per-image F1 {trained['mcc']['per_image_f1']:.3f}" in done.stdout

@@ -1,0 +1,377 @@
+"""annotate.train: OneCycle/Adam against torch, preprocessing, the sharded step on 8 simulated
+devices, bit-exact resume, the non-finite-loss stop, and the CPU smoke run on real Corel-5k."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from flax import nnx
+
+from annotate import models, train
+from annotate.models.layers import BatchNorm2d, ClassifierHead, conv2d
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the configs package lives at the repository root
+from configs import base, smoke  # noqa: E402
+
+
+class TinyNet(nnx.Module):
+    """A few-thousand-parameter backbone with the real BatchNorm and dropout head (fast to
+    compile), registered as "tiny" by the `tiny_backbone` fixture."""
+
+    def __init__(self, *, num_classes, global_pool, drop_rate, dtype, rngs):
+        self.conv = conv2d(3, 8, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
+        self.bn = BatchNorm2d(8)
+        self.num_features = 8
+        self.head = ClassifierHead(8, num_classes, global_pool=global_pool, drop_rate=drop_rate,
+                                   rngs=rngs)
+
+    def forward_features(self, x):
+        return nnx.relu(self.bn(self.conv(x)))
+
+    def __call__(self, x):
+        return self.head(self.forward_features(x))
+
+
+def register_tiny_backbone() -> str:
+    """Register TinyNet as model "tiny" (in this process only)."""
+    module = types.ModuleType("annotate.models.tiny_test_backbone")
+    module.tiny = TinyNet
+    sys.modules[module.__name__] = module
+    models._REGISTRY["tiny"] = "tiny_test_backbone:tiny"
+    return "tiny"
+
+
+@pytest.fixture
+def tiny_backbone():
+    name = register_tiny_backbone()
+    yield name
+    models._REGISTRY.pop(name)
+    sys.modules.pop("annotate.models.tiny_test_backbone")
+
+
+def tiny_config(root: Path, cache_dir: Path, model: str = "tiny"):
+    """12 training images at 16 px, batch 4: 3 steps per epoch, 3 epochs, dropout and flips on."""
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.name = model
+    config.data.root, config.data.cache_dir = str(root), str(cache_dir)
+    config.data.image_size = 16
+    config.train.batch_size = 4
+    config.train.epochs = config.train.stop_epoch = 3
+    config.train.learning_rate = 1e-2
+    config.train.log_every = 1
+    return config
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _torch_schedule(total_steps: int, max_lr: float, **kwargs):
+    """lr and Adam beta1 that torch's OneCycleLR gives the optimizer at each step."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=max_lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr,
+                                                    total_steps=total_steps, pct_start=0.2, **kwargs)
+    lrs, betas = [], []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        betas.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()
+        scheduler.step()
+    return np.array(lrs), np.array(betas)
+
+
+@pytest.mark.parametrize("total_steps", [10, 23, 140])
+def test_one_cycle_lr_and_beta1_match_torch(total_steps):
+    config = base.get_config(model="resnet18", loss="asl")
+    config.train.learning_rate = 3e-4
+    learning_rate, beta1 = train.learning_rate_and_beta1(config, total_steps)
+    steps = jnp.arange(total_steps)
+    torch_lr, torch_beta1 = _torch_schedule(total_steps, 3e-4)
+    # float32 against torch's float64: 1e-6 of the peak absolutely, 2e-5 relatively
+    np.testing.assert_allclose(np.asarray(learning_rate(steps)), torch_lr, rtol=2e-5, atol=3e-10)
+    np.testing.assert_allclose(np.asarray(beta1(steps)), torch_beta1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,weight_decay", [("adam", 0.0), ("adam", 0.05), ("adamw", 0.05)])
+def test_optimizer_trajectory_matches_torch(optimizer, weight_decay):
+    """Adam(W) + OneCycle (cycling beta1) on a fixed sequence of gradients: same parameters."""
+    total_steps, lr = 12, 0.1
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(total_steps, 5)).astype(np.float32)
+    start = rng.normal(size=5).astype(np.float32)
+
+    parameter = torch.nn.Parameter(torch.tensor(start))
+    torch_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    torch_optimizer = torch_class([parameter], lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(torch_optimizer, max_lr=lr,
+                                                    total_steps=total_steps, pct_start=0.2)
+    for g in grads:
+        parameter.grad = torch.tensor(g)
+        torch_optimizer.step()
+        scheduler.step()
+
+    config = base.get_config(model="resnet18", loss="asl")
+    config.train.update(optimizer=optimizer, weight_decay=weight_decay, learning_rate=lr)
+    tx = train.make_optimizer(config, total_steps)
+    params = jnp.asarray(start)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g), state, params)
+        params = params + updates
+    np.testing.assert_allclose(np.asarray(params), parameter.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_flips_each_image_independently():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 5, 7, 3), dtype=np.uint8)
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    preprocess = train.Preprocess(mean, std, True, True, jnp.float32)
+    out = np.asarray(preprocess(jnp.asarray(images), jax.random.key(1)))
+    normalised = lambda u8: (u8.astype(np.float32) / 255 - np.array(mean)) / np.array(std)
+    seen = set()
+    for image, result in zip(images, out):
+        variants = {"none": image, "h": image[:, ::-1], "v": image[::-1], "hv": image[::-1, ::-1]}
+        matches = [k for k, v in variants.items() if np.allclose(result, normalised(v), atol=1e-5)]
+        assert matches, "output is not a flip of its input"
+        seen.add(matches[0])
+    assert seen == {"none", "h", "v", "hv"}  # 64 images: all four variants occur
+    np.testing.assert_allclose(np.asarray(preprocess(jnp.asarray(images), None)), normalised(images),
+                               atol=1e-5)
+    assert train.Preprocess(mean, std, True, True, jnp.bfloat16)(jnp.asarray(images), None).dtype == jnp.bfloat16
+
+
+def test_normalisation_choice():
+    config = base.get_config(model="tresnet_m", loss="asl")
+    assert train.normalisation(config) == ((0.3928, 0.4079, 0.3531), (0.2559, 0.2436, 0.2544))
+    config.model.pretrained = "timm:tresnet_m"
+    assert train.normalisation(config) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    assert train.normalisation(config) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+# --------------------------------------------------------------------------- sharding
+
+SHARDED_SCRIPT = r"""
+import sys, json
+import jax, jax.numpy as jnp, numpy as np
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_train import register_tiny_backbone
+from configs import base
+from annotate import train
+assert jax.device_count() == 8, jax.devices()
+config = base.get_config(model="resnet18", loss="asl")
+config.model.name = register_tiny_backbone()
+config.data.image_size = 16
+config.train.batch_size = 16
+config.train.learning_rate = 1e-2
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+targets = (rng.random((40, 5)) < 0.3).astype(np.float32)
+batches = [rng.permutation(40)[:16].astype(np.int32) for _ in range(3)]
+results = {{}}
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = train.make_mesh(devices)
+    experiment, state = train.create_experiment(config, 5, 30, mesh)
+    on_device = lambda a: train.put(a, experiment.replicated)
+    key = jax.random.wrap_key_data(on_device(jax.random.key_data(jax.random.key(0))))
+    losses = []
+    for batch in batches:
+        state, loss = experiment.train_step(state, on_device(images), on_device(targets),
+                                            train.put(batch, experiment.batch_sharding), key)
+        losses.append(float(loss))
+    probs = train.predict(experiment, state.params, state.batch_stats, on_device(images))
+    leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.batch_stats))]
+    results[name] = dict(losses=losses, params=np.concatenate(leaves).tolist(), probs=probs.tolist(),
+                         devices=len(state.step.sharding.device_set))
+print("RESULT" + json.dumps(results))
+"""
+
+
+def test_sharded_step_equals_single_device():
+    script = SHARDED_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.split("RESULT", 1)[1])
+    one, eight = results["one"], results["eight"]
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(eight["probs"], one["probs"], rtol=1e-4, atol=1e-6)
+    assert one["losses"][0] != one["losses"][-1]  # the steps did train
+
+
+def test_ema_of_weights(tiny_backbone):
+    """With train.ema_decay = d, ema = d * ema + (1 - d) * params after every step."""
+    config = base.get_config(model="resnet18", loss="bce")
+    config.model.name = tiny_backbone
+    config.train.update(ema_decay=0.5, batch_size=4, learning_rate=1e-2)
+    experiment, state = train.create_experiment(config, 5, 10, train.make_mesh())
+    rng = np.random.default_rng(0)
+    images = train.put(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), experiment.replicated)
+    targets = train.put((rng.random((8, 5)) < 0.3).astype(np.float32), experiment.replicated)
+    flat = lambda tree: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+    expected = flat(state.params)
+    for step in range(3):
+        batch = train.put(np.arange(4 * (step % 2), 4 * (step % 2) + 4, dtype=np.int32),
+                          experiment.batch_sharding)
+        state, _ = experiment.train_step(state, images, targets, batch, jax.random.key(0))
+        expected = 0.5 * expected + 0.5 * flat(state.params)
+    np.testing.assert_allclose(flat(state.ema_params), expected, rtol=1e-6)
+    assert not np.allclose(flat(state.ema_params), flat(state.params))
+    assert train.eval_params(state) is state.ema_params
+
+
+# --------------------------------------------------------------------------- resume / NaN
+
+
+class _KilledBar:
+    """Stands in for tqdm: raises KeyboardInterrupt at the `kill_at`-th completed step."""
+
+    completed = 0
+
+    def __init__(self, kill_at):
+        self.kill_at = kill_at
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        _KilledBar.completed += n
+        if _KilledBar.completed >= self.kill_at:
+            raise KeyboardInterrupt(f"killed at step {_KilledBar.completed}")
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
+def _checkpoint_arrays(workdir: Path, kind: str) -> tuple[int, list[np.ndarray]]:
+    directory = workdir / "checkpoints" / kind
+    epochs = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    restored = ocp.StandardCheckpointer().restore(directory / str(epochs[-1]) / "default")
+    return epochs[-1], [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, tmp_path, monkeypatch):
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    uninterrupted = train.train_and_evaluate(config, tmp_path / "full")
+
+    killed = tmp_path / "killed"
+    _KilledBar.completed = 0
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "tqdm", _KilledBar(kill_at=5))  # mid-way through epoch 2 of 3
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, killed)
+    assert _checkpoint_arrays(killed, "latest")[0] == 1
+    assert [r["epoch"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())] == [1]
+
+    # A non-finite loss (infinite learning rate from epoch 2 on) stops with the step named;
+    # the checkpoints of epoch 1 stay as they were.
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(killed, poisoned)
+    before = _files(poisoned / "checkpoints")
+    bad_config = tiny_config(tiny_dataset, tmp_path / "cache")
+    bad_config.train.learning_rate = float("inf")
+    with pytest.raises(FloatingPointError, match=r"at step 5 \(epoch 2, batch 2/3\)"):
+        train.train_and_evaluate(bad_config, poisoned)
+    assert _files(poisoned / "checkpoints") == before
+
+    resumed = train.train_and_evaluate(config, killed)  # the same command again
+    full_epoch, full_arrays = _checkpoint_arrays(tmp_path / "full", "latest")
+    resumed_epoch, resumed_arrays = _checkpoint_arrays(killed, "latest")
+    assert full_epoch == resumed_epoch == 3
+    assert len(full_arrays) == len(resumed_arrays)
+    for a, b in zip(full_arrays, resumed_arrays):
+        np.testing.assert_array_equal(a, b)
+    assert resumed == uninterrupted
+    epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_config_errors_name_the_key(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path, model="resnet18")
+    config.train.stop_epoch = 5
+    with pytest.raises(ValueError, match=r"config.train.stop_epoch = 5"):
+        train.validate_config(config)
+    config = tiny_config(tiny_dataset, tmp_path, model="no_such_net")
+    with pytest.raises(ValueError, match="valid models: .*tresnet_m"):
+        train.validate_config(config)
+    config = tiny_config(tiny_dataset, tmp_path, model="resnet18")
+    config.train.batch_size = 64
+    with pytest.raises(ValueError, match="batch_size = 64 exceeds the 12 training images"):
+        train.train_and_evaluate(config, tmp_path / "work")
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+def trained_smoke_workdir(root: Path, corel5k_dir: Path) -> Path:
+    """Run configs/smoke.py through the command line once per pytest run (under `root`) and
+    return its workdir; later calls reuse it."""
+    workdir = root / "smoke_run"
+    if not (workdir / "results.json").exists():
+        env = dict(os.environ, COREL5K_DIR=str(corel5k_dir))
+        done = subprocess.run(
+            [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py",
+             f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory, corel5k_dir):
+    return trained_smoke_workdir(tmp_path_factory.getbasetemp(), corel5k_dir)
+
+
+def test_smoke_run_beats_top3_baseline(smoke_workdir, corel5k_dir):
+    from sklearn.metrics import f1_score
+
+    def multi_hot(split):
+        index = json.loads((corel5k_dir / f"{split}.json").read_text())
+        position = {label: i for i, label in enumerate(index["labels"])}
+        y = np.zeros((len(index["samples"]), len(position)), int)
+        for i, sample in enumerate(index["samples"]):
+            y[i, [position[label] for label in sample["image_labels"]]] = 1
+        return y
+
+    train_y, test_y = multi_hot("train"), multi_hot("test")
+    top3 = np.zeros_like(test_y)
+    top3[:, np.argsort(-train_y.sum(0), kind="stable")[:3]] = 1
+    baseline_f1 = f1_score(test_y, top3, average="micro")  # pooled over labels = per-image F1
+    assert baseline_f1 == pytest.approx(0.193, abs=1e-3)
+
+    results = json.loads((smoke_workdir / "results.json").read_text())
+    print(results["fixed_0.5"], results["mcc"])
+    assert results["mcc"]["per_image_f1"] > baseline_f1
+    assert results["mcc"]["n_plus"] >= 10
+    assert len(results["thresholds"]) == 260 and len(results["per_label"]) == 260
+    records = [json.loads(line) for line in (smoke_workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, smoke.get_config().train.stop_epoch + 1))
