@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from annotate import losses, models
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # configs/ lives at the repository root
 from configs import base  # noqa: E402
 
 MODEL_FILES = {"resnet101": "resnet101", "resnext50": "resnext50_32x4d", "xception": "xception",

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from sklearn.metrics import f1_score, matthews_corrcoef, precision_score, recall
 
 from annotate import evaluate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 from configs import base  # noqa: E402
 
 VOCABULARY = ["sky", "water", "tree", "grass", "people", "sand"]

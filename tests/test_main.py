@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from annotate import main
 from test_train import trained_smoke_workdir

@@ -22,7 +22,6 @@ from annotate import models, train
 from annotate.models.layers import BatchNorm2d, ClassifierHead, conv2d
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the configs package lives at the repository root
 from configs import base, smoke  # noqa: E402
 
 

@@ -1,0 +1,452 @@
+"""Accelerator throughput of the training step and of the ML-WGAN, as JSON lines plus a table.
+
+    python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
+        [--res 448] [--batch 32] [--warmup 3] [--steps 20] [--repeats 3]
+    python scripts/benchmark.py wgan [--pairs 64,128] [--dtypes float32] [--iterations 5]
+    python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
+
+`train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
+ASL, backward, Adam) on synthetic uint8 images already on the device. All variants are lowered
+one after another and compiled concurrently (XLA compiles release the GIL), then timed one at a
+time: median of `repeats` timings of `steps` steps after `warmup` steps. FLOPs come from XLA's
+cost analysis of the compiled step, memory from its memory analysis and the device's counters.
+`wgan` times wgan.train.wgan_throughput at each K and extrapolates to the 1001-iteration recipe.
+Every measurement is one JSON line on stdout; a markdown table comes last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python scripts/benchmark.py` from anywhere: import configs/
+    sys.path.insert(0, str(REPO_ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+DEFAULT_MODELS = "tresnet_m,resnet101,resnext50_32x4d,xception"
+NUM_CLASSES = 260  # Corel-5k's vocabulary
+LABEL_DENSITY = 0.013  # Corel-5k: 3.4 labels of 260 per image, as torch_reference.py draws them
+SEED_WGAN_S_PER_ITERATION = 0.077  # the seed's loop on one H100 (issue #5), one image at a time
+WGAN_RECIPE_ITERATIONS = 1001
+WGAN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Print one measurement as a JSON line, flushed at once so a killed run keeps what it has."""
+    print(json.dumps(record), flush=True)
+
+
+def device_info() -> dict[str, Any]:
+    """Which accelerator and software measured a record: device kind, count, jax version."""
+    device = jax.devices()[0]
+    return {"device": device.device_kind, "platform": device.platform,
+            "device_count": jax.device_count(), "jax": jax.__version__}
+
+
+def csv(text: str) -> list[str]:
+    """'a,b,,c' -> ['a', 'b', 'c']."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def first_cost(analysis: Any) -> dict[str, float]:
+    """The cost-analysis dictionary of a compiled computation (older jax returns a 1-list)."""
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return dict(analysis or {})
+
+
+def memory_fields(compiled: Any) -> dict[str, int | None]:
+    """Temp/argument/output/alias bytes of a compiled executable (None where unavailable)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        analysis = None
+    names = ("temp", "argument", "output", "alias")
+    return {f"{name}_bytes": (int(getattr(analysis, f"{name}_size_in_bytes"))
+                              if analysis is not None else None) for name in names}
+
+
+def device_memory() -> dict[str, int | None]:
+    """The first device's allocator counters: bytes in use now and the process-wide peak."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"device_bytes_in_use": stats.get("bytes_in_use"),
+            "device_peak_bytes": stats.get("peak_bytes_in_use"),
+            "device_bytes_limit": stats.get("bytes_limit")}
+
+
+# --------------------------------------------------------------------------- train step
+
+@dataclass
+class TrainVariant:
+    """One backbone x dtype: its experiment, state, synthetic on-device data and compiled step."""
+
+    model: str
+    dtype: str
+    batch: int
+    res: int
+    experiment: Any
+    state: Any
+    images: jax.Array
+    targets: jax.Array
+    batches: list[jax.Array]
+    key: jax.Array
+    lower_s: float
+    lowered: Any = None  # jax.stages.Lowered until compiled, then dropped
+    compiled: Any = None
+    compile_s: float | None = None
+    compile_window: tuple[float, float] | None = None  # start, end (s since the first lowering)
+    error: str | None = None
+
+
+def train_config(model: str, dtype: str, res: int, batch: int) -> Any:
+    """The seed's recipe (configs/base.py) with ASL and Adam at this backbone, dtype, size, batch."""
+    from configs import base
+
+    config = base.get_config(model=model, loss="asl")
+    config.model.dtype = dtype
+    config.data.image_size = res
+    config.train.batch_size = batch
+    return config
+
+
+def build_variant(model: str, dtype: str, res: int, batch: int, batches_on_device: int,
+                  mesh: Any) -> TrainVariant:
+    """Create the experiment and state, put `batches_on_device` batches of random uint8 images
+    and multi-hot targets on the devices, and lower the train step for them."""
+    from annotate import train as training
+
+    config = train_config(model, dtype, res, batch)
+    experiment, state = training.create_experiment(config, NUM_CLASSES, 10_000, mesh)
+    rng = np.random.default_rng(0)
+    count = batch * batches_on_device
+    images = training.put(rng.integers(0, 256, (count, res, res, 3), dtype=np.uint8),
+                          experiment.replicated)
+    targets = training.put((rng.random((count, NUM_CLASSES)) < LABEL_DENSITY).astype(np.float32),
+                           experiment.replicated)
+    order = rng.permutation(count).astype(np.int32)
+    batches = [training.put(order[i * batch:(i + 1) * batch], experiment.batch_sharding)
+               for i in range(batches_on_device)]
+    key_data = training.put(np.asarray(jax.random.key_data(jax.random.key(0))),
+                            experiment.replicated)
+    key = jax.random.wrap_key_data(key_data)
+    start = time.perf_counter()
+    lowered = experiment.train_step.lower(state, images, targets, batches[0], key)
+    return TrainVariant(model, dtype, batch, res, experiment, state, images, targets, batches, key,
+                        time.perf_counter() - start, lowered)
+
+
+def compile_variant(variant: TrainVariant, origin: float) -> TrainVariant:
+    """Compile the lowered step in place (run in a worker thread; XLA releases the GIL); record
+    when it ran relative to `origin` (a perf_counter value) to show that compiles overlap."""
+    start = time.perf_counter()
+    try:
+        variant.compiled = variant.lowered.compile()
+    except Exception as error:  # one variant failing (e.g. out of memory) must not stop the rest
+        variant.error = f"{type(error).__name__}: {error}"
+    variant.lowered = None
+    variant.compile_s = time.perf_counter() - start
+    variant.compile_window = (start - origin, start - origin + variant.compile_s)
+    return variant
+
+
+def time_variant(variant: TrainVariant, warmup: int, steps: int, repeats: int) -> list[float]:
+    """Seconds per repeat of `steps` train steps, after `warmup` steps; the state is donated and
+    carried from step to step as in training."""
+    state, loss = variant.state, None
+    step_index = 0
+
+    def run(count: int) -> None:
+        nonlocal state, loss, step_index
+        for _ in range(count):
+            batch = variant.batches[step_index % len(variant.batches)]
+            state, loss = variant.compiled(state, variant.images, variant.targets, batch,
+                                           variant.key)
+            step_index += 1
+        jax.block_until_ready((state, loss))
+
+    run(warmup)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(steps)
+        times.append(time.perf_counter() - start)
+    if not np.isfinite(float(loss)):
+        raise FloatingPointError(f"{variant.model} {variant.dtype}: non-finite loss {float(loss)}")
+    variant.state = state
+    return times
+
+
+def train_record(variant: TrainVariant, times: list[float], steps: int) -> dict[str, Any]:
+    """The JSON record of a timed variant: throughput, FLOPs, memory, compile time."""
+    median = float(np.median(times))
+    flops = first_cost(variant.compiled.cost_analysis()).get("flops")
+    step_s = median / steps
+    return {"what": "train_throughput", "model": variant.model, "dtype": variant.dtype,
+            "batch": variant.batch, "res": variant.res,
+            "img_per_s": variant.batch / step_s, "step_ms": 1000 * step_s,
+            "spread": [min(times) / median, max(times) / median],
+            "lower_s": variant.lower_s, "compile_s": variant.compile_s,
+            "compile_window_s": variant.compile_window,
+            "train_flops_per_img": flops / variant.batch if flops else None,
+            "achieved_tflop_per_s": flops / step_s / 1e12 if flops else None,
+            **memory_fields(variant.compiled), **device_memory(), **device_info()}
+
+
+def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Lower every model x dtype, compile them concurrently, then time them one at a time."""
+    from annotate import train as training
+
+    mesh = training.make_mesh()
+    # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second
+    variants_wanted = [(model, dtype) for dtype in csv(args.dtypes) for model in csv(args.models)]
+    workers = args.compile_workers or len(variants_wanted)
+    records = []
+    compile_start = time.perf_counter()
+    futures: list[Future] = []
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for model, dtype in variants_wanted:  # tracing holds the GIL; compiles overlap with it
+            try:
+                variant = build_variant(model, dtype, args.res, args.batch,
+                                        args.batches_on_device, mesh)
+            except Exception as error:  # e.g. an unknown backbone: report it, build the rest
+                record = {"what": "train_throughput", "model": model, "dtype": dtype,
+                          "batch": args.batch, "res": args.res,
+                          "error": f"{type(error).__name__}: {error}", **device_info()}
+                emit(record)
+                records.append(record)
+                continue
+            futures.append(pool.submit(compile_variant, variant, compile_start))
+        variants = [future.result() for future in futures]
+    futures.clear()  # the futures hold the variants too: drop them so each can be freed
+    compile_wall_s = time.perf_counter() - compile_start
+    emit({"what": "train_compile", "variants": len(variants), "workers": workers,
+          "wall_s": compile_wall_s, "sum_compile_s": sum(v.compile_s for v in variants),
+          "sum_lower_s": sum(v.lower_s for v in variants), **device_info()})
+    while variants:
+        variant = variants.pop(0)
+        if variant.error is None:
+            try:
+                record = train_record(variant, time_variant(variant, args.warmup, args.steps,
+                                                            args.repeats), args.steps)
+            except Exception as error:  # e.g. out of memory at run time: report, go on
+                variant.error = f"{type(error).__name__}: {error}"
+        if variant.error is not None:
+            record = {"what": "train_throughput", "model": variant.model, "dtype": variant.dtype,
+                      "batch": variant.batch, "res": variant.res, "error": variant.error,
+                      **device_info()}
+        emit(record)
+        records.append(record)
+        del variant  # free this variant's state and data before timing the next
+        gc.collect()
+    return records
+
+
+# --------------------------------------------------------------------------- WGAN
+
+def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
+                    width: int) -> dict[tuple[int, str], float]:
+    """Compile the WGAN steps of all (K, dtype) concurrently into JAX's persistent compilation
+    cache, lowered as wgan_throughput calls them, so that its own first call loads the executables
+    instead of compiling the variants one after another. Returns compile seconds per variant."""
+    from wgan import train as wgan_train
+    from wgan.models import IMAGE_HEIGHT, IMAGE_WIDTH
+
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="benchmark_jax_cache_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    def lower(pairs: int, dtype: str) -> list[Any]:
+        setup = wgan_train.WganSetup(width=width, compute_dtype=WGAN_DTYPES[dtype])
+        images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT,
+                                                                   IMAGE_WIDTH, 3),
+                                               minval=-1.0, maxval=1.0))
+        init_keys, train_keys, images = wgan_train._chunk_inputs(
+            wgan_train.image_keys(0, np.arange(pairs)), images)
+        init = wgan_train.init_pairs.lower(setup, init_keys)
+        return [init, wgan_train.train_pairs.lower(setup, init.out_info, images, train_keys,
+                                                   iterations=iterations)]
+
+    def compile_all(lowered: list[Any]) -> float:
+        start = time.perf_counter()
+        for stage in lowered:
+            stage.compile()
+        return time.perf_counter() - start
+
+    futures = {}
+    with ThreadPoolExecutor(max_workers=max(len(variants), 1)) as pool:
+        for pairs, dtype in variants:  # lowering holds the GIL; compiles overlap with it
+            futures[(pairs, dtype)] = pool.submit(compile_all, lower(pairs, dtype))
+    return {variant: future.result() for variant, future in futures.items()}
+
+
+def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """wgan_throughput at each K x compute dtype, extrapolated to the full 1001-iteration recipe
+    (after compiling every variant concurrently, see precompile_wgan)."""
+    from wgan.train import wgan_throughput
+
+    seed_images_per_hour = 3600.0 / (SEED_WGAN_S_PER_ITERATION * WGAN_RECIPE_ITERATIONS)
+    variants = [(int(pairs), dtype) for dtype in csv(args.dtypes) for pairs in csv(args.pairs)]
+    start = time.perf_counter()
+    compile_record = {"what": "wgan_compile", "variants": len(variants)}
+    try:
+        compile_seconds = precompile_wgan(variants, args.iterations, args.width)
+    except Exception as error:  # wgan/train.py's internals moved: each call compiles for itself
+        compile_seconds = {}
+        compile_record["error"] = f"precompile skipped: {type(error).__name__}: {error}"
+    emit({**compile_record, "wall_s": time.perf_counter() - start, **device_info()})
+    records = []
+    for pairs, dtype in variants:
+        record = {"what": "wgan_throughput", "pairs": pairs, "dtype": dtype,
+                  "width": args.width, "timed_iterations": args.iterations,
+                  "precompile_s": compile_seconds.get((pairs, dtype))}
+        try:
+            result = wgan_throughput(pairs, args.iterations, width=args.width,
+                                     compute_dtype=WGAN_DTYPES[dtype], repeats=args.repeats)
+            record.update(result)
+            record["speedup_vs_seed"] = result["images_per_hour"] / seed_images_per_hour
+        except Exception as error:  # e.g. K too large for the device: report, go on
+            record["error"] = f"{type(error).__name__}: {error}"
+        record.update(device_memory())
+        record.update(device_info())
+        emit(record)
+        records.append(record)
+        gc.collect()
+    return records
+
+
+# --------------------------------------------------------------------------- report
+
+def read_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """All JSON-object lines of the files (other lines, e.g. log output, are skipped)."""
+    records = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+    return records
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits if abs(value) >= 10 else max(digits, 2)}f}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def report_table(records: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: JAX images/s per backbone and dtype beside PyTorch's (torch_reference.py
+    "throughput" lines), the ratios, and the best WGAN throughput."""
+    jax_rate: dict[tuple[str, str], dict] = {}
+    torch_rate: dict[tuple[str, str], float] = {}
+    for record in records:
+        if record.get("what") == "train_throughput" and record.get("img_per_s"):
+            jax_rate[(record["model"], record["dtype"])] = record
+        elif record.get("what") == "throughput" and record.get("img_per_s"):
+            torch_rate[(record["model"], record["mode"])] = record["img_per_s"]
+    models = list(dict.fromkeys([m for m, _ in jax_rate] + [m for m, _ in torch_rate]))
+    lines = [] if not models else ["| backbone | JAX bf16 img/s | JAX fp32 img/s | torch bf16 | torch bf16+compile "
+             "| torch fp32 | JAX bf16 / torch best bf16 | JAX fp32 / torch fp32 "
+             "| JAX bf16 TFLOP/s | JAX bf16 GFLOP/img | JAX compile s (bf16) |",
+             "| --- | " + " | ".join(["---:"] * 10) + " |"]
+    for model in models:
+        bf16, fp32 = jax_rate.get((model, "bfloat16"), {}), jax_rate.get((model, "float32"), {})
+        torch_bf16 = torch_rate.get((model, "bf16"))
+        torch_compiled = torch_rate.get((model, "bf16compile"))
+        torch_fp32 = torch_rate.get((model, "fp32"))
+        flops = bf16.get("train_flops_per_img")
+        lines.append(
+            f"| {model} | {_number(bf16.get('img_per_s'))} | {_number(fp32.get('img_per_s'))} "
+            f"| {_number(torch_bf16)} | {_number(torch_compiled)} | {_number(torch_fp32)} "
+            f"| {_ratio(bf16.get('img_per_s'), torch_compiled or torch_bf16)}"
+            f"{' (vs compile)' if torch_compiled and bf16.get('img_per_s') else ''} "
+            f"| {_ratio(fp32.get('img_per_s'), torch_fp32)} "
+            f"| {_number(bf16.get('achieved_tflop_per_s'), 1)} "
+            f"| {_number(flops / 1e9 if flops else None, 1)} | {_number(bf16.get('compile_s'), 1)} |")
+    wgan = [r for r in records if r.get("what") == "wgan_throughput" and r.get("images_per_hour")]
+    seed = [r for r in records if r.get("what") == "wgan_seed_sequential"]
+    if wgan:
+        lines += ["", "| WGAN K | dtype | s/iteration | images/hour | hours for 4,500 "
+                  "| vs seed 77 ms/it |" + (" vs seed measured |" if seed else ""),
+                  "| ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if seed else "")]
+        for record in sorted(wgan, key=lambda r: -r["images_per_hour"]):
+            measured = ""
+            if seed:
+                seed_per_hour = 3600.0 / seed[-1]["s_per_image_1001_its"]
+                measured = f" {record['images_per_hour'] / seed_per_hour:,.0f}x |"
+            lines.append(f"| {record['pairs']} | {record.get('dtype', '-')} "
+                         f"| {record['s_per_iteration']:.4f} | {record['images_per_hour']:,.0f} "
+                         f"| {record['hours_for_4500_images']:.2f} "
+                         f"| {record.get('speedup_vs_seed', 0):,.0f}x |{measured}")
+    errors = [r for r in records if r.get("error")]
+    for record in errors:
+        lines.append(f"\nERROR {record.get('what')} {record.get('model', record.get('pairs'))} "
+                     f"{record.get('dtype', '')}: {record['error'][:300]}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line: `train`, `wgan` or `report`, each with its options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="images/s of the full jitted train step")
+    train.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbones")
+    train.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes")
+    train.add_argument("--res", type=int, default=448, help="image size in pixels")
+    train.add_argument("--batch", type=int, default=32, help="global batch size")
+    train.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    train.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
+    train.add_argument("--repeats", type=int, default=3, help="timed repeats (median taken)")
+    train.add_argument("--batches-on-device", type=int, default=4,
+                       help="distinct synthetic batches kept on the device")
+    train.add_argument("--compile-workers", type=int, default=0,
+                       help="concurrent compiles (0: one per variant)")
+    wgan = commands.add_parser("wgan", help="images/hour of the 1001-iteration ML-WGAN recipe")
+    wgan.add_argument("--pairs", default="64,128", help="comma-separated K (pairs per chunk)")
+    wgan.add_argument("--dtypes", default="bfloat16,float32",
+                      help="compute dtypes of the convolutions")
+    wgan.add_argument("--iterations", type=int, default=5, help="iterations per timed call")
+    wgan.add_argument("--repeats", type=int, default=2, help="timed calls (median taken)")
+    wgan.add_argument("--width", type=int, default=64, help="network width (seed: 64)")
+    report = commands.add_parser("report", help="markdown table of JSON-line files")
+    report.add_argument("files", nargs="+", help="files with our and torch_reference.py's lines")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the chosen command; print JSON lines, then the table; return the records."""
+    args = parse_args(argv)
+    if args.command == "report":
+        records = read_records(args.files)
+    elif args.command == "train":
+        records = run_train(args)
+    else:
+        records = run_wgan(args)
+    print("\n" + report_table(records), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()

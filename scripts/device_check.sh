@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One device call (<= 7 min wall on one H100): versions, the JAX train-step benchmark of the four
+# backbones (bf16 + fp32, 448 px, batch 32), the PyTorch/timm anchor on the same card, the ML-WGAN
+# throughput, the GPU-relevant tests, and a table of JAX/PyTorch ratios.
+#
+#   device:  bash scripts/device_check.sh        (carry .whl and .bench; writes under $OUT)
+#   CPU dry run of every section at tiny sizes:
+#            DEVICE_CHECK_DRY_RUN=1 OUT=/tmp/out bash scripts/device_check.sh
+#
+# $OUT receives three files: check.log (everything), results.jsonl (every JSON measurement line,
+# ours and PyTorch's) and summary.md (the ratio table). Each section runs under its own timeout,
+# sized from a deadline, so one failure or overrun does not lose the rest; the sections most
+# needed for the issue's targets run first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/device_check}
+DRY_RUN=${DEVICE_CHECK_DRY_RUN:-0}
+mkdir -p "$OUT"
+LOG=$OUT/check.log
+RESULTS=$OUT/results.jsonl
+SUMMARY=$OUT/summary.md
+: >"$LOG"
+: >"$RESULTS"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+
+note() { echo "=== [$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
+
+# section CAP_S NAME CMD...: run CMD under timeout min(CAP_S, time left before the deadline);
+# stdout and stderr go to the log, JSON lines on stdout also to results.jsonl.
+section() {
+  local cap=$(($1 * CAP_SCALE)) name=$2
+  shift 2
+  local left=$((DEADLINE_S - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 10)); then
+    note "SKIP $name: only ${left} s left before the ${DEADLINE_S} s deadline"
+    return 0
+  fi
+  note "BEGIN $name (timeout ${limit} s)"
+  local begin=$SECONDS
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG" | { grep '^{' >>"$RESULTS" || true; }
+  local status=${PIPESTATUS[0]}
+  note "END $name: exit $status$( ((status == 124)) && echo ' (TIMED OUT)') after $((SECONDS - begin)) s"
+}
+
+if [[ $DRY_RUN == 1 ]]; then
+  PY=${PYTHON:-.venv/bin/python}
+  export PYTHONPATH=$PWD
+  export JAX_PLATFORMS=cpu
+  TRAIN_ARGS=(--models resnet18 --dtypes float32,bfloat16 --res 32 --batch 2 --warmup 1 --steps 2 --repeats 1 --batches-on-device 2)
+  WGAN_ARGS=(--pairs 2 --dtypes float32 --iterations 3 --repeats 1 --width 4)
+  TORCH_ARGS=(--res 32 --batch 2 --warmup 1 --steps 2 --repeats 1)
+  TORCH_MAIN_MODES=fp32,bf16
+  TESTS_ARGS=(--collect-only -q)
+  CAP_SCALE=4  # this CPU compiles the WGAN for minutes
+  note "DRY RUN on the CPU at tiny sizes; wheels not installed"
+else
+  PY=${PYTHON:-python3}
+  note "install carried wheels"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
+  export PYTHONPATH=/tmp/site:$PWD
+  read -ra TRAIN_ARGS <<<"${BENCH_TRAIN_ARGS:-}"  # e.g. "--dtypes bfloat16" when time is short
+  WGAN_ARGS=()
+  TORCH_ARGS=()
+  TORCH_MAIN_MODES=${TORCH_MODES:-fp32,bf16,bf16compile}
+  TESTS_ARGS=(-q -x -p no:cacheprovider)
+  CAP_SCALE=1
+fi
+
+# DEVICE_CHECK_SECTIONS picks sections (default all): train,torch,wgan,tests,torch_others
+SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,wgan,tests,torch_others},"
+wanted() { [[ $SECTIONS == *",$1,"* ]]; }
+
+# the device call is sized for 7 min (420 s): keep a margin; the dry run's CPU is far slower
+DEADLINE_S=${DEVICE_CHECK_DEADLINE_S:-$((400 * CAP_SCALE))}
+note "machine"
+{ nvidia-smi || echo "no nvidia-smi"; } 2>&1 | tee -a "$LOG"
+section 60 versions "$PY" -c '
+import importlib, jax
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections", "numpy", "torch", "timm"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as error:
+        print(f"{name} MISSING ({error})")
+print("devices", jax.devices())
+'
+
+# 1. JAX train-step throughput, all backbones x {bf16, fp32} (concurrent compiles, then timing).
+wanted train && section 190 "benchmark train" "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}"
+
+# 2. The PyTorch anchor for TResNet-M: fp32 (also its FLOP count), bf16, bf16 + torch.compile.
+wanted torch && section 130 "torch reference tresnet_m" "$PY" .bench/torch_reference.py throughput \
+  --model tresnet_m --modes "$TORCH_MAIN_MODES" "${TORCH_ARGS[@]}"
+
+# 3. ML-WGAN throughput at several K (GPU memory: about 0.3 GB of parameters + Adam per pair).
+wanted wgan && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 section 120 "benchmark wgan" "$PY" scripts/benchmark.py wgan "${WGAN_ARGS[@]}"
+
+# 4. GPU-relevant tests: model parity with timm (f32 at full precision: GPU convs default to
+#    TF32), losses, the train step. No preallocation: pytest and torch share the card.
+TESTS=()
+for test_file in tests/test_models_tresnet.py tests/test_losses.py tests/test_train.py; do
+  [[ -f $test_file ]] && TESTS+=("$test_file")
+done
+wanted tests && JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  section 50 tests "$PY" -m pytest "${TESTS_ARGS[@]}" "${TESTS[@]}"
+
+# 5. If time is left: PyTorch bf16 for the other backbones (about 20 s each on an H100).
+for model in resnet101 resnext50_32x4d xception; do
+  wanted torch_others && section 40 "torch reference $model" "$PY" .bench/torch_reference.py throughput \
+    --model "$model" --modes bf16 "${TORCH_ARGS[@]}"
+done
+
+note "report"
+timeout 30 "$PY" scripts/benchmark.py report "$RESULTS" 2>&1 | grep -v '^{' >"$SUMMARY"
+tee -a "$LOG" <"$SUMMARY"
+note "done in $((SECONDS - START)) s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One device call (about 4-5 min on one H100): TResNet-M + ASL from scratch on Corel-5k with the
+# PyTorch reference's recipe (configs/reference_tresnet_asl_224.py), then its test metrics beside
+# the reference's (torch_reference.py train on one H100: per-class F1 0.333, per-image F1 0.494,
+# N+ 148 at 0.5; 0.327 / 0.528 / 133 with MCC thresholds; 6.2 s per epoch).
+#
+#   device:  bash scripts/device_train.sh   (carry .whl and .corel, a copy of the Corel-5k folder)
+#   CPU dry run:
+#     DEVICE_TRAIN_DRY_RUN=1 COREL5K_DATA=/work/shared/corel5k OUT=/tmp/out \
+#       TRAIN_OVERRIDES="--config.model.name=resnet18 --config.data.image_size=32 \
+#       --config.train.epochs=1 --config.train.stop_epoch=1" bash scripts/device_train.sh
+#
+# The console shows the run without progress bars and orbax's INFO lines; train.log has all.
+# $OUT receives train.log, results.json, results.md, metrics.jsonl and summary.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/device_train}
+DATA=${COREL5K_DATA:-.corel}
+WORKDIR=${TRAIN_WORKDIR:-/tmp/run}
+TIMEOUT_S=${TRAIN_TIMEOUT_S:-540}
+OVERRIDES=${TRAIN_OVERRIDES:-}
+mkdir -p "$OUT"
+LOG=$OUT/train.log
+: >"$LOG"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+note() { echo "=== [$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
+
+if [[ ${DEVICE_TRAIN_DRY_RUN:-0} == 1 ]]; then
+  PY=${PYTHON:-.venv/bin/python}
+  export PYTHONPATH=$PWD JAX_PLATFORMS=cpu
+  note "DRY RUN on the CPU; wheels not installed"
+else
+  PY=${PYTHON:-python3}
+  note "install carried wheels"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
+  export PYTHONPATH=/tmp/site:$PWD
+  { nvidia-smi || echo "no nvidia-smi"; } 2>&1 | tee -a "$LOG"
+fi
+if [[ ! -f $DATA/train.json ]]; then
+  note "ERROR: no Corel-5k at $DATA (train.json missing): copy /work/shared/corel5k to .corel/ and carry it, or set COREL5K_DATA"
+  exit 2
+fi
+"$PY" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())' 2>&1 | tee -a "$LOG"
+
+note "train + evaluate: configs/reference_tresnet_asl_224.py $OVERRIDES (timeout $TIMEOUT_S s)"
+rm -rf "$WORKDIR"
+# shellcheck disable=SC2086  # OVERRIDES is a list of flags
+timeout --kill-after=10 "$TIMEOUT_S" "$PY" -m annotate.main \
+  --config=configs/reference_tresnet_asl_224.py --workdir="$WORKDIR" \
+  --config.data.root="$(cd "$DATA" && pwd)" --config.data.cache_dir=/tmp/annotate_cache \
+  $OVERRIDES 2>&1 | tr '\r' '\n' | tee -a "$LOG" |
+  awk '(!/^[IWE][0-9][0-9][0-9][0-9] / || / (train|main|evaluate|summary)\.py:/) && !/%\|/'
+note "training exit ${PIPESTATUS[0]} after $((SECONDS - START)) s"
+
+for name in results.json results.md metrics.jsonl; do
+  [[ -f $WORKDIR/$name ]] && cp "$WORKDIR/$name" "$OUT/"
+done
+
+"$PY" - "$WORKDIR" <<'EOF' 2>&1 | tee "$OUT/summary.md" | tee -a "$LOG"
+"""Final- and best-epoch test metrics of the run beside the PyTorch reference's."""
+import json, sys
+from pathlib import Path
+
+workdir = Path(sys.argv[1])
+REFERENCE = {"at 0.5": {"per_class_f1": 0.333, "per_image_f1": 0.494, "n_plus": 148},
+             "MCC thresholds": {"per_class_f1": 0.327, "per_image_f1": 0.528, "n_plus": 133},
+             "epoch_s": 6.2}
+TARGET = {"per_class_f1": 0.313, "n_plus": 138}  # issue #6: test, threshold 0.5
+records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+           if line.strip()] if (workdir / "metrics.jsonl").is_file() else []
+if not records:
+    sys.exit(f"no epochs recorded in {workdir}/metrics.jsonl")
+final = records[-1]
+best = max(records, key=lambda r: r["test/per_class_f1"])
+epoch_s = sorted(r["train/epoch_seconds"] for r in records)[len(records) // 2]
+results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").is_file() else {}
+
+def row(name, metrics, reference):
+    cells = [f"{metrics[k]:.3f}" if k != "n_plus" else str(metrics[k])
+             for k in ("per_class_f1", "per_image_f1", "n_plus")]
+    ref = [f"{reference[k]:.3f}" if k != "n_plus" else str(reference[k])
+           for k in ("per_class_f1", "per_image_f1", "n_plus")]
+    return f"| {name} | " + " | ".join(f"{c} ({r})" for c, r in zip(cells, ref)) + " |"
+
+strip = lambda r: {k[len("test/"):]: v for k, v in r.items() if k.startswith("test/")}
+print("| test set, ours (reference) | per-class F1 | per-image F1 | N+ |")
+print("| --- | ---: | ---: | ---: |")
+print(row(f"final epoch {final['epoch']}, at 0.5", strip(final), REFERENCE["at 0.5"]))
+print(row(f"best epoch {best['epoch']} by per-class F1, at 0.5", strip(best), REFERENCE["at 0.5"]))
+if results:
+    print(row(f"best checkpoint (epoch {results.get('best_epoch')}), MCC thresholds",
+              results["mcc"], REFERENCE["MCC thresholds"]))
+print(f"\nmedian epoch: {epoch_s:.2f} s (reference {REFERENCE['epoch_s']} s), "
+      f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
+      f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
+ok = final["test/per_class_f1"] >= TARGET["per_class_f1"] and final["test/n_plus"] >= TARGET["n_plus"]
+print(f"parity target (final epoch, at 0.5: per-class F1 >= {TARGET['per_class_f1']}, "
+      f"N+ >= {TARGET['n_plus']}): {'MET' if ok else 'MISSED'}")
+EOF
+note "done in $((SECONDS - START)) s; files: $(ls "$OUT" | tr '\n' ' ')"
