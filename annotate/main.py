@@ -9,13 +9,15 @@ latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from annotate import train
+from annotate import data, train
 
 FLAGS = flags.FLAGS
 
@@ -38,13 +40,19 @@ def main(argv: list[str]) -> None:
     """Parse flags, then train and evaluate (or only evaluate) into the workdir."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger("annotate").setLevel(logging.INFO)  # epoch records; libraries stay quiet
+    absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, jax) stay quiet
+    logging.getLogger("annotate").setLevel(logging.INFO)  # epoch records
     config = FLAGS.config
     if config.distributed:
         jax.distributed.initialize()
     config_file = config_flags.get_config_filename(FLAGS["config"])
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
-    results = (train.evaluate if FLAGS.evaluate else train.train_and_evaluate)(config, workdir)
+    run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
+    try:
+        results = run(config, workdir)
+    except (data.DatasetError, FileNotFoundError, FloatingPointError) as error:
+        # the cause, named, without a traceback; checkpoints already written stay in the workdir
+        sys.exit(f"error: {error}")
     mcc = results["mcc"]
     print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
           f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see {workdir}/results.md")

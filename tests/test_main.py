@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from annotate import main
 from test_train import trained_smoke_workdir
 
@@ -30,6 +29,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
                     f"--config.data.root={tmp_path / 'nowhere'}")
     assert done.returncode != 0
     assert "scripts/fetch_corel5k.py" in done.stderr and str(tmp_path / "nowhere") in done.stderr
+    assert "Traceback" not in done.stderr  # the cause alone, not a stack trace
 
 
 def test_unknown_model_override_lists_valid_models(tmp_path):
