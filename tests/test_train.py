@@ -315,6 +315,26 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert epochs == [1, 2, 3]
 
 
+def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
+    """--config.data.augmentation=True: train_aug.json's images (in the data root by default, where
+    wgan.run writes them) join the train split with their labels; the test split is unchanged."""
+    from test_data import write_augmentation
+
+    vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
+    write_augmentation(tiny_dataset, vocabulary)
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    plain_train, plain_test = train.load_data(config, train.make_mesh())
+    config.data.augmentation = True
+    augmented_train, augmented_test = train.load_data(config, train.make_mesh())
+    assert augmented_train.images.shape[0] == plain_train.images.shape[0] + 2
+    np.testing.assert_array_equal(np.asarray(augmented_train.images[:-2]),
+                                  np.asarray(plain_train.images))
+    expected = np.zeros((2, len(vocabulary)), np.float32)
+    expected[0, [vocabulary.index("sky"), vocabulary.index("tree")]] = 1
+    np.testing.assert_array_equal(np.asarray(augmented_train.targets[-2:]), expected)
+    assert augmented_test.images.shape == plain_test.images.shape
+
+
 def test_config_errors_name_the_key(tiny_dataset, tmp_path):
     config = tiny_config(tiny_dataset, tmp_path, model="resnet18")
     config.train.stop_epoch = 5
