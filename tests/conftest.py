@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +50,16 @@ def write_dataset(root: Path, *, n_train: int = 12, n_test: int = 6, vocabulary=
 def tiny_dataset(tmp_path: Path) -> Path:
     """A fresh tiny dataset folder (12 train / 6 test images, 5 labels)."""
     return write_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, corel5k_dir: Path) -> Path:
+    """The workdir of one `python -m annotate.main --config=configs/smoke.py` run on the real
+    Corel-5k, trained once per pytest session and shared by the train, main and predict tests."""
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py", f"--workdir={workdir}"],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, COREL5K_DIR=str(corel5k_dir)),
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir

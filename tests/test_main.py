@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from annotate import main
-from test_train import trained_smoke_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +38,8 @@ def test_unknown_model_override_lists_valid_models(tmp_path):
     assert "unknown model 'vgg16'" in done.stderr and "tresnet_m" in done.stderr
 
 
-def test_evaluate_reproduces_results(tmp_path_factory, corel5k_dir):
-    workdir = trained_smoke_workdir(tmp_path_factory.getbasetemp(), corel5k_dir)
+def test_evaluate_reproduces_results(smoke_workdir, corel5k_dir):
+    workdir = smoke_workdir
     trained = json.loads((workdir / "results.json").read_text())
     (workdir / "results.json").unlink()
     done = run_main("--config=configs/smoke.py", f"--workdir={workdir}", "--evaluate",

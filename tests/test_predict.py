@@ -13,7 +13,6 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from annotate import predict
-from test_train import trained_smoke_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +35,6 @@ def test_image_paths(tmp_path):
 def test_untrained_workdir_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training workdir"):
         predict.load_annotator(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory, corel5k_dir):
-    return trained_smoke_workdir(tmp_path_factory.getbasetemp(), corel5k_dir)
 
 
 def test_annotations_reproduce_test_metrics(smoke_workdir, corel5k_dir):

@@ -352,24 +352,6 @@ def test_config_errors_name_the_key(tiny_dataset, tmp_path):
 # --------------------------------------------------------------------------- smoke run
 
 
-def trained_smoke_workdir(root: Path, corel5k_dir: Path) -> Path:
-    """Run configs/smoke.py through the command line once per pytest run (under `root`) and
-    return its workdir; later calls reuse it."""
-    workdir = root / "smoke_run"
-    if not (workdir / "results.json").exists():
-        env = dict(os.environ, COREL5K_DIR=str(corel5k_dir))
-        done = subprocess.run(
-            [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py",
-             f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory, corel5k_dir):
-    return trained_smoke_workdir(tmp_path_factory.getbasetemp(), corel5k_dir)
-
-
 def test_smoke_run_beats_top3_baseline(smoke_workdir, corel5k_dir):
     from sklearn.metrics import f1_score
 
