@@ -43,6 +43,10 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, jax) stay quiet
     logging.getLogger("annotate").setLevel(logging.INFO)  # epoch records
     config = FLAGS.config
+    try:
+        train.validate_config(config)
+    except ValueError as error:  # a broken config: name the key, no traceback
+        sys.exit(f"error: {error}")
     if config.distributed:
         jax.distributed.initialize()
     config_file = config_flags.get_config_filename(FLAGS["config"])
