@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -21,7 +22,8 @@ from ml_collections import config_dict, config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from annotate.data import AUGMENTATION_IMAGES, AUGMENTATION_INDEX, SplitIndex, read_split_index
+from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
+                           read_split_index)
 from wgan.train import WganSetup, augmented_views, image_keys, load_wgan_image, train_chunk
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/wgan.py",
@@ -111,7 +113,10 @@ def main(argv: list[str]) -> None:
     """absl entry point: run with the --config file and its overrides."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(_CONFIG.value)
+    try:
+        run(_CONFIG.value)
+    except DatasetError as error:  # the cause, named; finished images stay on disk
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
