@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
         [--res 448] [--batch 32] [--warmup 3] [--steps 20] [--repeats 3]
-    python scripts/benchmark.py wgan [--pairs 64,128] [--dtypes float32] [--iterations 5]
+    python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
@@ -424,7 +424,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--compile-workers", type=int, default=0,
                        help="concurrent compiles (0: one per variant)")
     wgan = commands.add_parser("wgan", help="images/hour of the 1001-iteration ML-WGAN recipe")
-    wgan.add_argument("--pairs", default="64,128", help="comma-separated K (pairs per chunk)")
+    wgan.add_argument("--pairs", default="32,96", help="comma-separated K (pairs per chunk)")
     wgan.add_argument("--dtypes", default="bfloat16,float32",
                       help="compute dtypes of the convolutions")
     wgan.add_argument("--iterations", type=int, default=5, help="iterations per timed call")
