@@ -86,12 +86,9 @@ def load_annotator(workdir: Path | str) -> Annotator:
     vocabulary, thresholds = stored["vocabulary"], np.asarray(stored["thresholds"], np.float32)
     if len(vocabulary) != len(thresholds):
         raise ValueError(f"{thresholds_path}: {len(vocabulary)} labels but {len(thresholds)} thresholds")
-    experiment, state = train.create_experiment(config, len(vocabulary), 1, train.make_mesh())
-    _, best = train.checkpoint_managers(workdir)
-    best_epoch = best.latest_step()
-    if best_epoch is None:
-        raise FileNotFoundError(f"no best checkpoint in {best.directory}")
-    state = train.restore_state(best, best_epoch, state)
+    experiment, state = train.create_experiment(config, len(vocabulary), 1, train.make_mesh(),
+                                                load_pretrained=False)
+    state, _ = train.restore_best(workdir, state)
     return Annotator(experiment, train.eval_params(state), state.batch_stats, list(vocabulary),
                      thresholds, config.data.image_size)
 

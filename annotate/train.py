@@ -324,13 +324,16 @@ class Experiment:
 
 
 def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
-                      mesh: Mesh) -> tuple[Experiment, TrainState]:
-    """Build the model (loading config.model.pretrained if set), optimizer, jitted steps and the
-    initial TrainState, replicated over `mesh`."""
+                      mesh: Mesh, *, load_pretrained: bool = True) -> tuple[Experiment, TrainState]:
+    """Build the model, optimizer, jitted steps and the initial TrainState, replicated over `mesh`.
+
+    config.model.pretrained is loaded only with `load_pretrained`: a run that restores a checkpoint
+    (resume, evaluation, prediction) takes its weights from there, not from the network or disk.
+    """
     model = models.create_model(config.model.name, num_classes, global_pool=config.model.global_pool,
                                 drop_rate=config.model.drop_rate,
                                 dtype=DTYPES[config.model.dtype], seed=config.seed)
-    if config.model.pretrained:
+    if config.model.pretrained and load_pretrained:
         from annotate.convert import load_pretrained
         load_pretrained(model, config.model.pretrained)
     model_def, params, batch_stats = split_model(model)
@@ -394,6 +397,16 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
     return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
+    """The best checkpoint of `workdir` (laid out like `like`) and its epoch; FileNotFoundError
+    when the workdir holds none."""
+    _, best = checkpoint_managers(workdir)
+    best_epoch = best.latest_step()
+    if best_epoch is None:
+        raise FileNotFoundError(f"no best checkpoint in {best.directory}; train first")
+    return restore_state(best, best_epoch, like), best_epoch
 
 
 # --------------------------------------------------------------------------- data
@@ -504,11 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     if steps_per_epoch == 0:
         raise ValueError(f"config.train.batch_size = {batch_size} exceeds the {num_images} "
                          f"training images")
-    experiment, state = create_experiment(config, len(train_split.host.vocabulary),
-                                          config.train.epochs * steps_per_epoch, mesh)
-
     latest, best = checkpoint_managers(workdir)
     start_epoch = latest.latest_step() or 0
+    experiment, state = create_experiment(config, len(train_split.host.vocabulary),
+                                          config.train.epochs * steps_per_epoch, mesh,
+                                          load_pretrained=not start_epoch)
     if start_epoch:
         state = restore_state(latest, start_epoch, state)
         log.info("resumed from %s, epoch %d", latest.directory, start_epoch)
@@ -556,11 +569,7 @@ def evaluate_best(experiment: Experiment, like: TrainState, train_split: DeviceS
     results.json/.md, thresholds.json and the pictures (see annotate.evaluate)."""
     from annotate import evaluate as reports
 
-    _, best = checkpoint_managers(workdir)
-    best_epoch = best.latest_step()
-    if best_epoch is None:
-        raise FileNotFoundError(f"no best checkpoint in {best.directory}; train first")
-    state = restore_state(best, best_epoch, like)
+    state, best_epoch = restore_best(workdir, like)
     params = eval_params(state)
     train_probs = predict(experiment, params, state.batch_stats, train_split.images)
     test_probs = predict(experiment, params, state.batch_stats, test_split.images)
@@ -582,5 +591,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> dict:
     workdir = Path(workdir).absolute()
     mesh = make_mesh()
     train_split, test_split = load_data(config, mesh)
-    experiment, state = create_experiment(config, len(train_split.host.vocabulary), 1, mesh)
+    experiment, state = create_experiment(config, len(train_split.host.vocabulary), 1, mesh,
+                                          load_pretrained=False)
     return evaluate_best(experiment, state, train_split, test_split, workdir)

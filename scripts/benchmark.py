@@ -204,6 +204,12 @@ def train_record(variant: TrainVariant, times: list[float], steps: int) -> dict[
             **memory_fields(variant.compiled), **device_memory(), **device_info()}
 
 
+def train_error_record(model: str, dtype: str, batch: int, res: int, error: str) -> dict[str, Any]:
+    """The JSON record of a variant that could not be built, compiled or timed."""
+    return {"what": "train_throughput", "model": model, "dtype": dtype, "batch": batch,
+            "res": res, "error": error, **device_info()}
+
+
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Lower every model x dtype, compile them concurrently, then time them one at a time."""
     from annotate import train as training
@@ -221,9 +227,8 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                 variant = build_variant(model, dtype, args.res, args.batch,
                                         args.batches_on_device, mesh)
             except Exception as error:  # e.g. an unknown backbone: report it, build the rest
-                record = {"what": "train_throughput", "model": model, "dtype": dtype,
-                          "batch": args.batch, "res": args.res,
-                          "error": f"{type(error).__name__}: {error}", **device_info()}
+                record = train_error_record(model, dtype, args.batch, args.res,
+                                            f"{type(error).__name__}: {error}")
                 emit(record)
                 records.append(record)
                 continue
@@ -243,9 +248,8 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
             except Exception as error:  # e.g. out of memory at run time: report, go on
                 variant.error = f"{type(error).__name__}: {error}"
         if variant.error is not None:
-            record = {"what": "train_throughput", "model": variant.model, "dtype": variant.dtype,
-                      "batch": variant.batch, "res": variant.res, "error": variant.error,
-                      **device_info()}
+            record = train_error_record(variant.model, variant.dtype, variant.batch, variant.res,
+                                        variant.error)
         emit(record)
         records.append(record)
         del variant  # free this variant's state and data before timing the next

@@ -62,9 +62,7 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   PY=${PYTHON:-python3}
   note "install carried wheels"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
-  export PYTHONPATH=/tmp/site:$PWD
+  source scripts/device_env.sh
   read -ra TRAIN_ARGS <<<"${BENCH_TRAIN_ARGS:---dtypes bfloat16}"
   WGAN_ARGS=()
   TORCH_ARGS=()

@@ -34,9 +34,7 @@ if [[ ${DEVICE_TRAIN_DRY_RUN:-0} == 1 ]]; then
 else
   PY=${PYTHON:-python3}
   note "install carried wheels"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
-  export PYTHONPATH=/tmp/site:$PWD
+  source scripts/device_env.sh
   { nvidia-smi || echo "no nvidia-smi"; } 2>&1 | tee -a "$LOG"
 fi
 if [[ ! -f $DATA/train.json ]]; then
