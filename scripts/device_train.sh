@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call (about 8 min on one H100: 40 epochs of ~7 s training + ~2.5 s evaluation and checkpoints, measured 2026-11-27): TResNet-M + ASL from scratch on Corel-5k with the
+# One device call (about 7 min on one H100: 40 epochs of 7.1 s training + 2.6 s evaluation and
+# checkpoints, medians measured 2026-11-27, plus compilation): TResNet-M + ASL from scratch on Corel-5k with the
 # PyTorch reference's recipe (configs/reference_tresnet_asl_224.py), then its test metrics beside
 # the reference's (torch_reference.py train on one H100: per-class F1 0.333, per-image F1 0.494,
 # N+ 148 at 0.5; 0.327 / 0.528 / 133 with MCC thresholds; 6.2 s per epoch).
