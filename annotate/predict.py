@@ -44,8 +44,8 @@ class Annotator:
     """A trained model (best checkpoint of a workdir) with its vocabulary and per-label thresholds."""
 
     experiment: train.Experiment
-    params: object
-    batch_stats: object
+    params: train.Variables
+    batch_stats: train.Variables
     vocabulary: list[str]
     thresholds: np.ndarray
     image_size: int
