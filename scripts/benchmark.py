@@ -16,8 +16,11 @@ Every measurement is one JSON line on stdout; a markdown table comes last.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import gzip
 import json
+import re
 import sys
 import tempfile
 import time
@@ -86,6 +89,87 @@ def device_memory() -> dict[str, int | None]:
             "device_bytes_limit": stats.get("bytes_limit")}
 
 
+# --------------------------------------------------------------------------- profiles
+
+def _kernel_family(name: str) -> str:
+    """A kernel or op name without its instance number: 'loop_add_fusion.12' -> 'loop_add_fusion'."""
+    return re.sub(r"([._]\d+)+$", "", name)
+
+
+def _covered_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans: a thread's busy time with nested events (an op
+    inside its executor's event) counted once."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
+def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str, Any]:
+    """What a jax.profiler trace (its perfetto JSON) says about `calls` calls of one function:
+    per device thread (CUDA stream, "XLA Ops", ...) the busy milliseconds per call and the `top`
+    kernels and kernel families by time (on the CPU backend the executing host threads stand in
+    for the device); for the Python thread, the dispatch time of jitted calls. Busy time far
+    below the wall time means launches or the host bound the step, not the kernels."""
+    with gzip.open(trace_file, "rt") as handle:
+        trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    by_name: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
+        collections.Counter)
+    counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
+        collections.Counter)
+    spans: dict[tuple[str, str], list[tuple[float, float]]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("ph") != "X":
+            continue
+        where = (processes.get(event["pid"], str(event["pid"])),
+                 threads.get((event["pid"], event["tid"]), str(event["tid"])))
+        duration = event.get("dur", 0.0)
+        by_name[where][event["name"]] += duration / 1000.0  # microseconds -> ms
+        counts[where][event["name"]] += 1
+        spans[where].append((event["ts"], event["ts"] + duration))
+    summary: dict[str, Any] = {"calls": calls, "device_threads": {}, "host_dispatch_ms_per_call": None}
+    for (process, thread), durations in by_name.items():
+        if thread == "python":  # the host's Python thread: dispatch, not execution
+            dispatch = sum(ms for name, ms in durations.items() if name.startswith("PjitFunction"))
+            if dispatch:
+                summary["host_dispatch_ms_per_call"] = dispatch / calls
+            continue
+        families: collections.Counter = collections.Counter()
+        for name, ms in durations.items():
+            families[_kernel_family(name)] += ms
+        summary["device_threads"][f"{process}: {thread}"] = {
+            "busy_ms_per_call": _covered_us(spans[(process, thread)]) / 1000.0 / calls,
+            "top": [[name, ms / calls, counts[(process, thread)][name] // max(calls, 1)]
+                    for name, ms in durations.most_common(top)],
+            "top_families": [[name, ms / calls] for name, ms in families.most_common(top)]}
+    return summary
+
+
+def profile_calls(call: Any, calls: int, directory: Path) -> dict[str, Any]:
+    """Trace `calls` calls of `call()` (it blocks on its result) with jax.profiler into
+    `directory` (xplane for TensorBoard/XProf, perfetto JSON) and summarise them (trace_summary)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    before = set(directory.rglob("perfetto_trace.json.gz"))
+    jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
+    start = time.perf_counter()
+    try:
+        for _ in range(calls):
+            call()
+    finally:
+        wall_s = time.perf_counter() - start
+        jax.profiler.stop_trace()
+    trace_file, = set(directory.rglob("perfetto_trace.json.gz")) - before
+    return {"wall_ms_per_call": 1000 * wall_s / calls, "trace": str(trace_file),
+            **trace_summary(trace_file, calls)}
+
+
 # --------------------------------------------------------------------------- train step
 
 @dataclass
@@ -108,6 +192,7 @@ class TrainVariant:
     compile_s: float | None = None
     compile_window: tuple[float, float] | None = None  # start, end (s since the first lowering)
     error: str | None = None
+    steps_done: int = 0
 
 
 def train_config(model: str, dtype: str, res: int, batch: int) -> Any:
@@ -161,31 +246,41 @@ def compile_variant(variant: TrainVariant, origin: float) -> TrainVariant:
     return variant
 
 
+def run_steps(variant: TrainVariant, count: int) -> jax.Array:
+    """`count` train steps carrying the (donated) state as in training, cycling through the
+    on-device batches; blocks until they finish and returns the last loss."""
+    loss = None
+    for _ in range(count):
+        batch = variant.batches[variant.steps_done % len(variant.batches)]
+        variant.state, loss = variant.compiled(variant.state, variant.images, variant.targets,
+                                               batch, variant.key)
+        variant.steps_done += 1
+    return jax.block_until_ready((variant.state, loss))[1]
+
+
 def time_variant(variant: TrainVariant, warmup: int, steps: int, repeats: int) -> list[float]:
-    """Seconds per repeat of `steps` train steps, after `warmup` steps; the state is donated and
-    carried from step to step as in training."""
-    state, loss = variant.state, None
-    step_index = 0
-
-    def run(count: int) -> None:
-        nonlocal state, loss, step_index
-        for _ in range(count):
-            batch = variant.batches[step_index % len(variant.batches)]
-            state, loss = variant.compiled(state, variant.images, variant.targets, batch,
-                                           variant.key)
-            step_index += 1
-        jax.block_until_ready((state, loss))
-
-    run(warmup)
-    times = []
+    """Seconds per repeat of `steps` train steps, after `warmup` steps."""
+    run_steps(variant, warmup)
+    times, loss = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        run(steps)
+        loss = run_steps(variant, steps)
         times.append(time.perf_counter() - start)
     if not np.isfinite(float(loss)):
         raise FloatingPointError(f"{variant.model} {variant.dtype}: non-finite loss {float(loss)}")
-    variant.state = state
     return times
+
+
+def profile_variant(variant: TrainVariant, steps: int, directory: Path) -> dict[str, Any]:
+    """A jax.profiler trace of `steps` single train steps (each blocked on, so the per-step
+    figures are one step's) and the compiled HLO beside it, summarised as a JSON record."""
+    name = f"{variant.model}_{variant.dtype}_{variant.res}px_b{variant.batch}"
+    directory.mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / f"{name}.hlo.txt.gz", "wt") as handle:
+        handle.write(variant.compiled.as_text())
+    profile = profile_calls(lambda: run_steps(variant, 1), steps, directory / name)
+    return {"what": "train_profile", "model": variant.model, "dtype": variant.dtype,
+            "batch": variant.batch, "res": variant.res, **profile, **device_info()}
 
 
 def train_record(variant: TrainVariant, times: list[float], steps: int) -> dict[str, Any]:
@@ -218,6 +313,7 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second
     variants_wanted = [(model, dtype) for dtype in csv(args.dtypes) for model in csv(args.models)]
     workers = args.compile_workers or len(variants_wanted)
+    profiled = set(csv(args.profile_models))
     records = []
     compile_start = time.perf_counter()
     futures: list[Future] = []
@@ -252,6 +348,14 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                                         variant.error)
         emit(record)
         records.append(record)
+        if args.profile_dir and variant.error is None and variant.model in profiled:
+            try:
+                record = profile_variant(variant, args.profile_steps, Path(args.profile_dir))
+            except Exception as error:  # a profiler failure must not lose the timings
+                record = {"what": "train_profile", "model": variant.model,
+                          "dtype": variant.dtype, "error": f"{type(error).__name__}: {error}"}
+            emit(record)
+            records.append(record)
         del variant  # free this variant's state and data before timing the next
         gc.collect()
     return records
@@ -276,7 +380,7 @@ def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
         images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT,
                                                                    IMAGE_WIDTH, 3),
                                                minval=-1.0, maxval=1.0))
-        init_keys, train_keys, images = wgan_train._chunk_inputs(
+        init_keys, train_keys, images = wgan_train.chunk_inputs(
             wgan_train.image_keys(0, np.arange(pairs)), images)
         init = wgan_train.init_pairs.lower(setup, init_keys)
         return [init, wgan_train.train_pairs.lower(setup, init.out_info, images, train_keys,
@@ -293,6 +397,38 @@ def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
         for pairs, dtype in variants:  # lowering holds the GIL; compiles overlap with it
             futures[(pairs, dtype)] = pool.submit(compile_all, lower(pairs, dtype))
     return {variant: future.result() for variant, future in futures.items()}
+
+
+def profile_wgan(pairs: int, dtype: str, width: int, iterations: int,
+                 directory: Path) -> dict[str, Any]:
+    """A jax.profiler trace of one train_pairs call (K=`pairs`, `iterations` iterations) and its
+    compiled HLO, summarised per iteration as a JSON record."""
+    from wgan import train as wgan_train
+    from wgan.models import IMAGE_HEIGHT, IMAGE_WIDTH
+
+    setup = wgan_train.WganSetup(width=width, compute_dtype=WGAN_DTYPES[dtype])
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
+                                                               3), minval=-1.0, maxval=1.0))
+    init_keys, train_keys, images = wgan_train.chunk_inputs(
+        wgan_train.image_keys(0, np.arange(pairs)), images)
+    state = wgan_train.init_pairs(setup, init_keys)
+    name = f"wgan_K{pairs}_{dtype}_w{width}"
+    directory.mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / f"{name}.hlo.txt.gz", "wt") as handle:
+        handle.write(wgan_train.train_pairs.lower(setup, state, images, train_keys,
+                                                  iterations=iterations).compile().as_text())
+    holder = [state]
+
+    def call() -> None:
+        holder[0], saved = wgan_train.train_pairs(setup, holder[0], images, train_keys,
+                                                  iterations)
+        jax.block_until_ready(saved)
+
+    call()  # compile (or load) outside the trace
+    profile = profile_calls(call, 1, directory / name)
+    profile["iterations_per_call"] = iterations
+    return {"what": "wgan_profile", "pairs": pairs, "dtype": dtype, "width": width, **profile,
+            **device_info()}
 
 
 def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -327,6 +463,16 @@ def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
         emit(record)
         records.append(record)
         gc.collect()
+    if args.profile_dir and variants:
+        pairs, dtype = variants[0]
+        try:
+            record = profile_wgan(pairs, dtype, args.width, args.iterations,
+                                  Path(args.profile_dir))
+        except Exception as error:  # a profiler failure must not lose the timings
+            record = {"what": "wgan_profile", "pairs": pairs, "dtype": dtype,
+                      "error": f"{type(error).__name__}: {error}"}
+        emit(record)
+        records.append(record)
     return records
 
 
@@ -402,6 +548,17 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
                          f"| {record['s_per_iteration']:.4f} | {record['images_per_hour']:,.0f} "
                          f"| {record['hours_for_4500_images']:.2f} "
                          f"| {record.get('speedup_vs_seed', 0):,.0f}x |{measured}")
+    for record in records:
+        if record.get("what") in ("train_profile", "wgan_profile") and record.get("device_threads") is not None:
+            label = record.get("model") or f"WGAN K={record.get('pairs')}"
+            lines += ["", f"Profile of {label} {record.get('dtype', '')}: "
+                      f"{record['wall_ms_per_call']:.1f} ms wall per call, host dispatch "
+                      f"{_number(record.get('host_dispatch_ms_per_call'), 2)} ms per call",
+                      "| device thread | busy ms per call | top kernel families (ms per call) |",
+                      "| --- | ---: | --- |"]
+            for thread, busy in record["device_threads"].items():
+                families = ", ".join(f"{name} {ms:.2f}" for name, ms in busy["top_families"][:5])
+                lines.append(f"| {thread} | {busy['busy_ms_per_call']:.2f} | {families} |")
     errors = [r for r in records if r.get("error")]
     for record in errors:
         lines.append(f"\nERROR {record.get('what')} {record.get('model', record.get('pairs'))} "
@@ -427,6 +584,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="distinct synthetic batches kept on the device")
     train.add_argument("--compile-workers", type=int, default=0,
                        help="concurrent compiles (0: one per variant)")
+    train.add_argument("--profile-dir", default="",
+                       help="after timing, trace --profile-steps steps with jax.profiler here "
+                            "(plus the compiled HLO) and report the top device kernels")
+    train.add_argument("--profile-models", default="tresnet_m",
+                       help="comma-separated backbones to profile when --profile-dir is set")
+    train.add_argument("--profile-steps", type=int, default=3, help="steps traced per profile")
     wgan = commands.add_parser("wgan", help="images/hour of the 1001-iteration ML-WGAN recipe")
     wgan.add_argument("--pairs", default="32,96", help="comma-separated K (pairs per chunk)")
     wgan.add_argument("--dtypes", default="bfloat16,float32",
@@ -434,6 +597,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     wgan.add_argument("--iterations", type=int, default=5, help="iterations per timed call")
     wgan.add_argument("--repeats", type=int, default=2, help="timed calls (median taken)")
     wgan.add_argument("--width", type=int, default=64, help="network width (seed: 64)")
+    wgan.add_argument("--profile-dir", default="",
+                      help="after timing, trace one call of the first K and dtype here "
+                           "(plus its compiled HLO) and report the top device kernels")
     report = commands.add_parser("report", help="markdown table of JSON-line files")
     report.add_argument("files", nargs="+", help="files with our and torch_reference.py's lines")
     return parser.parse_args(argv)

@@ -10,8 +10,9 @@
 #   CPU dry run of every section at tiny sizes:
 #            DEVICE_CHECK_DRY_RUN=1 OUT=/tmp/out bash scripts/device_check.sh
 #
-# $OUT receives three files: check.log (everything), results.jsonl (every JSON measurement line,
-# ours and PyTorch's) and summary.md (the ratio table). Each section runs under its own timeout,
+# $OUT receives check.log (everything), results.jsonl (every JSON measurement line, ours and
+# PyTorch's, with the profile summaries), summary.md (the ratio table and the profiles' top
+# kernels) and up to three perfetto traces (trace_*.json.gz, open in ui.perfetto.dev). Each section runs under its own timeout,
 # sized from a deadline, so one failure or overrun does not lose the rest; the sections most
 # needed for the issue's targets run first.
 set -uo pipefail
@@ -56,6 +57,7 @@ if [[ $DRY_RUN == 1 ]]; then
   WGAN_ARGS=(--pairs 2 --dtypes float32 --iterations 3 --repeats 1 --width 4)
   TORCH_ARGS=(--res 32 --batch 2 --warmup 1 --steps 2 --repeats 1)
   TORCH_MAIN_MODES=fp32,bf16
+  PROFILE_MODELS=resnet18
   TESTS_ARGS=(--collect-only -q)
   CAP_SCALE=4  # this CPU compiles the WGAN for minutes
   note "DRY RUN on the CPU at tiny sizes; wheels not installed"
@@ -89,15 +91,24 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collectio
 print("devices", jax.devices())
 '
 
-# 1. JAX train-step throughput, all backbones x {bf16, fp32} (concurrent compiles, then timing).
-wanted train && section 250 "benchmark train" "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}"
+# Profiles (jax.profiler traces + compiled HLO) go to a scratch folder: $OUT returns only 8 files,
+# 2 folders deep. Their summaries (busy time per stream, top kernels) are JSON lines in
+# results.jsonl; the perfetto traces are copied into $OUT at the end.
+PROFILE_DIR=${TMPDIR:-/tmp}/device_check_profile
+rm -rf "$PROFILE_DIR"
+
+# 1. JAX train-step throughput of the backbones (concurrent compiles, then timing), then a
+#    profile of 3 TResNet-M steps.
+wanted train && section 250 "benchmark train" "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}" \
+  --profile-dir "$PROFILE_DIR" --profile-models "${PROFILE_MODELS:-tresnet_m}"
 
 # 2. The PyTorch anchor for TResNet-M: fp32 (also its FLOP count), bf16, bf16 + torch.compile.
 wanted torch && section 100 "torch reference tresnet_m" "$PY" .bench/torch_reference.py throughput \
   --model tresnet_m --modes "$TORCH_MAIN_MODES" "${TORCH_ARGS[@]}"
 
 # 3. ML-WGAN throughput at several K (GPU memory: about 0.3 GB of parameters + Adam per pair).
-wanted wgan && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 section 120 "benchmark wgan" "$PY" scripts/benchmark.py wgan "${WGAN_ARGS[@]}"
+wanted wgan && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 section 120 "benchmark wgan" "$PY" scripts/benchmark.py wgan "${WGAN_ARGS[@]}" \
+  --profile-dir "$PROFILE_DIR"
 
 # 4. GPU-relevant tests: model parity with timm (f32 at full precision: GPU convs default to
 #    TF32), losses, the train step. No preallocation: pytest and torch share the card.
@@ -112,6 +123,12 @@ wanted tests && JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCA
 for model in resnet101 resnext50_32x4d xception; do
   wanted torch_others && section 40 "torch reference $model" "$PY" .bench/torch_reference.py throughput \
     --model "$model" --modes bf16 "${TORCH_ARGS[@]}"
+done
+
+# at most 3 traces (of $OUT's 8 files), each under the 16 MiB a returned file may have
+find "$PROFILE_DIR" -name perfetto_trace.json.gz -size -15M 2>/dev/null | head -3 | while read -r trace; do
+  name=${trace#"$PROFILE_DIR"/}
+  cp "$trace" "$OUT/trace_${name%%/*}.json.gz"
 done
 
 note "report"

@@ -1,7 +1,9 @@
 """scripts/benchmark.py at the tiniest sizes on the CPU: the train-step record's fields, its FLOP
-count against torch's flop counter on the same timm model, the WGAN record and the report table."""
+count against torch's flop counter on the same timm model, the profile of the step and the
+trace summariser, the WGAN record and the report table."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import sys
@@ -25,11 +27,21 @@ def benchmark():
 
 
 @pytest.fixture(scope="module")
-def train_record(benchmark) -> dict:
-    """The one timed record of a tiny ResNet-18 train-step benchmark (compiled once per module)."""
-    records = benchmark.main(TRAIN_ARGS)
-    assert len(records) == 1 and "error" not in records[0], records
-    return records[0]
+def train_records(benchmark, tmp_path_factory) -> tuple[list[dict], Path]:
+    """The records of a tiny ResNet-18 train-step benchmark with its profile (compiled once per
+    module), and the profile folder."""
+    profile_dir = tmp_path_factory.mktemp("profile")
+    records = benchmark.main(TRAIN_ARGS + ["--profile-dir", str(profile_dir),
+                                           "--profile-models", "resnet18"])
+    assert [r["what"] for r in records] == ["train_throughput", "train_profile"], records
+    assert not any("error" in r for r in records), records
+    return records, profile_dir
+
+
+@pytest.fixture(scope="module")
+def train_record(train_records) -> dict:
+    """The timed record of the tiny benchmark."""
+    return train_records[0][0]
 
 
 def test_train_record_is_sane(train_record, capsys):
@@ -70,6 +82,51 @@ def test_train_flops_match_torch_flop_counter(train_record):
     assert 1 / 1.5 < ratio < 1.5, (train_record["train_flops_per_img"], torch_per_image)
 
 
+def test_profile_record_traces_the_step_and_keeps_its_hlo(train_records):
+    """The traced steps: executing threads busy for part of each step's wall time, the Python
+    thread's dispatch measured, the compiled HLO of the step saved beside the trace."""
+    (_, profile), profile_dir = train_records
+    assert profile["calls"] == 3 and profile["wall_ms_per_call"] > 0
+    assert Path(profile["trace"]).is_file()
+    busy = [thread["busy_ms_per_call"] for thread in profile["device_threads"].values()]
+    assert busy and 0 < max(busy) <= profile["wall_ms_per_call"] * 1.05
+    assert 0 < profile["host_dispatch_ms_per_call"] <= profile["wall_ms_per_call"]
+    (hlo,) = profile_dir.glob("resnet18_float32_32px_b2.hlo.txt.gz")
+    assert "ENTRY" in gzip.open(hlo, "rt").read()
+
+
+def test_trace_summary_sums_kernels_per_call(benchmark, tmp_path):
+    """A hand-made perfetto trace of 2 calls: stream busy time (4 kernels, 5.5 ms) per call,
+    instance numbers folded into kernel families, a nested event counted once in the busy time,
+    Python dispatch separate."""
+    metadata = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+                {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+                {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+                {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+                {"ph": "M", "name": "thread_name", "pid": 2, "tid": 3, "args": {"name": "python"}}]
+    kernels = [("loop_add_fusion.1", 0.0, 1000.0), ("loop_add_fusion.1", 1000.0, 1000.0),
+               ("loop_add_fusion.12", 2000.0, 500.0), ("sm90_gemm_bf16", 2500.0, 3000.0)]
+    events = metadata + [{"ph": "X", "pid": 1, "tid": 7, "name": name, "ts": ts, "dur": dur}
+                         for name, ts, dur in kernels]
+    events += [{"ph": "X", "pid": 1, "tid": 8, "name": "fusion", "ts": 0.0, "dur": 4000.0},
+               {"ph": "X", "pid": 1, "tid": 8, "name": "dot", "ts": 1000.0, "dur": 1000.0}]
+    events += [{"ph": "X", "pid": 2, "tid": 3, "name": "PjitFunction(step)", "ts": 0,
+                "dur": 200.0}] * 2
+    trace = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(trace, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+    summary = benchmark.trace_summary(trace, calls=2)
+    stream = summary["device_threads"]["/device:GPU:0: Stream #7"]
+    assert stream["busy_ms_per_call"] == pytest.approx(5.5 / 2)
+    assert stream["top"][0] == ["sm90_gemm_bf16", pytest.approx(1.5), 0]
+    assert stream["top"][1] == ["loop_add_fusion.1", pytest.approx(1.0), 1]
+    assert dict(map(tuple, stream["top_families"])) == {
+        "loop_add_fusion": pytest.approx(1.25), "sm90_gemm_bf16": pytest.approx(1.5)}
+    assert summary["device_threads"]["/device:GPU:0: XLA Ops"]["busy_ms_per_call"] == (
+        pytest.approx(4.0 / 2))
+    assert summary["host_dispatch_ms_per_call"] == pytest.approx(0.2)
+
+
 def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
     """The WGAN command's plumbing with a stand-in measurement (the real one compiles for minutes
     on a CPU): speed-up = images/hour over the seed's 3600 / (0.077 s x 1001)."""
@@ -86,8 +143,9 @@ def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
     assert record["precompile_s"] == 2.0 and record["dtype"] == "float32"
 
 
-def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_record, tmp_path,
+def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_records, tmp_path,
                                                            capsys):
+    (train_record, profile), _ = train_records
     ours = dict(train_record, dtype="bfloat16")
     torch_lines = [{"what": "throughput", "model": "resnet18", "mode": "bf16", "img_per_s": 1.0},
                    {"what": "throughput", "model": "resnet18", "mode": "bf16compile",
@@ -98,10 +156,12 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
                  "hours_for_4500_images": 3.91, "speedup_vs_seed": 24.6}
     path = tmp_path / "results.jsonl"
     path.write_text("\n".join(["log line, not JSON", json.dumps(ours), "{broken"]
-                              + [json.dumps(line) for line in torch_lines + [wgan_line]]) + "\n")
+                              + [json.dumps(line) for line in torch_lines + [wgan_line, profile]])
+                    + "\n")
     records = benchmark.main(["report", str(path)])
-    assert len(records) == 5
+    assert len(records) == 6
     table = capsys.readouterr().out
+    assert f"Profile of resnet18 float32: {profile['wall_ms_per_call']:.1f} ms wall per call" in table
     resnet_row = next(line for line in table.splitlines() if line.startswith("| resnet18 "))
     assert f"{ours['img_per_s'] / 2.0:.2f}x (vs compile)" in resnet_row  # compiled torch preferred
     tresnet_row = next(line for line in table.splitlines() if line.startswith("| tresnet_m "))

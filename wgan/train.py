@@ -209,13 +209,13 @@ def train_chunk(setup: WganSetup, keys: jax.Array, images: np.ndarray,
                 iterations: int) -> np.ndarray:
     """Train one pair per image from its key (init from the key's first split, training noise from
     the second) and return the fakes of the last 3 iterations, float32 [K, 3, 128, 192, 3]."""
-    init_keys, train_keys, images = _chunk_inputs(keys, images)
+    init_keys, train_keys, images = chunk_inputs(keys, images)
     state = init_pairs(setup, init_keys)
     _, saved = train_pairs(setup, state, images, train_keys, iterations)
     return np.asarray(saved)
 
 
-def _chunk_inputs(keys: jax.Array, images: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+def chunk_inputs(keys: jax.Array, images: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(init keys, training keys, images) for a chunk, placed on the devices by `shard_pairs`."""
     pair_keys = jax.vmap(jax.random.split)(keys)
     return shard_pairs((pair_keys[:, 0], pair_keys[:, 1], jnp.asarray(images, jnp.float32)))
@@ -258,7 +258,7 @@ def wgan_throughput(pairs: int, iterations: int = 5, *, width: int = 64,
     setup = WganSetup(width=width, compute_dtype=compute_dtype)
     images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
                                                                3), minval=-1.0, maxval=1.0))
-    init_keys, train_keys, images = _chunk_inputs(image_keys(0, np.arange(pairs)), images)
+    init_keys, train_keys, images = chunk_inputs(image_keys(0, np.arange(pairs)), images)
     init_times, train_times = [], []
     for _ in range(repeats + 1):  # the first round compiles
         start = time.perf_counter()
