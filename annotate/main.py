@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
     if config.distributed:
         jax.distributed.initialize()
+    train.enable_compilation_cache()
     config_file = config_flags.get_config_filename(FLAGS["config"])
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate

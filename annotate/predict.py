@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("give image files or folders to annotate")
     files = image_paths(argv[1:])  # a bad path fails before the model is loaded
+    train.enable_compilation_cache()
     annotations = load_annotator(FLAGS.workdir).annotate(files)
     for item in annotations:
         labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])

@@ -55,11 +55,14 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory, corel5k_dir: Path) -> Path:
     """The workdir of one `python -m annotate.main --config=configs/smoke.py` run on the real
-    Corel-5k, trained once per pytest session and shared by the train, main and predict tests."""
+    Corel-5k, trained once per pytest session and shared by the train, main and predict tests.
+    Its JAX compilation cache goes to the default folder under XDG_CACHE_HOME=<workdir>/../cache."""
     workdir = tmp_path_factory.mktemp("smoke") / "run"
+    env = dict(os.environ, COREL5K_DIR=str(corel5k_dir), XDG_CACHE_HOME=str(workdir.parent / "cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     done = subprocess.run(
         [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py", f"--workdir={workdir}"],
-        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, COREL5K_DIR=str(corel5k_dir)),
-        capture_output=True, text=True, timeout=600)
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir

@@ -39,6 +39,14 @@ def test_unknown_model_override_lists_valid_models(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_run_keeps_its_compiled_steps_in_the_default_cache(smoke_workdir):
+    """The smoke run (XDG_CACHE_HOME set, JAX_COMPILATION_CACHE_DIR not) wrote its train step into
+    JAX's persistent compilation cache under $XDG_CACHE_HOME/annotate/jax."""
+    cache = smoke_workdir.parent / "cache" / "annotate" / "jax"
+    assert any(entry.name.startswith("jit_train_step") for entry in cache.iterdir()), (
+        sorted(entry.name for entry in cache.iterdir()))
+
+
 def test_evaluate_reproduces_results(smoke_workdir, corel5k_dir):
     workdir = smoke_workdir
     trained = json.loads((workdir / "results.json").read_text())

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
                            read_split_index)
+from annotate.train import enable_compilation_cache
 from wgan.train import WganSetup, augmented_views, image_keys, load_wgan_image, train_chunk
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/wgan.py",
@@ -113,6 +114,7 @@ def main(argv: list[str]) -> None:
     """absl entry point: run with the --config file and its overrides."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
         run(_CONFIG.value)
     except DatasetError as error:  # the cause, named; finished images stay on disk
