@@ -7,10 +7,12 @@ builds `timm.create_model("tresnet_m", num_classes=260)`, whose drop_rate is 0).
 reference reaches test per-class F1 0.333, per-image F1 0.494, N+ 148 at threshold 0.5 (with MCC
 thresholds 0.327 / 0.528 / 133), 6.2 s per epoch.
 """
+import ml_collections
+
 from configs import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     """The base config (tresnet_m, asl) with the reference's size, schedule, lr, dtype and seed."""
     config = base.get_config(model="tresnet_m", loss="asl")
     config.seed = 1

@@ -1,7 +1,9 @@
 """ResNet-101 trained with focal loss (gamma 3), the seed's recipe."""
+import ml_collections
+
 from configs import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     """The base config with model resnet101 and loss focal."""
     return base.get_config(model="resnet101", loss="focal")

@@ -1,7 +1,9 @@
 """ResNeXt-50-32x4d trained with asymmetric loss (gamma- 4, gamma+ 0, clip 0.05), the seed's recipe."""
+import ml_collections
+
 from configs import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     """The base config with model resnext50_32x4d and loss asl."""
     return base.get_config(model="resnext50_32x4d", loss="asl")

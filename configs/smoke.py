@@ -5,10 +5,12 @@ MCC thresholds it beats annotating every test image with the 3 most frequent tra
 BCE rather than ASL: after two epochs from scratch ASL's probabilities are not yet separated
 enough for per-label MCC thresholds (they select dozens of labels per image), BCE's are.
 """
+import ml_collections
+
 from configs import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     """ResNet-18, BCE, 32 px, 2 epochs of OneCycle at max lr 3e-3."""
     config = base.get_config(model="resnet18", loss="bce")
     config.data.image_size = 32
