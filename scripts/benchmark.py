@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +92,8 @@ def device_memory() -> dict[str, int | None]:
 # --------------------------------------------------------------------------- profiles
 
 def _kernel_family(name: str) -> str:
-    """A kernel or op name without its instance number: 'loop_add_fusion.12' -> 'loop_add_fusion'."""
+    """A kernel or op name without its instance number: 'loop_add_fusion.12' -> 'loop_add_fusion'.
+    """
     return re.sub(r"([._]\d+)+$", "", name)
 
 
@@ -134,7 +135,8 @@ def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str
         by_name[where][event["name"]] += duration / 1000.0  # microseconds -> ms
         counts[where][event["name"]] += 1
         spans[where].append((event["ts"], event["ts"] + duration))
-    summary: dict[str, Any] = {"calls": calls, "device_threads": {}, "host_dispatch_ms_per_call": None}
+    summary: dict[str, Any] = {"calls": calls, "device_threads": {},
+                               "host_dispatch_ms_per_call": None}
     for (process, thread), durations in by_name.items():
         if thread == "python":  # the host's Python thread: dispatch, not execution
             dispatch = sum(ms for name, ms in durations.items() if name.startswith("PjitFunction"))
@@ -152,7 +154,7 @@ def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str
     return summary
 
 
-def profile_calls(call: Any, calls: int, directory: Path) -> dict[str, Any]:
+def profile_calls(call: Callable[[], Any], calls: int, directory: Path) -> dict[str, Any]:
     """Trace `calls` calls of `call()` (it blocks on its result) with jax.profiler into
     `directory` (xplane for TensorBoard/XProf, perfetto JSON) and summarise them (trace_summary)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -549,7 +551,8 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
                          f"| {record['hours_for_4500_images']:.2f} "
                          f"| {record.get('speedup_vs_seed', 0):,.0f}x |{measured}")
     for record in records:
-        if record.get("what") in ("train_profile", "wgan_profile") and record.get("device_threads") is not None:
+        profiled = record.get("what") in ("train_profile", "wgan_profile")
+        if profiled and record.get("device_threads") is not None:
             label = record.get("model") or f"WGAN K={record.get('pairs')}"
             lines += ["", f"Profile of {label} {record.get('dtype', '')}: "
                       f"{record['wall_ms_per_call']:.1f} ms wall per call, host dispatch "

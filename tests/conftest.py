@@ -58,7 +58,8 @@ def smoke_workdir(tmp_path_factory, corel5k_dir: Path) -> Path:
     Corel-5k, trained once per pytest session and shared by the train, main and predict tests.
     Its JAX compilation cache goes to the default folder under XDG_CACHE_HOME=<workdir>/../cache."""
     workdir = tmp_path_factory.mktemp("smoke") / "run"
-    env = dict(os.environ, COREL5K_DIR=str(corel5k_dir), XDG_CACHE_HOME=str(workdir.parent / "cache"))
+    env = dict(os.environ, COREL5K_DIR=str(corel5k_dir),
+               XDG_CACHE_HOME=str(workdir.parent / "cache"))
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     done = subprocess.run(
         [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py", f"--workdir={workdir}"],

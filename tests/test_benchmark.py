@@ -100,7 +100,8 @@ def test_trace_summary_sums_kernels_per_call(benchmark, tmp_path):
     instance numbers folded into kernel families, a nested event counted once in the busy time,
     Python dispatch separate."""
     metadata = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
-                {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+                {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+                 "args": {"name": "Stream #7"}},
                 {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
                 {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
                 {"ph": "M", "name": "thread_name", "pid": 2, "tid": 3, "args": {"name": "python"}}]
@@ -161,7 +162,8 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
     records = benchmark.main(["report", str(path)])
     assert len(records) == 6
     table = capsys.readouterr().out
-    assert f"Profile of resnet18 float32: {profile['wall_ms_per_call']:.1f} ms wall per call" in table
+    wall = profile["wall_ms_per_call"]
+    assert f"Profile of resnet18 float32: {wall:.1f} ms wall per call" in table
     resnet_row = next(line for line in table.splitlines() if line.startswith("| resnet18 "))
     assert f"{ours['img_per_s'] / 2.0:.2f}x (vs compile)" in resnet_row  # compiled torch preferred
     tresnet_row = next(line for line in table.splitlines() if line.startswith("| tresnet_m "))
