@@ -371,7 +371,6 @@ def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
     cache, lowered as wgan_throughput calls them, so that its own first call loads the executables
     instead of compiling the variants one after another. Returns compile seconds per variant."""
     from wgan import train as wgan_train
-    from wgan.models import IMAGE_HEIGHT, IMAGE_WIDTH
 
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="benchmark_jax_cache_"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -379,11 +378,7 @@ def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
 
     def lower(pairs: int, dtype: str) -> list[Any]:
         setup = wgan_train.WganSetup(width=width, compute_dtype=WGAN_DTYPES[dtype])
-        images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT,
-                                                                   IMAGE_WIDTH, 3),
-                                               minval=-1.0, maxval=1.0))
-        init_keys, train_keys, images = wgan_train.chunk_inputs(
-            wgan_train.image_keys(0, np.arange(pairs)), images)
+        init_keys, train_keys, images = wgan_train.random_chunk_inputs(pairs)
         init = wgan_train.init_pairs.lower(setup, init_keys)
         return [init, wgan_train.train_pairs.lower(setup, init.out_info, images, train_keys,
                                                    iterations=iterations)]
@@ -406,13 +401,9 @@ def profile_wgan(pairs: int, dtype: str, width: int, iterations: int,
     """A jax.profiler trace of one train_pairs call (K=`pairs`, `iterations` iterations) and its
     compiled HLO, summarised per iteration as a JSON record."""
     from wgan import train as wgan_train
-    from wgan.models import IMAGE_HEIGHT, IMAGE_WIDTH
 
     setup = wgan_train.WganSetup(width=width, compute_dtype=WGAN_DTYPES[dtype])
-    images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
-                                                               3), minval=-1.0, maxval=1.0))
-    init_keys, train_keys, images = wgan_train.chunk_inputs(
-        wgan_train.image_keys(0, np.arange(pairs)), images)
+    init_keys, train_keys, images = wgan_train.random_chunk_inputs(pairs)
     state = wgan_train.init_pairs(setup, init_keys)
     name = f"wgan_K{pairs}_{dtype}_w{width}"
     directory.mkdir(parents=True, exist_ok=True)

@@ -221,6 +221,13 @@ def chunk_inputs(keys: jax.Array, images: np.ndarray) -> tuple[jax.Array, jax.Ar
     return shard_pairs((pair_keys[:, 0], pair_keys[:, 1], jnp.asarray(images, jnp.float32)))
 
 
+def random_chunk_inputs(pairs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`chunk_inputs` for K random images in [-1, 1]: the chunk `wgan_throughput` times."""
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
+                                                               3), minval=-1.0, maxval=1.0))
+    return chunk_inputs(image_keys(0, np.arange(pairs)), images)
+
+
 def load_wgan_image(path: str | Path) -> np.ndarray:
     """The seed's preprocessing: portrait -> landscape (PIL rotate 90, counter-clockwise), centre
     crop 122x186, bilinear resize to 128x192, scale to [-1, 1]; float32 [128, 192, 3]."""
@@ -256,9 +263,7 @@ def wgan_throughput(pairs: int, iterations: int = 5, *, width: int = 64,
     Returns pairs, compile_s, init_s, s_per_iteration, images_per_hour, hours_for_4500_images.
     """
     setup = WganSetup(width=width, compute_dtype=compute_dtype)
-    images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
-                                                               3), minval=-1.0, maxval=1.0))
-    init_keys, train_keys, images = chunk_inputs(image_keys(0, np.arange(pairs)), images)
+    init_keys, train_keys, images = random_chunk_inputs(pairs)
     init_times, train_times = [], []
     for _ in range(repeats + 1):  # the first round compiles
         start = time.perf_counter()
