@@ -291,6 +291,19 @@ def train_step(state: TrainState, images: jax.Array, targets: jax.Array,
                          opt_state=opt_state, ema_params=ema_params), loss
 
 
+def train_steps(state: TrainState, images: jax.Array, targets: jax.Array,
+                batch_indices: jax.Array, key: jax.Array, **step_options: Any
+                ) -> tuple[TrainState, jax.Array]:
+    """`batch_indices.shape[0]` consecutive train steps (batch_indices [K, B]) as one `lax.scan`:
+    one dispatch and one output transfer per K steps instead of per step, so a short step (224 px)
+    is not bound by the host. Returns the new state and the K losses."""
+
+    def step(state: TrainState, indices: jax.Array) -> tuple[TrainState, jax.Array]:
+        return train_step(state, images, targets, indices, key, **step_options)
+
+    return jax.lax.scan(step, state, batch_indices)
+
+
 def predict_step(params: Variables, batch_stats: Variables, images: jax.Array,
                  batch_indices: jax.Array, *, model_def: ModelDef, preprocess: Preprocess,
                  batch_sharding: NamedSharding) -> jax.Array:
@@ -336,7 +349,7 @@ class Experiment:
     mesh: Mesh
     model_def: ModelDef
     tx: optax.GradientTransformation
-    train_step: Callable[..., tuple[TrainState, jax.Array]]
+    train_steps: Callable[..., tuple[TrainState, jax.Array]]
     predict_step: Callable[..., jax.Array]
 
     @property
@@ -346,6 +359,11 @@ class Experiment:
     @property
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec("data"))
+
+    @property
+    def steps_sharding(self) -> NamedSharding:
+        """Layout of train_steps' [K, B] batch indices: each step's batch split over "data"."""
+        return NamedSharding(self.mesh, PartitionSpec(None, "data"))
 
 
 def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
@@ -372,11 +390,12 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
     preprocess = Preprocess(mean, std, config.train.flip_horizontal, config.train.flip_vertical,
                             DTYPES[config.model.dtype])
     jitted_train = jax.jit(
-        functools.partial(train_step, model_def=model_def, tx=tx,
+        functools.partial(train_steps, model_def=model_def, tx=tx,
                           loss_fn=losses.make_loss(config.loss.name, **loss_hyper(config)),
                           preprocess=preprocess, ema_decay=config.train.ema_decay,
                           batch_sharding=batch_sharding),
-        in_shardings=(replicated, replicated, replicated, batch_sharding, replicated),
+        in_shardings=(replicated, replicated, replicated,
+                      NamedSharding(mesh, PartitionSpec(None, "data")), replicated),
         out_shardings=(replicated, replicated), donate_argnums=0)
     jitted_predict = jax.jit(
         functools.partial(predict_step, model_def=model_def, preprocess=preprocess,
@@ -492,33 +511,50 @@ def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return config
 
 
+def steps_per_call(steps_per_epoch: int, log_every: int) -> int:
+    """Train steps per dispatch: the largest divisor of `steps_per_epoch` not above `log_every`
+    (the loop reads the losses back once per call), so every call has one compiled shape."""
+    return max(k for k in range(1, min(log_every, steps_per_epoch) + 1) if steps_per_epoch % k == 0)
+
+
 def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSplit, epoch: int,
                 order_key: jax.Array, step_key: jax.Array, *, show_progress: bool
                 ) -> tuple[TrainState, float, float]:
-    """Run epoch `epoch` (1-based) over the permutation fold_in(order_key, epoch), showing loss and
-    images/s; returns (state, mean loss, seconds). A non-finite loss raises FloatingPointError."""
+    """Run epoch `epoch` (1-based) over the permutation fold_in(order_key, epoch), K steps per
+    dispatch (steps_per_call), showing loss and images/s; returns (state, mean loss, seconds).
+    A non-finite loss raises FloatingPointError."""
     batch_size, num_images = experiment.config.train.batch_size, train_split.images.shape[0]
     steps_per_epoch = num_images // batch_size
+    chunk = steps_per_call(steps_per_epoch, experiment.config.train.log_every)
     permutation = _epoch_permutation(order_key, epoch, num_images)
+    batches = permutation[:steps_per_epoch * batch_size].astype(np.int32)
+    batches = batches.reshape(steps_per_epoch // chunk, chunk, batch_size)
     first_step = (epoch - 1) * steps_per_epoch + 1
-    step_losses, checked = [], 0
+    step_losses: list[np.ndarray] = []
     start_time = time.perf_counter()
     with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{experiment.config.train.stop_epoch}",
               disable=not show_progress, leave=False) as bar:
-        for index in range(steps_per_epoch):
-            batch = permutation[index * batch_size:(index + 1) * batch_size].astype(np.int32)
-            state, loss = experiment.train_step(state, train_split.images, train_split.targets,
-                                                put(batch, experiment.batch_sharding), step_key)
-            step_losses.append(loss)
-            if (index + 1) % experiment.config.train.log_every == 0 or index + 1 == steps_per_epoch:
-                recent = np.asarray(jax.device_get(step_losses[checked:]), np.float32)
-                _check_finite(recent, first_step + checked, epoch, steps_per_epoch)
-                bar.update(len(recent))
-                checked = len(step_losses)
-                images_per_second = checked * batch_size / (time.perf_counter() - start_time)
-                bar.set_postfix(loss=f"{recent[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+
+        def record(losses_of_chunk: jax.Array) -> None:
+            recent = np.asarray(jax.device_get(losses_of_chunk), np.float32)
+            _check_finite(recent, first_step + chunk * len(step_losses), epoch, steps_per_epoch)
+            step_losses.append(recent)
+            bar.update(len(recent))
+            images_per_second = chunk * len(step_losses) * batch_size / (
+                time.perf_counter() - start_time)
+            bar.set_postfix(loss=f"{recent[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+
+        pending = None  # the previous call's losses, read while the device runs the next call
+        for chunk_indices in batches:
+            state, losses_of_chunk = experiment.train_steps(
+                state, train_split.images, train_split.targets,
+                put(chunk_indices, experiment.steps_sharding), step_key)
+            if pending is not None:
+                record(pending)
+            pending = losses_of_chunk
+        record(pending)
     seconds = time.perf_counter() - start_time
-    return state, float(np.mean(jax.device_get(step_losses))), seconds
+    return state, float(np.mean(np.concatenate(step_losses))), seconds
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> dict:

@@ -1,12 +1,14 @@
 """Accelerator throughput of the training step and of the ML-WGAN, as JSON lines plus a table.
 
     python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
-        [--res 448] [--batch 32] [--warmup 3] [--steps 20] [--repeats 3]
+        [--res 448,224] [--steps-per-call 1,10] [--batch 32] [--warmup 3] [--steps 20] [--repeats 3]
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
-ASL, backward, Adam) on synthetic uint8 images already on the device. All variants are lowered
+ASL, backward, Adam) on synthetic uint8 images already on the device, K steps per dispatch as the
+training loop runs them (`annotate.train.train_steps`, a lax.scan; K = 1 is one step per call).
+Variants are backbone x dtype x resolution x K. All variants are lowered
 one after another and compiled concurrently (XLA compiles release the GIL), then timed one at a
 time: median of `repeats` timings of `steps` steps after `warmup` steps. FLOPs come from XLA's
 cost analysis of the compiled step, memory from its memory analysis and the device's counters.
@@ -176,12 +178,14 @@ def profile_calls(call: Callable[[], Any], calls: int, directory: Path) -> dict[
 
 @dataclass
 class TrainVariant:
-    """One backbone x dtype: its experiment, state, synthetic on-device data and compiled step."""
+    """One backbone x dtype x resolution x steps per call: its experiment, state, synthetic
+    on-device data and compiled step."""
 
     model: str
     dtype: str
     batch: int
     res: int
+    steps_per_call: int
     experiment: Any
     state: Any
     images: jax.Array
@@ -208,10 +212,11 @@ def train_config(model: str, dtype: str, res: int, batch: int) -> Any:
     return config
 
 
-def build_variant(model: str, dtype: str, res: int, batch: int, batches_on_device: int,
-                  mesh: Any) -> TrainVariant:
+def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: int,
+                  batches_on_device: int, mesh: Any) -> TrainVariant:
     """Create the experiment and state, put `batches_on_device` batches of random uint8 images
-    and multi-hot targets on the devices, and lower the train step for them."""
+    and multi-hot targets on the devices, and lower the train steps (K = `steps_per_call` per
+    call) for them."""
     from annotate import train as training
 
     config = train_config(model, dtype, res, batch)
@@ -223,15 +228,19 @@ def build_variant(model: str, dtype: str, res: int, batch: int, batches_on_devic
     targets = training.put((rng.random((count, NUM_CLASSES)) < LABEL_DENSITY).astype(np.float32),
                            experiment.replicated)
     order = rng.permutation(count).astype(np.int32)
-    batches = [training.put(order[i * batch:(i + 1) * batch], experiment.batch_sharding)
+    # call i takes batches i*K .. i*K+K-1 (cycling), so K=1 and K=10 see the same batches
+    batches = [training.put(np.stack([order[(j % batches_on_device) * batch:][:batch]
+                                      for j in range(i * steps_per_call,
+                                                     (i + 1) * steps_per_call)]),
+                            experiment.steps_sharding)
                for i in range(batches_on_device)]
     key_data = training.put(np.asarray(jax.random.key_data(jax.random.key(0))),
                             experiment.replicated)
     key = jax.random.wrap_key_data(key_data)
     start = time.perf_counter()
-    lowered = experiment.train_step.lower(state, images, targets, batches[0], key)
-    return TrainVariant(model, dtype, batch, res, experiment, state, images, targets, batches, key,
-                        time.perf_counter() - start, lowered)
+    lowered = experiment.train_steps.lower(state, images, targets, batches[0], key)
+    return TrainVariant(model, dtype, batch, res, steps_per_call, experiment, state, images,
+                        targets, batches, key, time.perf_counter() - start, lowered)
 
 
 def compile_variant(variant: TrainVariant, origin: float) -> TrainVariant:
@@ -248,52 +257,70 @@ def compile_variant(variant: TrainVariant, origin: float) -> TrainVariant:
     return variant
 
 
-def run_steps(variant: TrainVariant, count: int) -> jax.Array:
-    """`count` train steps carrying the (donated) state as in training, cycling through the
-    on-device batches; blocks until they finish and returns the last loss."""
-    loss = None
-    for _ in range(count):
-        batch = variant.batches[variant.steps_done % len(variant.batches)]
-        variant.state, loss = variant.compiled(variant.state, variant.images, variant.targets,
-                                               batch, variant.key)
-        variant.steps_done += 1
-    return jax.block_until_ready((variant.state, loss))[1]
+def run_steps(variant: TrainVariant, calls: int) -> jax.Array:
+    """`calls` calls of K train steps each, carrying the (donated) state as in training, cycling
+    through the on-device batches; blocks until they finish and returns the last loss."""
+    losses = None
+    for _ in range(calls):
+        batch = variant.batches[variant.steps_done // variant.steps_per_call
+                                % len(variant.batches)]
+        variant.state, losses = variant.compiled(variant.state, variant.images, variant.targets,
+                                                 batch, variant.key)
+        variant.steps_done += variant.steps_per_call
+    return jax.block_until_ready((variant.state, losses))[1][-1]
+
+
+def calls_for(steps: int, steps_per_call: int) -> int:
+    """Calls of K steps that cover at least `steps` steps (at least one)."""
+    return max(1, -(-steps // steps_per_call))
 
 
 def time_variant(variant: TrainVariant, warmup: int, steps: int, repeats: int) -> list[float]:
-    """Seconds per repeat of `steps` train steps, after `warmup` steps."""
-    run_steps(variant, warmup)
+    """Seconds per train step of each of `repeats` timings of about `steps` steps (rounded up to
+    whole calls of K), after `warmup` steps."""
+    run_steps(variant, calls_for(warmup, variant.steps_per_call))
+    calls = calls_for(steps, variant.steps_per_call)
     times, loss = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        loss = run_steps(variant, steps)
-        times.append(time.perf_counter() - start)
+        loss = run_steps(variant, calls)
+        times.append((time.perf_counter() - start) / (calls * variant.steps_per_call))
     if not np.isfinite(float(loss)):
         raise FloatingPointError(f"{variant.model} {variant.dtype}: non-finite loss {float(loss)}")
     return times
 
 
 def profile_variant(variant: TrainVariant, steps: int, directory: Path) -> dict[str, Any]:
-    """A jax.profiler trace of `steps` single train steps (each blocked on, so the per-step
-    figures are one step's) and the compiled HLO beside it, summarised as a JSON record."""
-    name = f"{variant.model}_{variant.dtype}_{variant.res}px_b{variant.batch}"
+    """A jax.profiler trace of `steps` calls of K train steps (each blocked on, so the per-call
+    figures are one call's) and the compiled HLO beside it, summarised as a JSON record."""
+    name = (f"{variant.model}_{variant.dtype}_{variant.res}px_b{variant.batch}"
+            f"_k{variant.steps_per_call}")
     directory.mkdir(parents=True, exist_ok=True)
     with gzip.open(directory / f"{name}.hlo.txt.gz", "wt") as handle:
         handle.write(variant.compiled.as_text())
     profile = profile_calls(lambda: run_steps(variant, 1), steps, directory / name)
     return {"what": "train_profile", "model": variant.model, "dtype": variant.dtype,
-            "batch": variant.batch, "res": variant.res, **profile, **device_info()}
+            "batch": variant.batch, "res": variant.res, "steps_per_call": variant.steps_per_call,
+            **profile, **device_info()}
 
 
-def train_record(variant: TrainVariant, times: list[float], steps: int) -> dict[str, Any]:
-    """The JSON record of a timed variant: throughput, FLOPs, memory, compile time."""
-    median = float(np.median(times))
-    flops = first_cost(variant.compiled.cost_analysis()).get("flops")
-    step_s = median / steps
+def flops_per_step(compiled: Any) -> float | None:
+    """FLOPs of one train step from XLA's cost analysis of a compiled call of K = 1 steps (for
+    K > 1 it counts the scan's loop body once, not K times, so those records borrow the K = 1
+    count of the same backbone, dtype and size)."""
+    flops = first_cost(compiled.cost_analysis()).get("flops")
+    return float(flops) if flops else None
+
+
+def train_record(variant: TrainVariant, step_times: list[float],
+                 flops: float | None) -> dict[str, Any]:
+    """The JSON record of a timed variant (seconds per step of each repeat, FLOPs per step):
+    throughput, FLOPs, memory, compile time."""
+    step_s = float(np.median(step_times))
     return {"what": "train_throughput", "model": variant.model, "dtype": variant.dtype,
-            "batch": variant.batch, "res": variant.res,
+            "batch": variant.batch, "res": variant.res, "steps_per_call": variant.steps_per_call,
             "img_per_s": variant.batch / step_s, "step_ms": 1000 * step_s,
-            "spread": [min(times) / median, max(times) / median],
+            "spread": [min(step_times) / step_s, max(step_times) / step_s],
             "lower_s": variant.lower_s, "compile_s": variant.compile_s,
             "compile_window_s": variant.compile_window,
             "train_flops_per_img": flops / variant.batch if flops else None,
@@ -301,10 +328,11 @@ def train_record(variant: TrainVariant, times: list[float], steps: int) -> dict[
             **memory_fields(variant.compiled), **device_memory(), **device_info()}
 
 
-def train_error_record(model: str, dtype: str, batch: int, res: int, error: str) -> dict[str, Any]:
+def train_error_record(model: str, dtype: str, batch: int, res: int, steps_per_call: int,
+                       error: str) -> dict[str, Any]:
     """The JSON record of a variant that could not be built, compiled or timed."""
     return {"what": "train_throughput", "model": model, "dtype": dtype, "batch": batch,
-            "res": res, "error": error, **device_info()}
+            "res": res, "steps_per_call": steps_per_call, "error": error, **device_info()}
 
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -312,20 +340,23 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     from annotate import train as training
 
     mesh = training.make_mesh()
-    # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second
-    variants_wanted = [(model, dtype) for dtype in csv(args.dtypes) for model in csv(args.models)]
+    # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second;
+    # then K, so that K > 1 compiles after K = 1 and finds its convolutions already autotuned
+    variants_wanted = [(model, dtype, int(res), int(k)) for dtype in csv(args.dtypes)
+                       for k in csv(args.steps_per_call) for res in csv(args.res)
+                       for model in csv(args.models)]
     workers = args.compile_workers or len(variants_wanted)
     profiled = set(csv(args.profile_models))
     records = []
     compile_start = time.perf_counter()
     futures: list[Future] = []
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for model, dtype in variants_wanted:  # tracing holds the GIL; compiles overlap with it
+        for model, dtype, res, k in variants_wanted:  # tracing holds the GIL; compiles overlap
             try:
-                variant = build_variant(model, dtype, args.res, args.batch,
+                variant = build_variant(model, dtype, res, args.batch, k,
                                         args.batches_on_device, mesh)
             except Exception as error:  # e.g. an unknown backbone: report it, build the rest
-                record = train_error_record(model, dtype, args.batch, args.res,
+                record = train_error_record(model, dtype, args.batch, res, k,
                                             f"{type(error).__name__}: {error}")
                 emit(record)
                 records.append(record)
@@ -337,17 +368,21 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     emit({"what": "train_compile", "variants": len(variants), "workers": workers,
           "wall_s": compile_wall_s, "sum_compile_s": sum(v.compile_s for v in variants),
           "sum_lower_s": sum(v.lower_s for v in variants), **device_info()})
+    step_flops: dict[tuple[str, str, int], float | None] = {}  # from the K = 1 variants
     while variants:
         variant = variants.pop(0)
         if variant.error is None:
             try:
+                shape = (variant.model, variant.dtype, variant.res)
+                if variant.steps_per_call == 1:
+                    step_flops[shape] = flops_per_step(variant.compiled)
                 record = train_record(variant, time_variant(variant, args.warmup, args.steps,
-                                                            args.repeats), args.steps)
+                                                            args.repeats), step_flops.get(shape))
             except Exception as error:  # e.g. out of memory at run time: report, go on
                 variant.error = f"{type(error).__name__}: {error}"
         if variant.error is not None:
             record = train_error_record(variant.model, variant.dtype, variant.batch, variant.res,
-                                        variant.error)
+                                        variant.steps_per_call, variant.error)
         emit(record)
         records.append(record)
         if args.profile_dir and variant.error is None and variant.model in profiled:
@@ -498,28 +533,35 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def report_table(records: Sequence[dict[str, Any]]) -> str:
-    """A markdown table: JAX images/s per backbone and dtype beside PyTorch's (torch_reference.py
-    "throughput" lines), the ratios, and the best WGAN throughput."""
-    jax_rate: dict[tuple[str, str], dict] = {}
-    torch_rate: dict[tuple[str, str], float] = {}
+    """A markdown table per backbone and resolution: JAX images/s per dtype (the best K, steps per
+    call) beside PyTorch's (torch_reference.py "throughput" lines), the ratios, and the best WGAN
+    throughput. Ratios are only meaningful when both lines come from the same run."""
+    jax_rate: dict[tuple[str, int, str], dict] = {}
+    torch_rate: dict[tuple[str, int, str], float] = {}
     for record in records:
         if record.get("what") == "train_throughput" and record.get("img_per_s"):
-            jax_rate[(record["model"], record["dtype"])] = record
+            key = (record["model"], record.get("res"), record["dtype"])
+            if record["img_per_s"] > jax_rate.get(key, {}).get("img_per_s", 0):
+                jax_rate[key] = record
         elif record.get("what") == "throughput" and record.get("img_per_s"):
-            torch_rate[(record["model"], record["mode"])] = record["img_per_s"]
-    models = list(dict.fromkeys([m for m, _ in jax_rate] + [m for m, _ in torch_rate]))
-    lines = [] if not models else ["| backbone | JAX bf16 img/s | JAX fp32 img/s | torch bf16 | torch bf16+compile "
-             "| torch fp32 | JAX bf16 / torch best bf16 | JAX fp32 / torch fp32 "
-             "| JAX bf16 TFLOP/s | JAX bf16 GFLOP/img | JAX compile s (bf16) |",
-             "| --- | " + " | ".join(["---:"] * 10) + " |"]
-    for model in models:
-        bf16, fp32 = jax_rate.get((model, "bfloat16"), {}), jax_rate.get((model, "float32"), {})
-        torch_bf16 = torch_rate.get((model, "bf16"))
-        torch_compiled = torch_rate.get((model, "bf16compile"))
-        torch_fp32 = torch_rate.get((model, "fp32"))
+            torch_rate[(record["model"], record.get("res"), record["mode"])] = record["img_per_s"]
+    rows = list(dict.fromkeys([k[:2] for k in jax_rate] + [k[:2] for k in torch_rate]))
+    lines = [] if not rows else [
+        "| backbone | px | JAX bf16 img/s (K) | JAX fp32 img/s | torch bf16 | torch bf16+compile "
+        "| torch fp32 | JAX bf16 / torch best bf16 | JAX fp32 / torch fp32 "
+        "| JAX bf16 TFLOP/s | JAX bf16 GFLOP/img | JAX compile s (bf16) |",
+        "| --- | ---: | " + " | ".join(["---:"] * 10) + " |"]
+    for model, res in rows:
+        bf16 = jax_rate.get((model, res, "bfloat16"), {})
+        fp32 = jax_rate.get((model, res, "float32"), {})
+        torch_bf16 = torch_rate.get((model, res, "bf16"))
+        torch_compiled = torch_rate.get((model, res, "bf16compile"))
+        torch_fp32 = torch_rate.get((model, res, "fp32"))
         flops = bf16.get("train_flops_per_img")
+        steps = f" ({bf16.get('steps_per_call', 1)})" if bf16 else ""
         lines.append(
-            f"| {model} | {_number(bf16.get('img_per_s'))} | {_number(fp32.get('img_per_s'))} "
+            f"| {model} | {res or '-'} | {_number(bf16.get('img_per_s'))}{steps} "
+            f"| {_number(fp32.get('img_per_s'))} "
             f"| {_number(torch_bf16)} | {_number(torch_compiled)} | {_number(torch_fp32)} "
             f"| {_ratio(bf16.get('img_per_s'), torch_compiled or torch_bf16)}"
             f"{' (vs compile)' if torch_compiled and bf16.get('img_per_s') else ''} "
@@ -544,7 +586,8 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         profiled = record.get("what") in ("train_profile", "wgan_profile")
         if profiled and record.get("device_threads") is not None:
-            label = record.get("model") or f"WGAN K={record.get('pairs')}"
+            label = (f"{record['model']} {record.get('res')} px K={record.get('steps_per_call', 1)}"
+                     if record.get("model") else f"WGAN K={record.get('pairs')}")
             lines += ["", f"Profile of {label} {record.get('dtype', '')}: "
                       f"{record['wall_ms_per_call']:.1f} ms wall per call, host dispatch "
                       f"{_number(record.get('host_dispatch_ms_per_call'), 2)} ms per call",
@@ -569,7 +612,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train = commands.add_parser("train", help="images/s of the full jitted train step")
     train.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbones")
     train.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes")
-    train.add_argument("--res", type=int, default=448, help="image size in pixels")
+    train.add_argument("--res", default="448", help="comma-separated image sizes in pixels")
+    train.add_argument("--steps-per-call", default="1",
+                       help="comma-separated K: train steps per dispatch (lax.scan)")
     train.add_argument("--batch", type=int, default=32, help="global batch size")
     train.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     train.add_argument("--steps", type=int, default=20, help="steps per timed repeat")

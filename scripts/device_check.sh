@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One device call (<= 7 min wall on one H100): versions, the JAX train-step benchmark of the four
-# backbones (bf16 by default, 448 px, batch 32), the PyTorch/timm anchor on the same card, the
-# GPU-relevant tests, and a table of JAX/PyTorch ratios. Measured on 2026-11-27: compiling one
-# backbone's 448 px train step takes about 50 s on the H100 machine even when four compile in
-# parallel (184.6 s wall for four), so fp32 (BENCH_TRAIN_ARGS="--dtypes float32") and the ML-WGAN
+# One device call (about 4 min): the card and versions; TResNet-M's bf16 train step at 448 px
+# (K = 1 step per call) and at 224 px (K = 1 and K = 10 steps per call, the training loop's
+# lax.scan), each profiled; PyTorch/timm TResNet-M bf16 and bf16 + torch.compile at 448 px and
+# bf16 at 224 px in the same call; then, while time is left, the other sections; and a table of
+# JAX/PyTorch ratios. Measured on 2026-11-27: compiling one backbone's 448 px train step takes
+# about 50 s on the H100 machine even when four compile in parallel (184.6 s wall for four), so
+# the other backbones (BENCH_MODELS=resnet101,...), fp32 (BENCH_DTYPES=float32) and the ML-WGAN
 # benchmark (DEVICE_CHECK_SECTIONS=wgan) need a call of their own.
 #
 #   device:  bash scripts/device_check.sh        (carry .whl and .bench; writes under $OUT)
@@ -53,11 +55,12 @@ if [[ $DRY_RUN == 1 ]]; then
   PY=${PYTHON:-.venv/bin/python}
   export PYTHONPATH=$PWD
   export JAX_PLATFORMS=cpu
-  TRAIN_ARGS=(--models resnet18 --dtypes float32,bfloat16 --res 32 --batch 2 --warmup 1 --steps 2 --repeats 1 --batches-on-device 2)
+  TRAIN_ARGS=(--models "${BENCH_MODELS:-resnet18}" --dtypes float32 --batch 2 --warmup 1 --steps 2 --repeats 1 --batches-on-device 2)
+  RES_LARGE=64 RES_SMALL=32
   WGAN_ARGS=(--pairs 2 --dtypes float32 --iterations 3 --repeats 1 --width 4)
-  TORCH_ARGS=(--res 32 --batch 2 --warmup 1 --steps 2 --repeats 1)
+  TORCH_ARGS=(--batch 2 --warmup 1 --steps 2 --repeats 1)
   TORCH_MAIN_MODES=fp32,bf16
-  PROFILE_MODELS=resnet18
+  PROFILE_MODELS=${BENCH_MODELS:-resnet18}
   TESTS_ARGS=(--collect-only -q)
   CAP_SCALE=4  # this CPU compiles the WGAN for minutes
   note "DRY RUN on the CPU at tiny sizes; wheels not installed"
@@ -65,7 +68,8 @@ else
   PY=${PYTHON:-python3}
   note "install carried wheels"
   source scripts/device_env.sh
-  read -ra TRAIN_ARGS <<<"${BENCH_TRAIN_ARGS:---dtypes bfloat16}"
+  TRAIN_ARGS=(--models "${BENCH_MODELS:-tresnet_m}" --dtypes "${BENCH_DTYPES:-bfloat16}")
+  RES_LARGE=448 RES_SMALL=224
   WGAN_ARGS=()
   TORCH_ARGS=()
   TORCH_MAIN_MODES=${TORCH_MODES:-bf16,bf16compile}
@@ -73,23 +77,15 @@ else
   CAP_SCALE=1
 fi
 
-# DEVICE_CHECK_SECTIONS picks sections (default all): train,torch,wgan,tests,torch_others
-SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,tests,torch_others},"
+# DEVICE_CHECK_SECTIONS picks sections: train,torch,torch_small_compile,tests,torch_others,wgan
+SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,torch_small_compile},"
 wanted() { [[ $SECTIONS == *",$1,"* ]]; }
 
-# the device call is sized for 7 min (420 s): keep a margin; the dry run's CPU is far slower
-DEADLINE_S=${DEVICE_CHECK_DEADLINE_S:-$((410 * CAP_SCALE))}
+# the device call is sized for 4 min: keep a margin; the dry run's CPU is far slower
+DEADLINE_S=${DEVICE_CHECK_DEADLINE_S:-$((270 * CAP_SCALE))}
 note "machine"
 { nvidia-smi || echo "no nvidia-smi"; } 2>&1 | tee -a "$LOG"
-section 60 versions "$PY" -c '
-import importlib, jax
-for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections", "numpy", "torch", "timm"):
-    try:
-        print(f"{name} {importlib.import_module(name).__version__}")
-    except Exception as error:
-        print(f"{name} MISSING ({error})")
-print("devices", jax.devices())
-'
+section 60 "card and versions" "$PY" scripts/machine_info.py
 
 # Profiles (jax.profiler traces + compiled HLO) go to a scratch folder: $OUT returns only 8 files,
 # 2 folders deep. Their summaries (busy time per stream, top kernels) are JSON lines in
@@ -97,14 +93,26 @@ print("devices", jax.devices())
 PROFILE_DIR=${TMPDIR:-/tmp}/device_check_profile
 rm -rf "$PROFILE_DIR"
 
-# 1. JAX train-step throughput of the backbones (concurrent compiles, then timing), then a
-#    profile of 3 TResNet-M steps.
-wanted train && section 250 "benchmark train" "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}" \
+# 1. The seed's 448 px: JAX's train step at one step per call (compile, timing, a profile of 3
+#    calls), then PyTorch bf16 and bf16 + torch.compile on the same card.
+# 2. 224 px: JAX at 1 and 10 steps per call (K = 10 is what the training loop dispatches; both
+#    compile together in one process), each profiled; PyTorch bf16; then, as time allows,
+#    PyTorch bf16 + torch.compile (its own section, the first to go when time runs short).
+wanted train && section 110 "benchmark train ${RES_LARGE} px" "$PY" scripts/benchmark.py train \
+  "${TRAIN_ARGS[@]}" --res "$RES_LARGE" --steps-per-call 1 \
   --profile-dir "$PROFILE_DIR" --profile-models "${PROFILE_MODELS:-tresnet_m}"
-
-# 2. The PyTorch anchor for TResNet-M: fp32 (also its FLOP count), bf16, bf16 + torch.compile.
-wanted torch && section 100 "torch reference tresnet_m" "$PY" .bench/torch_reference.py throughput \
-  --model tresnet_m --modes "$TORCH_MAIN_MODES" "${TORCH_ARGS[@]}"
+wanted torch && section 100 "torch reference tresnet_m ${RES_LARGE} px" "$PY" \
+  .bench/torch_reference.py throughput --model tresnet_m --modes "$TORCH_MAIN_MODES" \
+  --res "$RES_LARGE" "${TORCH_ARGS[@]}"
+wanted train && section 100 "benchmark train ${RES_SMALL} px" "$PY" scripts/benchmark.py train \
+  "${TRAIN_ARGS[@]}" --res "$RES_SMALL" --steps-per-call 1,10 \
+  --profile-dir "$PROFILE_DIR" --profile-models "${PROFILE_MODELS:-tresnet_m}"
+wanted torch && section 40 "torch reference tresnet_m ${RES_SMALL} px" "$PY" \
+  .bench/torch_reference.py throughput --model tresnet_m --modes bf16 --res "$RES_SMALL" \
+  "${TORCH_ARGS[@]}"
+wanted torch_small_compile && section 70 "torch reference tresnet_m ${RES_SMALL} px compiled" \
+  "$PY" .bench/torch_reference.py throughput --model tresnet_m --modes bf16compile \
+  --res "$RES_SMALL" "${TORCH_ARGS[@]}"
 
 # 3. ML-WGAN throughput at several K (GPU memory: about 0.3 GB of parameters + Adam per pair).
 wanted wgan && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 section 120 "benchmark wgan" "$PY" scripts/benchmark.py wgan "${WGAN_ARGS[@]}" \

@@ -11,8 +11,12 @@
 #       TRAIN_OVERRIDES="--config.model.name=resnet18 --config.data.image_size=32 \
 #       --config.train.epochs=1 --config.train.stop_epoch=1" bash scripts/device_train.sh
 #
+# With TORCH_TRAIN_EPOCHS=N (carry .bench too) the PyTorch reference first trains N epochs of the
+# same recipe in the same call (`torch_reference.py train`; its median epoch is the speed anchor,
+# measured on the same card), capped at TORCH_TRAIN_TIMEOUT_S.
 # The console shows the run without progress bars and orbax's INFO lines; train.log has all.
-# $OUT receives train.log, results.json, results.md, metrics.jsonl and summary.md.
+# $OUT receives train.log, results.json, results.md, metrics.jsonl, summary.md and
+# measurements.jsonl (the card and versions, the reference's JSON line, our run's summary line).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +46,16 @@ if [[ ! -f $DATA/train.json ]]; then
   note "ERROR: no Corel-5k at $DATA (train.json missing): copy /work/shared/corel5k to .corel/ and carry it, or set COREL5K_DATA"
   exit 2
 fi
-"$PY" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())' 2>&1 | tee -a "$LOG"
+MEASUREMENTS=$OUT/measurements.jsonl
+"$PY" scripts/machine_info.py 2>>"$LOG" | tee -a "$LOG" >"$MEASUREMENTS"
+TORCH_EPOCHS=${TORCH_TRAIN_EPOCHS:-0}
+if ((TORCH_EPOCHS > 0)); then
+  note "PyTorch reference: $TORCH_EPOCHS epochs of the same recipe (timeout ${TORCH_TRAIN_TIMEOUT_S:-90} s)"
+  timeout --kill-after=5 "${TORCH_TRAIN_TIMEOUT_S:-90}" "$PY" .bench/torch_reference.py train \
+    --data "$DATA" --res "${TORCH_TRAIN_RES:-224}" --epochs "$TORCH_EPOCHS" 2>&1 | tee -a "$LOG" |
+    { grep '^{' >>"$MEASUREMENTS" || true; }
+  note "PyTorch reference exit ${PIPESTATUS[0]}"
+fi
 
 note "train + evaluate: configs/reference_tresnet_asl_224.py $OVERRIDES (timeout $TIMEOUT_S s)"
 rm -rf "$WORKDIR"
@@ -58,12 +71,12 @@ for name in results.json results.md metrics.jsonl; do
   [[ -f $WORKDIR/$name ]] && cp "$WORKDIR/$name" "$OUT/"
 done
 
-"$PY" - "$WORKDIR" <<'EOF' 2>&1 | tee "$OUT/summary.md" | tee -a "$LOG"
+"$PY" - "$WORKDIR" "$MEASUREMENTS" <<'EOF' 2>&1 | tee "$OUT/summary.md" | tee -a "$LOG"
 """Final- and best-epoch test metrics of the run beside the PyTorch reference's."""
 import json, sys
 from pathlib import Path
 
-workdir = Path(sys.argv[1])
+workdir, measurements = Path(sys.argv[1]), Path(sys.argv[2])
 REFERENCE = {"at 0.5": {"per_class_f1": 0.333, "per_image_f1": 0.494, "n_plus": 148},
              "MCC thresholds": {"per_class_f1": 0.327, "per_image_f1": 0.528, "n_plus": 133},
              "epoch_s": 6.2}
@@ -92,7 +105,20 @@ print(row(f"best epoch {best['epoch']} by per-class F1, at 0.5", strip(best), RE
 if results:
     print(row(f"best checkpoint (epoch {results.get('best_epoch')}), MCC thresholds",
               results["mcc"], REFERENCE["MCC thresholds"]))
-print(f"\nmedian epoch: {epoch_s:.2f} s (reference {REFERENCE['epoch_s']} s), "
+same_call = [json.loads(line) for line in measurements.read_text().splitlines()
+             if line.startswith('{"what": "train_from_scratch"')] if measurements.is_file() else []
+if same_call:
+    torch_epoch_s = same_call[-1]["epoch_s_median"]
+    print(f"\nPyTorch reference in this call: median epoch {torch_epoch_s:.2f} s over "
+          f"{same_call[-1]['epochs']} epochs; ours {epoch_s:.2f} s: "
+          f"{torch_epoch_s / epoch_s:.2f}x the reference's speed (target 2x)")
+with measurements.open("a") as handle:
+    handle.write(json.dumps({"what": "annotate_train", "config": "configs/reference_tresnet_asl_224.py",
+                             "epochs_run": len(records), "epoch_s_median": epoch_s,
+                             "epoch_s": [r["train/epoch_seconds"] for r in records],
+                             "final": strip(final), "best_epoch_by_test_f1": best["epoch"],
+                             "mcc": results.get("mcc")}) + "\n")
+print(f"\nmedian epoch: {epoch_s:.2f} s (H100 reference of 2026-11-26: {REFERENCE['epoch_s']} s), "
       f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
       f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
 planned = json.loads((workdir / "config.json").read_text())["train"]["stop_epoch"]

@@ -46,8 +46,8 @@ def train_record(train_records) -> dict:
 
 def test_train_record_is_sane(train_record, capsys):
     record = train_record
-    assert (record["model"], record["dtype"], record["batch"], record["res"]) == (
-        "resnet18", "float32", 2, 32)
+    assert (record["model"], record["dtype"], record["batch"], record["res"],
+            record["steps_per_call"]) == ("resnet18", "float32", 2, 32, 1)
     assert record["img_per_s"] > 0 and record["step_ms"] > 0
     # images/s and ms/step are two views of the same median
     assert record["img_per_s"] == pytest.approx(2 * 1000.0 / record["step_ms"], rel=1e-9)
@@ -91,7 +91,7 @@ def test_profile_record_traces_the_step_and_keeps_its_hlo(train_records):
     busy = [thread["busy_ms_per_call"] for thread in profile["device_threads"].values()]
     assert busy and 0 < max(busy) <= profile["wall_ms_per_call"] * 1.05
     assert 0 < profile["host_dispatch_ms_per_call"] <= profile["wall_ms_per_call"]
-    (hlo,) = profile_dir.glob("resnet18_float32_32px_b2.hlo.txt.gz")
+    (hlo,) = profile_dir.glob("resnet18_float32_32px_b2_k1.hlo.txt.gz")
     assert "ENTRY" in gzip.open(hlo, "rt").read()
 
 
@@ -148,10 +148,14 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
                                                            capsys):
     (train_record, profile), _ = train_records
     ours = dict(train_record, dtype="bfloat16")
-    torch_lines = [{"what": "throughput", "model": "resnet18", "mode": "bf16", "img_per_s": 1.0},
+    torch_lines = [{"what": "throughput", "model": "resnet18", "mode": "bf16", "img_per_s": 1.0,
+                    "res": 32},
                    {"what": "throughput", "model": "resnet18", "mode": "bf16compile",
-                    "img_per_s": 2.0},
-                   {"what": "throughput", "model": "tresnet_m", "mode": "bf16", "img_per_s": 3.0}]
+                    "img_per_s": 2.0, "res": 32},
+                   {"what": "throughput", "model": "resnet18", "mode": "bf16compile",
+                    "img_per_s": 9.0, "res": 64},  # another size: not a ratio for 32 px
+                   {"what": "throughput", "model": "tresnet_m", "mode": "bf16", "img_per_s": 3.0,
+                    "res": 448}]
     wgan_line = {"what": "wgan_throughput", "pairs": 64, "dtype": "float32",
                  "s_per_iteration": 0.2, "images_per_hour": 1151.0,
                  "hours_for_4500_images": 3.91, "speedup_vs_seed": 24.6}
@@ -160,12 +164,26 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
                               + [json.dumps(line) for line in torch_lines + [wgan_line, profile]])
                     + "\n")
     records = benchmark.main(["report", str(path)])
-    assert len(records) == 6
+    assert len(records) == 7
     table = capsys.readouterr().out
     wall = profile["wall_ms_per_call"]
-    assert f"Profile of resnet18 float32: {wall:.1f} ms wall per call" in table
-    resnet_row = next(line for line in table.splitlines() if line.startswith("| resnet18 "))
+    assert f"Profile of resnet18 32 px K=1 float32: {wall:.1f} ms wall per call" in table
+    resnet_row = next(line for line in table.splitlines() if line.startswith("| resnet18 | 32 "))
     assert f"{ours['img_per_s'] / 2.0:.2f}x (vs compile)" in resnet_row  # compiled torch preferred
+    assert "| 9.00 |" in next(line for line in table.splitlines()
+                              if line.startswith("| resnet18 | 64 "))
     tresnet_row = next(line for line in table.splitlines() if line.startswith("| tresnet_m "))
     assert "| 3.00 |" in tresnet_row and "x" not in tresnet_row  # torch only: no ratio
     assert "| 64 | float32 | 0.2000 | 1,151 | 3.91 | 25x |" in table
+
+
+def test_k_steps_per_call_time_per_step_and_borrow_the_step_flops(benchmark):
+    """K = 2 steps per call: the same per-step FLOPs as K = 1 (XLA's cost analysis counts a scan's
+    body once, so the K = 1 count is borrowed) and a per-step time."""
+    records = benchmark.main(["train", "--models", "resnet18", "--dtypes", "float32", "--res", "32",
+                              "--batch", "2", "--warmup", "1", "--steps", "3", "--repeats", "1",
+                              "--batches-on-device", "2", "--steps-per-call", "1,2"])
+    one, two = records
+    assert (one["steps_per_call"], two["steps_per_call"]) == (1, 2)
+    assert two["train_flops_per_img"] == one["train_flops_per_img"] > 0
+    assert two["img_per_s"] == pytest.approx(2 * 1000.0 / two["step_ms"], rel=1e-9)

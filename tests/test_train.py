@@ -190,9 +190,9 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     key = jax.random.wrap_key_data(on_device(jax.random.key_data(jax.random.key(0))))
     losses = []
     for batch in batches:
-        state, loss = experiment.train_step(state, on_device(images), on_device(targets),
-                                            train.put(batch, experiment.batch_sharding), key)
-        losses.append(float(loss))
+        state, loss = experiment.train_steps(state, on_device(images), on_device(targets),
+                                             train.put(batch[None], experiment.steps_sharding), key)
+        losses.append(float(loss[0]))
     probs = train.predict(experiment, state.params, state.batch_stats, on_device(images))
     leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.batch_stats))]
     results[name] = dict(losses=losses, params=np.concatenate(leaves).tolist(), probs=probs.tolist(),
@@ -229,13 +229,46 @@ def test_ema_of_weights(tiny_backbone):
     flat = lambda tree: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
     expected = flat(state.params)
     for step in range(3):
-        batch = train.put(np.arange(4 * (step % 2), 4 * (step % 2) + 4, dtype=np.int32),
-                          experiment.batch_sharding)
-        state, _ = experiment.train_step(state, images, targets, batch, jax.random.key(0))
+        batch = train.put(np.arange(4 * (step % 2), 4 * (step % 2) + 4, dtype=np.int32)[None],
+                          experiment.steps_sharding)
+        state, _ = experiment.train_steps(state, images, targets, batch, jax.random.key(0))
         expected = 0.5 * expected + 0.5 * flat(state.params)
     np.testing.assert_allclose(flat(state.ema_params), expected, rtol=1e-6)
     assert not np.allclose(flat(state.ema_params), flat(state.params))
     assert train.eval_params(state) is state.ema_params
+
+
+def test_steps_per_call_scan_equals_single_steps(tiny_backbone):
+    """train_steps over a [3, B] chunk gives the parameters and losses of three one-step calls
+    (float32 reassociation tolerance), and the loop's chunk divides the epoch."""
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.name = tiny_backbone
+    config.train.update(batch_size=4, learning_rate=1e-2)
+    rng = np.random.default_rng(1)
+    host_images = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    host_targets = (rng.random((12, 5)) < 0.3).astype(np.float32)
+    chunk = rng.permutation(12).astype(np.int32).reshape(3, 4)
+    results = []
+    for calls in (chunk[:, None], chunk[None]):  # three calls of one step; one call of three
+        experiment, state = train.create_experiment(config, 5, 10, train.make_mesh())
+        images = train.put(host_images, experiment.replicated)
+        targets = train.put(host_targets, experiment.replicated)
+        losses = []
+        for indices in calls:
+            state, chunk_losses = experiment.train_steps(
+                state, images, targets, train.put(indices, experiment.steps_sharding),
+                jax.random.key(3))
+            losses.extend(np.asarray(chunk_losses).tolist())
+        leaves = jax.tree.leaves((state.params, state.batch_stats))
+        results.append((losses, np.concatenate([np.asarray(x).ravel() for x in leaves]),
+                        int(state.step)))
+    (single_losses, single_params, single_step), (scan_losses, scan_params, scan_step) = results
+    assert single_step == scan_step == 3
+    np.testing.assert_allclose(scan_losses, single_losses, rtol=1e-5)
+    np.testing.assert_allclose(scan_params, single_params, rtol=1e-5, atol=1e-6)
+    assert single_losses[0] != single_losses[-1]
+    assert [train.steps_per_call(140, 10), train.steps_per_call(140, 30),
+            train.steps_per_call(7, 10), train.steps_per_call(3, 1)] == [10, 28, 7, 1]
 
 
 # --------------------------------------------------------------------------- resume / NaN
