@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
         [--res 448,224] [--steps-per-call 1,10] [--batch 32] [--warmup 3] [--steps 20] [--repeats 3]
+    python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
@@ -140,7 +141,8 @@ def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str
     summary: dict[str, Any] = {"calls": calls, "device_threads": {},
                                "host_dispatch_ms_per_call": None}
     for (process, thread), durations in by_name.items():
-        if thread == "python":  # the host's Python thread: dispatch, not execution
+        if thread.startswith("python"):  # the host's Python thread ("python3" on the GPU
+            # machine): dispatch, not execution
             dispatch = sum(ms for name, ms in durations.items() if name.startswith("PjitFunction"))
             if dispatch:
                 summary["host_dispatch_ms_per_call"] = dispatch / calls
@@ -193,6 +195,7 @@ class TrainVariant:
     batches: list[jax.Array]
     key: jax.Array
     lower_s: float
+    flops_per_step: float | None
     lowered: Any = None  # jax.stages.Lowered until compiled, then dropped
     compiled: Any = None
     compile_s: float | None = None
@@ -240,7 +243,8 @@ def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: 
     start = time.perf_counter()
     lowered = experiment.train_steps.lower(state, images, targets, batches[0], key)
     return TrainVariant(model, dtype, batch, res, steps_per_call, experiment, state, images,
-                        targets, batches, key, time.perf_counter() - start, lowered)
+                        targets, batches, key, time.perf_counter() - start,
+                        flops_per_step(lowered), lowered)
 
 
 def compile_variant(variant: TrainVariant, origin: float) -> TrainVariant:
@@ -304,19 +308,20 @@ def profile_variant(variant: TrainVariant, steps: int, directory: Path) -> dict[
             **profile, **device_info()}
 
 
-def flops_per_step(compiled: Any) -> float | None:
-    """FLOPs of one train step from XLA's cost analysis of a compiled call of K = 1 steps (for
-    K > 1 it counts the scan's loop body once, not K times, so those records borrow the K = 1
-    count of the same backbone, dtype and size)."""
-    flops = first_cost(compiled.cost_analysis()).get("flops")
+def flops_per_step(lowered: Any) -> float | None:
+    """FLOPs of one train step: XLA's cost analysis of the lowered (not yet compiled) call. Before
+    compilation every convolution is still an HLO convolution, so the count is the same on every
+    backend; the GPU's compiled module hides them in cuDNN custom calls, which its cost analysis
+    does not count. The scan's loop body is counted once, i.e. one step whatever K."""
+    flops = first_cost(lowered.cost_analysis()).get("flops")
     return float(flops) if flops else None
 
 
-def train_record(variant: TrainVariant, step_times: list[float],
-                 flops: float | None) -> dict[str, Any]:
-    """The JSON record of a timed variant (seconds per step of each repeat, FLOPs per step):
-    throughput, FLOPs, memory, compile time."""
+def train_record(variant: TrainVariant, step_times: list[float]) -> dict[str, Any]:
+    """The JSON record of a timed variant (seconds per step of each repeat): throughput, FLOPs,
+    memory, compile time."""
     step_s = float(np.median(step_times))
+    flops = variant.flops_per_step
     return {"what": "train_throughput", "model": variant.model, "dtype": variant.dtype,
             "batch": variant.batch, "res": variant.res, "steps_per_call": variant.steps_per_call,
             "img_per_s": variant.batch / step_s, "step_ms": 1000 * step_s,
@@ -368,16 +373,12 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     emit({"what": "train_compile", "variants": len(variants), "workers": workers,
           "wall_s": compile_wall_s, "sum_compile_s": sum(v.compile_s for v in variants),
           "sum_lower_s": sum(v.lower_s for v in variants), **device_info()})
-    step_flops: dict[tuple[str, str, int], float | None] = {}  # from the K = 1 variants
     while variants:
         variant = variants.pop(0)
         if variant.error is None:
             try:
-                shape = (variant.model, variant.dtype, variant.res)
-                if variant.steps_per_call == 1:
-                    step_flops[shape] = flops_per_step(variant.compiled)
                 record = train_record(variant, time_variant(variant, args.warmup, args.steps,
-                                                            args.repeats), step_flops.get(shape))
+                                                            args.repeats))
             except Exception as error:  # e.g. out of memory at run time: report, go on
                 variant.error = f"{type(error).__name__}: {error}"
         if variant.error is not None:
@@ -395,6 +396,27 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
             records.append(record)
         del variant  # free this variant's state and data before timing the next
         gc.collect()
+    return records
+
+
+def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """FLOPs per image of each backbone x dtype x size's train step, from the lowered step (no
+    compilation, no timing): the count for GPU records, whose compiled cost analysis omits the
+    cuDNN convolutions."""
+    from annotate import train as training
+
+    mesh = training.make_mesh()
+    records = []
+    for dtype in csv(args.dtypes):
+        for res in csv(args.res):
+            for model in csv(args.models):
+                variant = build_variant(model, dtype, int(res), args.batch, 1, 1, mesh)
+                record = {"what": "train_flops", "model": model, "dtype": dtype,
+                          "batch": args.batch, "res": int(res),
+                          "train_flops_per_img": variant.flops_per_step / args.batch,
+                          "lowered_on": device_info()["platform"], "jax": jax.__version__}
+                emit(record)
+                records.append(record)
     return records
 
 
@@ -629,6 +651,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--profile-models", default="tresnet_m",
                        help="comma-separated backbones to profile when --profile-dir is set")
     train.add_argument("--profile-steps", type=int, default=3, help="steps traced per profile")
+    flops = commands.add_parser("flops", help="FLOPs per image of the train step (lowered HLO)")
+    flops.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbones")
+    flops.add_argument("--dtypes", default="bfloat16", help="compute dtypes")
+    flops.add_argument("--res", default="448,224", help="comma-separated image sizes in pixels")
+    flops.add_argument("--batch", type=int, default=32, help="global batch size")
     wgan = commands.add_parser("wgan", help="images/hour of the 1001-iteration ML-WGAN recipe")
     wgan.add_argument("--pairs", default="32,96", help="comma-separated K (pairs per chunk)")
     wgan.add_argument("--dtypes", default="bfloat16,float32",
@@ -651,6 +678,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         records = read_records(args.files)
     elif args.command == "train":
         records = run_train(args)
+    elif args.command == "flops":
+        return run_flops(args)
     else:
         records = run_wgan(args)
     print("\n" + report_table(records), flush=True)

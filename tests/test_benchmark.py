@@ -178,8 +178,8 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
 
 
 def test_k_steps_per_call_time_per_step_and_borrow_the_step_flops(benchmark):
-    """K = 2 steps per call: the same per-step FLOPs as K = 1 (XLA's cost analysis counts a scan's
-    body once, so the K = 1 count is borrowed) and a per-step time."""
+    """K = 2 steps per call: the same per-step FLOPs as K = 1 (the lowered call's cost analysis
+    counts the scan's body once) and a per-step time."""
     records = benchmark.main(["train", "--models", "resnet18", "--dtypes", "float32", "--res", "32",
                               "--batch", "2", "--warmup", "1", "--steps", "3", "--repeats", "1",
                               "--batches-on-device", "2", "--steps-per-call", "1,2"])
@@ -187,3 +187,11 @@ def test_k_steps_per_call_time_per_step_and_borrow_the_step_flops(benchmark):
     assert (one["steps_per_call"], two["steps_per_call"]) == (1, 2)
     assert two["train_flops_per_img"] == one["train_flops_per_img"] > 0
     assert two["img_per_s"] == pytest.approx(2 * 1000.0 / two["step_ms"], rel=1e-9)
+
+
+def test_flops_command_counts_the_timed_step(benchmark, train_record):
+    """`flops` (lowering only) gives the FLOPs per image of the timed train step."""
+    (record,) = benchmark.main(["flops", "--models", "resnet18", "--dtypes", "float32",
+                                "--res", "32", "--batch", "2"])
+    assert record["what"] == "train_flops" and record["res"] == 32
+    assert record["train_flops_per_img"] == pytest.approx(train_record["train_flops_per_img"])
