@@ -1,0 +1,252 @@
+"""Rebuild the tables of docs/results.md from the raw device measurements in docs/measurements/.
+
+Every table between `<!-- BEGIN generated:NAME -->` and `<!-- END generated:NAME -->` in
+docs/results.md is written by this script from the JSON-line files (as `scripts/benchmark.py`,
+`torch_reference.py` and `scripts/device_train.sh` printed them), so each number on the page
+traces to a file. A JAX/PyTorch ratio is only formed from lines of the same file (one device call).
+
+    python scripts/results_tables.py           # rewrite the generated tables in place
+    python scripts/results_tables.py --check   # exit 1 if docs/results.md is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MEASUREMENTS = REPO / "docs" / "measurements"
+RESULTS_PAGE = REPO / "docs" / "results.md"
+# The PyTorch reference's full 40-epoch run (one H100, 2026-11-26), quoted from issue #6: the
+# one set of figures on the page without a raw file in docs/measurements/.
+REFERENCE_40_EPOCHS = {"at 0.5": {"per_class_f1": 0.333, "per_image_f1": 0.494, "n_plus": 148},
+                       "MCC thresholds": {"per_class_f1": 0.327, "per_image_f1": 0.528,
+                                          "n_plus": 133}}
+PARITY_TARGET = {"per_class_f1": 0.313, "n_plus": 138}  # final epoch, threshold 0.5
+BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w-]+) -->\n).*?(<!-- END generated:(?P=name) -->)",
+                   re.DOTALL)
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (other lines skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def card(records: Iterable[dict[str, Any]]) -> str:
+    """'NVIDIA H200, jax 0.11.2, torch 2.11.0+cu130' from a file's machine line."""
+    for record in records:
+        if record.get("what") == "machine":
+            gpus = record.get("gpus")
+            name = gpus[0].split(",")[0] if isinstance(gpus, list) and gpus else "CPU"
+            return f"{name}, jax {record.get('jax')}, torch {record.get('torch')}"
+    return "card not recorded"
+
+
+def number(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    """A markdown table; `align` has one letter per column (l or r), right by default."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---" if a == "l" else "---:" for a in align) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def lowered_flops() -> dict[tuple[str, str, int, int], float]:
+    """FLOPs per image of the train step, counted on the lowered HLO (benchmark.py flops)."""
+    counts = {}
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        for record in read_lines(path):
+            if record.get("what") == "train_flops":
+                key = (record["model"], record["dtype"], record["res"], record["batch"])
+                counts[key] = record["train_flops_per_img"]
+    return counts
+
+
+def step_files() -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Files with train-step throughput lines (ours or PyTorch's), oldest first."""
+    files = []
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        records = read_lines(path)
+        if any(r.get("what") in ("train_throughput", "throughput") for r in records):
+            files.append((path, records))
+    return files
+
+
+def train_step_table() -> str:
+    """JAX train step (bf16, batch 32) per backbone, size and steps per call, beside PyTorch
+    bf16 and bf16 + torch.compile from the same file."""
+    flops = lowered_flops()
+    rows = []
+    for path, records in step_files():
+        torch = {(r["model"], r["res"], r["mode"]): r for r in records
+                 if r.get("what") == "throughput" and r.get("img_per_s")}
+        ours = [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")]
+        shapes = list(dict.fromkeys([(r["model"], r["res"]) for r in ours]
+                                    + [(m, res) for m, res, _ in torch]))
+        for model, res in shapes:
+            torch_bf16 = torch.get((model, res, "bf16"), {}).get("img_per_s")
+            torch_compiled = torch.get((model, res, "bf16compile"), {}).get("img_per_s")
+            best_torch = max(filter(None, (torch_bf16, torch_compiled)), default=None)
+            variants = [r for r in ours if (r["model"], r["res"]) == (model, res)] or [{}]
+            for record in variants:
+                rate = record.get("img_per_s")
+                per_image = flops.get((model, record.get("dtype"), res, record.get("batch")))
+                rows.append([
+                    model, str(res), str(record.get("steps_per_call", "-")), number(rate),
+                    number(record.get("step_ms"), 2),
+                    number(per_image / 1e9 if per_image else None, 1),
+                    number(per_image * rate / 1e12 if per_image and rate else None),
+                    number(torch_bf16), number(torch_compiled),
+                    f"{rate / best_torch:.2f}x" if rate and best_torch else "-",
+                    f"`{path.name}`", card(records)])
+    return table(["backbone", "px", "K", "JAX img/s", "JAX ms/step", "GFLOP/img", "TFLOP/s",
+                  "torch bf16", "torch bf16+compile", "JAX / best torch", "file", "card"], rows,
+                 "lrrrrrrrrrll")
+
+
+def profile_table() -> str:
+    """Per profiled variant: wall and GPU-busy time per step and the top kernel families."""
+    rows = []
+    for path, records in step_files():
+        for record in records:
+            if record.get("what") != "train_profile" or "device_threads" not in record:
+                continue
+            steps = record.get("steps_per_call", 1)
+            gpu = {name: thread for name, thread in record["device_threads"].items()
+                   if "GPU" in name and thread["busy_ms_per_call"] > 0.01}
+            busiest = max(gpu.values(), key=lambda t: t["busy_ms_per_call"], default=None)
+            if busiest is None:
+                continue
+            families = ", ".join(f"{re.sub(r'_kernel.*|_warpgroup.*', '', name)[:40]} "
+                                 f"{ms / steps:.2f}" for name, ms in busiest["top_families"][:4])
+            rows.append([record["model"], str(record["res"]), str(steps),
+                         f"{record['wall_ms_per_call'] / steps:.2f}",
+                         f"{busiest['busy_ms_per_call'] / steps:.2f}", families,
+                         f"`{path.name}`"])
+    return table(["backbone", "px", "K", "wall ms/step (traced)", "GPU busy ms/step",
+                  "top kernel families, ms/step", "file"], rows, "lrrrrll")
+
+
+def train_runs() -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Files of full training runs (device_train.sh's measurements), oldest first."""
+    return [(path, records) for path in sorted(MEASUREMENTS.glob("*.jsonl"))
+            for records in [read_lines(path)]
+            if any(r.get("what") == "annotate_train" for r in records)]
+
+
+def epoch_table() -> str:
+    """Median training time of one 224 px epoch: ours against the PyTorch reference's in the
+    same call."""
+    rows = []
+    for path, records in train_runs():
+        ours = next(r for r in records if r.get("what") == "annotate_train")
+        torch = next((r for r in records if r.get("what") == "train_from_scratch"), None)
+        torch_s = torch["epoch_s_median"] if torch else None
+        rows.append([f"{ours['epochs_run']} epochs", f"{ours['epoch_s_median']:.2f}",
+                     f"{torch['epochs']} epochs" if torch else "-", number(torch_s, 2),
+                     f"{torch_s / ours['epoch_s_median']:.2f}x" if torch_s else "-",
+                     f"`{path.name}`", card(records)])
+    return table(["ours (annotate.main)", "median s/epoch", "PyTorch reference (eager)",
+                  "median s/epoch", "speed-up", "file", "card"], rows, "lrlrrll")
+
+
+def metric_cells(metrics: dict[str, Any]) -> list[str]:
+    return [f"{metrics['per_class_f1']:.3f}", f"{metrics['per_image_f1']:.3f}",
+            str(metrics["n_plus"])]
+
+
+def parity_table() -> str:
+    """Test metrics of each full run: final and best epoch at 0.5, best checkpoint with MCC
+    thresholds, beside the reference's 40-epoch figures (issue #6) and the target."""
+    rows = []
+    for path, records in train_runs():
+        ours = next(r for r in records if r.get("what") == "annotate_train")
+        folder = path.with_suffix("")
+        epochs = read_lines(folder / "metrics.jsonl")
+        strip = lambda r: {k[len("test/"):]: v for k, v in r.items() if k.startswith("test/")}
+        final, best = epochs[-1], max(epochs, key=lambda r: r["test/per_class_f1"])
+        results = json.loads((folder / "results.json").read_text())
+        met = (final["test/per_class_f1"] >= PARITY_TARGET["per_class_f1"]
+               and final["test/n_plus"] >= PARITY_TARGET["n_plus"])
+        source = f"`{folder.name}/`"
+        rows += [[f"ours, final epoch {final['epoch']}, at 0.5", *metric_cells(strip(final)),
+                  "met" if met else "missed", source],
+                 [f"ours, best epoch {best['epoch']} by test per-class F1, at 0.5",
+                  *metric_cells(strip(best)), "", source],
+                 [f"ours, checkpoint of epoch {results['best_epoch']}, MCC thresholds",
+                  *metric_cells(results["mcc"]), "", source]]
+        assert ours["epochs_run"] == len(epochs), f"{path.name} and {folder} disagree"
+    for name, metrics in REFERENCE_40_EPOCHS.items():
+        rows.append([f"PyTorch reference, 40 epochs, {name}", *metric_cells(metrics), "",
+                     "issue #6 (H100, 2026-11-26)"])
+    rows.append(["target, final epoch at 0.5", f">= {PARITY_TARGET['per_class_f1']}", "",
+                 f">= {PARITY_TARGET['n_plus']}", "", ""])
+    return table(["test set (499 images)", "per-class F1", "per-image F1", "N+", "target",
+                  "file"], rows, "lrrrll")
+
+
+def epochs_table() -> str:
+    """Every fifth epoch of each full run (from its metrics.jsonl), test metrics at 0.5."""
+    rows = []
+    for path, _ in train_runs():
+        for record in read_lines(path.with_suffix("") / "metrics.jsonl"):
+            if record["epoch"] in (1, 2) or record["epoch"] % 5 == 0:
+                rows.append([str(record["epoch"]), f"{record['train/loss']:.5f}",
+                             f"{record['train/learning_rate']:.1e}",
+                             f"{record['train/epoch_seconds']:.2f}",
+                             f"{record['test/per_class_f1']:.3f}",
+                             f"{record['test/per_image_f1']:.3f}", str(record["test/n_plus"])])
+    return table(["epoch", "train loss", "lr", "s (train)", "per-class F1", "per-image F1",
+                  "N+"], rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
+    "parity": parity_table, "epochs": epochs_table}
+
+
+def render(page: str) -> str:
+    """`page` with every generated block rebuilt; an unknown block name is an error."""
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise KeyError(f"docs/results.md names an unknown generated table {name!r}; "
+                           f"known: {', '.join(TABLES)}")
+        return match.group(1) + TABLES[name]() + "\n" + match.group(3)
+
+    return BLOCK.sub(replace, page)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when docs/results.md differs from what the files give")
+    args = parser.parse_args(argv)
+    page = RESULTS_PAGE.read_text()
+    rendered = render(page)
+    if args.check:
+        if rendered != page:
+            print("docs/results.md is out of date: run python scripts/results_tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    RESULTS_PAGE.write_text(rendered)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
