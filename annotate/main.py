@@ -18,6 +18,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from annotate import data, train
+from annotate.config import validate_config
+from annotate.devices import enable_compilation_cache
 
 FLAGS = flags.FLAGS
 
@@ -44,12 +46,12 @@ def main(argv: list[str]) -> None:
     logging.getLogger("annotate").setLevel(logging.INFO)  # epoch records
     config = FLAGS.config
     try:
-        train.validate_config(config)
+        validate_config(config)
     except ValueError as error:  # a broken config: name the key, no traceback
         sys.exit(f"error: {error}")
     if config.distributed:
         jax.distributed.initialize()
-    train.enable_compilation_cache()
+    enable_compilation_cache()
     config_file = config_flags.get_config_filename(FLAGS["config"])
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate

@@ -18,6 +18,8 @@ import numpy as np
 from absl import app, flags
 
 from annotate import data, train
+from annotate.config import validate_config
+from annotate.devices import enable_compilation_cache, make_mesh, put
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -52,7 +54,7 @@ class Annotator:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Sigmoid probabilities [N, C] of uint8 images [N, S, S, 3] (S = the training size)."""
-        on_device = train.put(images, self.experiment.replicated)
+        on_device = put(images, self.experiment.replicated)
         return train.predict(self.experiment, self.params, self.batch_stats, on_device)
 
     def annotate(self, paths: Sequence[Path | str]) -> list[dict]:
@@ -81,12 +83,12 @@ def load_annotator(workdir: Path | str) -> Annotator:
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"{thresholds_path} not found: evaluate the run first "
                                 f"(python -m annotate.main --config=... --workdir={workdir} --evaluate)")
-    config = train.validate_config(ml_collections.ConfigDict(json.loads(config_path.read_text())))
+    config = validate_config(ml_collections.ConfigDict(json.loads(config_path.read_text())))
     stored = json.loads(thresholds_path.read_text())
     vocabulary, thresholds = stored["vocabulary"], np.asarray(stored["thresholds"], np.float32)
     if len(vocabulary) != len(thresholds):
         raise ValueError(f"{thresholds_path}: {len(vocabulary)} labels but {len(thresholds)} thresholds")
-    experiment, state = train.create_experiment(config, len(vocabulary), 1, train.make_mesh(),
+    experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
     state, _ = train.restore_best(workdir, state)
     return Annotator(experiment, train.eval_params(state), state.batch_stats, list(vocabulary),
@@ -108,7 +110,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("give image files or folders to annotate")
     files = image_paths(argv[1:])  # a bad path fails before the model is loaded
-    train.enable_compilation_cache()
+    enable_compilation_cache()
     annotations = load_annotator(FLAGS.workdir).annotate(files)
     for item in annotations:
         labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])

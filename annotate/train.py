@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,99 +33,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from annotate import data, losses, metrics, models, summary
+from annotate.config import (data_root, head_options, loss_hyper, normalisation,
+                             resolved_config, validate_config)
+from annotate.devices import make_mesh, put
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("onecycle", "constant")
-DEFAULT_DATA_ROOT = "data/corel5k"
-
-# Input normalisation of each backbone's ImageNet weights (timm `pretrained_cfg` mean/std), used
-# when config.model.pretrained is set and config.data.mean/std are not.
-IMAGENET_MEAN_STD = {
-    "resnet18": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "resnet50": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "resnet101": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "resnext50_32x4d": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "xception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "tresnet_m": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
-
-
-# --------------------------------------------------------------------------- configuration
-
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
-    models.check_model_name(config.model.name)
-    if config.loss.name not in losses.LOSS_NAMES:
-        raise ValueError(f"config.loss.name: unknown loss {config.loss.name!r}; valid losses: "
-                         f"{', '.join(losses.LOSS_NAMES)}")
-    losses.make_loss(config.loss.name, **loss_hyper(config))
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
-
-    train = config.train
-    require(config.model.global_pool in ("avg", "max"), "model.global_pool", "use 'avg' or 'max'")
-    require(0 <= config.model.drop_rate < 1, "model.drop_rate", "must lie in [0, 1)")
-    require(config.model.dtype in DTYPES, "model.dtype", f"use one of {list(DTYPES)}")
-    require(config.data.source in data.SOURCES, "data.source", f"use one of {list(data.SOURCES)}")
-    require(config.data.image_size > 0, "data.image_size", "must be positive")
-    for key in ("mean", "std"):
-        value = config.data[key]
-        require(value is None or len(value) == 3, f"data.{key}", "needs 3 values (R, G, B)")
-    require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
-    require(train.batch_size > 0, "train.batch_size", "must be positive")
-    require(train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
-    require(train.epochs > 0, "train.epochs", "must be positive")
-    require(0 < train.stop_epoch <= train.epochs, "train.stop_epoch",
-            f"must lie in [1, train.epochs={train.epochs}]")
-    require(train.optimizer in OPTIMIZERS, "train.optimizer", f"use one of {list(OPTIMIZERS)}")
-    require(train.schedule in SCHEDULES, "train.schedule", f"use one of {list(SCHEDULES)}")
-    require(0 < train.pct_start < 1, "train.pct_start", "must lie in (0, 1)")
-    require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    require(0 <= train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1); 0 disables EMA")
-    require(train.log_every > 0, "train.log_every", "must be positive")
-    return config
-
-
-def config_value(config: ml_collections.ConfigDict, dotted_key: str) -> Any:
-    """The value at `dotted_key` ("train.batch_size") of `config`."""
-    value = config
-    for part in dotted_key.split("."):
-        value = value[part]
-    return value
-
-
-def loss_hyper(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """The hyper-parameters of the configured loss: config.loss.<name> (e.g. loss.asl), or none."""
-    name = config.loss.name
-    return dict(config.loss[name]) if name in config.loss else {}
-
-
-def data_root(config: ml_collections.ConfigDict) -> Path:
-    """The dataset folder: config.data.root, else $COREL5K_DIR, else data/corel5k."""
-    root = Path(config.data.root or os.environ.get("COREL5K_DIR") or DEFAULT_DATA_ROOT)
-    root = root.expanduser().absolute()
-    if config.data.source == "folder" and not (root / "train.json").is_file():
-        raise data.DatasetError(
-            f"no Corel-5k dataset at {root} (train.json missing): download it with "
-            f"`python scripts/fetch_corel5k.py` (writes {DEFAULT_DATA_ROOT}), or point "
-            f"--config.data.root or $COREL5K_DIR at a folder with images/, train.json, test.json")
-    return root
-
-
-def normalisation(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input mean/std: config.data.mean/std if set, else the backbone's ImageNet statistics when
-    pretrained weights are loaded, else the seed's Corel-5k statistics."""
-    if config.model.pretrained and config.model.name in IMAGENET_MEAN_STD:
-        mean, std = IMAGENET_MEAN_STD[config.model.name]
-    else:
-        mean, std = data.COREL5K_MEAN, data.COREL5K_STD
-    return (tuple(config.data.mean or mean), tuple(config.data.std or std))
-
 
 # --------------------------------------------------------------------------- optimisation
 
@@ -313,34 +224,6 @@ def predict_step(params: Variables, batch_stats: Variables, images: jax.Array,
     return jax.nn.sigmoid(model(preprocess(batch, None)).astype(jnp.float32))
 
 
-# --------------------------------------------------------------------------- devices
-
-def enable_compilation_cache() -> str:
-    """Turn on JAX's persistent compilation cache, so that a rerun, resumed or evaluated
-    experiment loads its compiled steps (same shapes) instead of compiling them again.
-    The folder is $JAX_COMPILATION_CACHE_DIR (read by JAX itself) or, by default,
-    $XDG_CACHE_HOME/annotate/jax (~/.cache/annotate/jax). Call before the first compilation;
-    returns the folder."""
-    directory = jax.config.jax_compilation_cache_dir
-    if not directory:
-        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                       ".cache")
-        directory = os.path.join(cache_home, "annotate", "jax")
-        jax.config.update("jax_compilation_cache_dir", directory)
-    return directory
-
-
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array (the same on every process) as a global jax.Array laid out by `sharding`."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """The static parts of a run: model structure, optimizer and the two jitted, sharded steps."""
@@ -373,9 +256,9 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
     config.model.pretrained is loaded only with `load_pretrained`: a run that restores a checkpoint
     (resume, evaluation, prediction) takes its weights from there, not from the network or disk.
     """
-    model = models.create_model(config.model.name, num_classes, global_pool=config.model.global_pool,
-                                drop_rate=config.model.drop_rate,
-                                dtype=DTYPES[config.model.dtype], seed=config.seed)
+    model = models.create_model(config.model.name, num_classes, head=config.model.head,
+                                dtype=jnp.dtype(config.model.dtype), seed=config.seed,
+                                **head_options(config))
     if config.model.pretrained and load_pretrained:
         from annotate.convert import load_pretrained
         load_pretrained(model, config.model.pretrained)
@@ -388,7 +271,7 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     mean, std = normalisation(config)
     preprocess = Preprocess(mean, std, config.train.flip_horizontal, config.train.flip_vertical,
-                            DTYPES[config.model.dtype])
+                            jnp.dtype(config.model.dtype))
     jitted_train = jax.jit(
         functools.partial(train_steps, model_def=model_def, tx=tx,
                           loss_fn=losses.make_loss(config.loss.name, **loss_hyper(config)),
@@ -501,14 +384,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if path.exists() and json.loads(path.read_text()) != json.loads(text):
         log.warning("config differs from the one in %s; the run continues with the new one", path)
     path.write_text(text)
-
-
-def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with the data root and the input normalisation filled in."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.root = str(data_root(config))
-    config.data.mean, config.data.std = normalisation(config)
-    return config
 
 
 def steps_per_call(steps_per_epoch: int, log_every: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from annotate.train import validate_config
+from annotate.config import validate_config
 
 
 def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.ConfigDict:
@@ -21,6 +21,7 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.model = ml_collections.ConfigDict()
     config.model.name = model
     config.model.pretrained = config_dict.placeholder(str)  # path, orbax dir or "timm:<name>"
+    config.model.head = "linear"  # the seed's: global pool -> dropout -> linear (annotate.models)
     config.model.global_pool = "avg"
     config.model.drop_rate = 0.3
     config.model.dtype = "float32"  # compute dtype of the backbone: "float32" or "bfloat16"

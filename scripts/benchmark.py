@@ -46,7 +46,6 @@ NUM_CLASSES = 260  # Corel-5k's vocabulary
 LABEL_DENSITY = 0.013  # Corel-5k: 3.4 labels of 260 per image, as torch_reference.py draws them
 SEED_WGAN_S_PER_ITERATION = 0.077  # the seed's loop on one H100 (issue #5), one image at a time
 WGAN_RECIPE_ITERATIONS = 1001
-WGAN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -220,25 +219,25 @@ def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: 
     """Create the experiment and state, put `batches_on_device` batches of random uint8 images
     and multi-hot targets on the devices, and lower the train steps (K = `steps_per_call` per
     call) for them."""
-    from annotate import train as training
+    from annotate import devices, train as training
 
     config = train_config(model, dtype, res, batch)
     experiment, state = training.create_experiment(config, NUM_CLASSES, 10_000, mesh)
     rng = np.random.default_rng(0)
     count = batch * batches_on_device
-    images = training.put(rng.integers(0, 256, (count, res, res, 3), dtype=np.uint8),
+    images = devices.put(rng.integers(0, 256, (count, res, res, 3), dtype=np.uint8),
+                         experiment.replicated)
+    targets = devices.put((rng.random((count, NUM_CLASSES)) < LABEL_DENSITY).astype(np.float32),
                           experiment.replicated)
-    targets = training.put((rng.random((count, NUM_CLASSES)) < LABEL_DENSITY).astype(np.float32),
-                           experiment.replicated)
     order = rng.permutation(count).astype(np.int32)
     # call i takes batches i*K .. i*K+K-1 (cycling), so K=1 and K=10 see the same batches
-    batches = [training.put(np.stack([order[(j % batches_on_device) * batch:][:batch]
-                                      for j in range(i * steps_per_call,
-                                                     (i + 1) * steps_per_call)]),
-                            experiment.steps_sharding)
+    batches = [devices.put(np.stack([order[(j % batches_on_device) * batch:][:batch]
+                                     for j in range(i * steps_per_call,
+                                                    (i + 1) * steps_per_call)]),
+                           experiment.steps_sharding)
                for i in range(batches_on_device)]
-    key_data = training.put(np.asarray(jax.random.key_data(jax.random.key(0))),
-                            experiment.replicated)
+    key_data = devices.put(np.asarray(jax.random.key_data(jax.random.key(0))),
+                           experiment.replicated)
     key = jax.random.wrap_key_data(key_data)
     start = time.perf_counter()
     lowered = experiment.train_steps.lower(state, images, targets, batches[0], key)
@@ -342,9 +341,9 @@ def train_error_record(model: str, dtype: str, batch: int, res: int, steps_per_c
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Lower every model x dtype, compile them concurrently, then time them one at a time."""
-    from annotate import train as training
+    from annotate import devices
 
-    mesh = training.make_mesh()
+    mesh = devices.make_mesh()
     # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second;
     # then K, so that K > 1 compiles after K = 1 and finds its convolutions already autotuned
     variants_wanted = [(model, dtype, int(res), int(k)) for dtype in csv(args.dtypes)
@@ -403,9 +402,9 @@ def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
     """FLOPs per image of each backbone x dtype x size's train step, from the lowered step (no
     compilation, no timing): the count for GPU records, whose compiled cost analysis omits the
     cuDNN convolutions."""
-    from annotate import train as training
+    from annotate import devices
 
-    mesh = training.make_mesh()
+    mesh = devices.make_mesh()
     records = []
     for dtype in csv(args.dtypes):
         for res in csv(args.res):
@@ -434,7 +433,7 @@ def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     def lower(pairs: int, dtype: str) -> list[Any]:
-        setup = wgan_train.WganSetup(width=width, compute_dtype=WGAN_DTYPES[dtype])
+        setup = wgan_train.WganSetup(width=width, compute_dtype=jnp.dtype(dtype))
         init_keys, train_keys, images = wgan_train.random_chunk_inputs(pairs)
         init = wgan_train.init_pairs.lower(setup, init_keys)
         return [init, wgan_train.train_pairs.lower(setup, init.out_info, images, train_keys,
@@ -459,7 +458,7 @@ def profile_wgan(pairs: int, dtype: str, width: int, iterations: int,
     compiled HLO, summarised per iteration as a JSON record."""
     from wgan import train as wgan_train
 
-    setup = wgan_train.WganSetup(width=width, compute_dtype=WGAN_DTYPES[dtype])
+    setup = wgan_train.WganSetup(width=width, compute_dtype=jnp.dtype(dtype))
     init_keys, train_keys, images = wgan_train.random_chunk_inputs(pairs)
     state = wgan_train.init_pairs(setup, init_keys)
     name = f"wgan_K{pairs}_{dtype}_w{width}"
@@ -503,7 +502,7 @@ def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
                   "precompile_s": compile_seconds.get((pairs, dtype))}
         try:
             result = wgan_throughput(pairs, args.iterations, width=args.width,
-                                     compute_dtype=WGAN_DTYPES[dtype], repeats=args.repeats)
+                                     compute_dtype=jnp.dtype(dtype), repeats=args.repeats)
             record.update(result)
             record["speedup_vs_seed"] = result["images_per_hour"] / seed_images_per_hour
         except Exception as error:  # e.g. K too large for the device: report, go on

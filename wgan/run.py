@@ -24,14 +24,14 @@ from tqdm import tqdm
 
 from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
                            read_split_index)
-from annotate.train import enable_compilation_cache
+from annotate.config import COMPUTE_DTYPES
+from annotate.devices import enable_compilation_cache
 from wgan.train import WganSetup, augmented_views, image_keys, load_wgan_image, train_chunk
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/wgan.py",
                                           "ML-WGAN config file (get_config()).")
 
 VIEW_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")  # the seed's file names, in save order
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def data_root(configured: str | None) -> Path:
@@ -90,7 +90,7 @@ def run(config: config_dict.ConfigDict) -> Path:
                                                                      len(index.image_names))
     pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
     setup = WganSetup(width=config.model_width,
-                      compute_dtype=COMPUTE_DTYPES[config.compute_dtype])
+                      compute_dtype=jnp.dtype(config.compute_dtype))
     with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
         for start in range(0, len(pending), config.pairs):
             chunk = pending[start:start + config.pairs]

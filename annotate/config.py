@@ -1,0 +1,113 @@
+"""Experiment configuration: checks and derived values of an ml_collections config.
+
+Jax-free on import, so that configs/ and the command lines load fast; `validate_config` imports
+the loss functions (which need jax) only to check the loss's hyper-parameters.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from annotate import data, models
+
+COMPUTE_DTYPES = ("float32", "bfloat16")  # names for jnp.dtype(); the one dtype table
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("onecycle", "constant")
+DEFAULT_DATA_ROOT = "data/corel5k"
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
+    from annotate import losses  # jax: only here, to check the loss's hyper-parameters
+
+    models.check_model_name(config.model.name)
+    models.check_head_name(config.model.head)
+    if config.loss.name not in losses.LOSS_NAMES:
+        raise ValueError(f"config.loss.name: unknown loss {config.loss.name!r}; valid losses: "
+                         f"{', '.join(losses.LOSS_NAMES)}")
+    losses.make_loss(config.loss.name, **loss_hyper(config))
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
+
+    train = config.train
+    require(config.model.global_pool in ("avg", "max"), "model.global_pool", "use 'avg' or 'max'")
+    require(0 <= config.model.drop_rate < 1, "model.drop_rate", "must lie in [0, 1)")
+    require(config.model.dtype in COMPUTE_DTYPES, "model.dtype",
+            f"use one of {list(COMPUTE_DTYPES)}")
+    require(config.data.source in data.SOURCES, "data.source", f"use one of {list(data.SOURCES)}")
+    require(config.data.image_size > 0, "data.image_size", "must be positive")
+    for key in ("mean", "std"):
+        value = config.data[key]
+        require(value is None or len(value) == 3, f"data.{key}", "needs 3 values (R, G, B)")
+    require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
+    require(train.batch_size > 0, "train.batch_size", "must be positive")
+    require(train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+    require(train.epochs > 0, "train.epochs", "must be positive")
+    require(0 < train.stop_epoch <= train.epochs, "train.stop_epoch",
+            f"must lie in [1, train.epochs={train.epochs}]")
+    require(train.optimizer in OPTIMIZERS, "train.optimizer", f"use one of {list(OPTIMIZERS)}")
+    require(train.schedule in SCHEDULES, "train.schedule", f"use one of {list(SCHEDULES)}")
+    require(0 < train.pct_start < 1, "train.pct_start", "must lie in (0, 1)")
+    require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(0 <= train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1); 0 disables EMA")
+    require(train.log_every > 0, "train.log_every", "must be positive")
+    return config
+
+
+def config_value(config: ml_collections.ConfigDict, dotted_key: str) -> Any:
+    """The value at `dotted_key` ("train.batch_size") of `config`."""
+    value = config
+    for part in dotted_key.split("."):
+        value = value[part]
+    return value
+
+
+def loss_hyper(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The hyper-parameters of the configured loss: config.loss.<name> (e.g. loss.asl), or none."""
+    name = config.loss.name
+    return dict(config.loss[name]) if name in config.loss else {}
+
+
+def head_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword options of the configured head: the seed's global_pool and drop_rate for
+    "linear", else config.model.<head> (e.g. model.ml_decoder), or none."""
+    head = config.model.head
+    if head == "linear":
+        return {"global_pool": config.model.global_pool, "drop_rate": config.model.drop_rate}
+    return dict(config.model[head]) if head in config.model else {}
+
+
+def data_root(config: ml_collections.ConfigDict) -> Path:
+    """The dataset folder: config.data.root, else $COREL5K_DIR, else data/corel5k."""
+    root = Path(config.data.root or os.environ.get("COREL5K_DIR") or DEFAULT_DATA_ROOT)
+    root = root.expanduser().absolute()
+    if config.data.source == "folder" and not (root / "train.json").is_file():
+        raise data.DatasetError(
+            f"no Corel-5k dataset at {root} (train.json missing): download it with "
+            f"`python scripts/fetch_corel5k.py` (writes {DEFAULT_DATA_ROOT}), or point "
+            f"--config.data.root or $COREL5K_DIR at a folder with images/, train.json, test.json")
+    return root
+
+
+def normalisation(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std: config.data.mean/std if set, else the backbone's ImageNet statistics (its
+    registry entry) when pretrained weights are loaded, else the seed's Corel-5k statistics."""
+    if config.model.pretrained:
+        info = models.model_info(config.model.name)
+        mean, std = info.mean, info.std
+    else:
+        mean, std = data.COREL5K_MEAN, data.COREL5K_STD
+    return (tuple(config.data.mean or mean), tuple(config.data.std or std))
+
+
+def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with the data root and the input normalisation filled in."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.root = str(data_root(config))
+    config.data.mean, config.data.std = normalisation(config)
+    return config
