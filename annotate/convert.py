@@ -1,10 +1,12 @@
-"""Load timm/torchvision PyTorch checkpoints into the Flax NNX backbones.
+"""Load timm/torchvision PyTorch checkpoints into the Flax NNX models.
 
 The NNX module tree mirrors timm's attribute names, so one rule per tensor kind suffices:
 conv `weight` [O, I, kh, kw] -> `kernel` [kh, kw, I, O]; linear `weight` [O, I] -> `kernel` [I, O];
 BatchNorm `weight`/`bias`/`running_mean`/`running_var` -> `scale`/`bias`/`mean`/`var`.
-A model class may declare `timm_renames` (torch key prefix -> module path prefix) and
-`filter_state_dict` (e.g. TResNet's inplace-ABN era checkpoints) for what differs.
+For a `Classifier` (backbone + head), timm's classifier keys (the registry's `classifier` prefix,
+e.g. `fc.` or `head.fc.`) go to the head when it is the linear head that timm's classifier is,
+and are skipped for any other head; every other key goes to the backbone. A backbone class may
+declare `filter_state_dict` (e.g. TResNet's inplace-ABN era checkpoints).
 """
 from __future__ import annotations
 
@@ -38,13 +40,10 @@ def _flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     return flat
 
 
-def _target_key(torch_key: str, array: np.ndarray, renames: Mapping[str, str]) -> tuple[str, np.ndarray]:
-    """Map one torch key and tensor to the NNX variable path and its layout."""
-    for old, new in renames.items():
-        if torch_key.startswith(old):
-            torch_key = new + torch_key[len(old):]
-            break
-    module, _, leaf = torch_key.rpartition(".")
+def _target_key(path: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """Map one torch key (already placed under the model's backbone or head) and its tensor to
+    the NNX variable path and layout."""
+    module, _, leaf = path.rpartition(".")
     if leaf == "weight" and array.ndim == 4:
         return f"{module}.kernel", array.transpose(2, 3, 1, 0)
     if leaf == "weight" and array.ndim == 2:
@@ -55,45 +54,75 @@ def _target_key(torch_key: str, array: np.ndarray, renames: Mapping[str, str]) -
         return f"{module}.mean", array
     if leaf == "running_var":
         return f"{module}.var", array
-    return torch_key, array
+    return path, array
 
 
-def load_timm_weights(model: nnx.Module, state_dict: Mapping[str, Any], *,
-                      head_name: str = "head.fc") -> nnx.Module:
-    """Write a timm/torchvision `state_dict` into `model` in place and return it.
+def module_path(model: nnx.Module, torch_key: str) -> str | None:
+    """Where timm's `torch_key` goes in `model`: under `backbone.` or (the checkpoint's
+    classifier) `head.fc.` of a Classifier, None for a classifier key when the head is not the
+    linear one; unchanged for any other module."""
+    from annotate.models.heads import Classifier, LinearHead
 
-    Every weight and BatchNorm statistic must be used and every variable written; a classifier
-    head of another class count (e.g. ImageNet's 1000) is skipped with a logged message.
-    Raises KeyError/ValueError naming the offending key otherwise.
+    if not isinstance(model, Classifier):
+        return torch_key
+    classifier = model.info.classifier + "."
+    if not torch_key.startswith(classifier):
+        return "backbone." + torch_key
+    return "head.fc." + torch_key[len(classifier):] if isinstance(model.head, LinearHead) else None
+
+
+def load_timm_weights(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module:
+    """Write a timm/torchvision `state_dict` into `model` (a Classifier, or any module whose tree
+    mirrors the checkpoint, e.g. one block) in place and return it.
+
+    Every backbone weight and BatchNorm statistic must be used and every backbone variable
+    written. The checkpoint's classifier is loaded into a linear head of the same class count;
+    otherwise (ImageNet's 1000 classes, another head type, no classifier in the checkpoint) the
+    head keeps its initialisation and a message says why. Raises KeyError/ValueError naming the
+    offending key otherwise.
     """
-    filter_fn = getattr(type(model), "filter_state_dict", None)
+    from annotate.models.heads import Classifier, LinearHead
+
+    backbone = model.backbone if isinstance(model, Classifier) else model
+    filter_fn = getattr(type(backbone), "filter_state_dict", None)
     state_dict = dict(filter_fn(state_dict) if filter_fn else state_dict)
-    renames = getattr(type(model), "timm_renames", {})
+    classifier = model.info.classifier + "." if isinstance(model, Classifier) else None
+    head_loads = isinstance(model, Classifier) and isinstance(model.head, LinearHead)
     variables = _flat_variables(model)
     written, skipped_head = set(), []
     for torch_key, value in state_dict.items():
         if torch_key.endswith(_SKIPPED_SUFFIXES):
             continue
-        key, array = _target_key(torch_key, _to_numpy(value), renames)
+        path = module_path(model, torch_key)
+        if path is None:
+            skipped_head.append(torch_key)
+            continue
+        key, array = _target_key(path, _to_numpy(value))
         if key not in variables:
             raise KeyError(f"checkpoint key {torch_key!r} (-> {key!r}) has no counterpart in "
-                           f"{type(model).__name__}")
+                           f"{type(backbone).__name__}")
         variable = variables[key]
         if array.shape != variable.shape:
-            if key.startswith(head_name + "."):
+            if classifier is not None and key.startswith("head."):
                 skipped_head.append(torch_key)
                 continue
             raise ValueError(f"checkpoint key {torch_key!r}: shape {array.shape} does not fit "
                              f"{key!r} of shape {variable.shape}")
         variable[...] = jnp.asarray(array, dtype=variable.dtype)
         written.add(key)
+    unwritten_head = [k for k in variables if k.startswith("head.") and k not in written]
     if skipped_head:
-        log.warning("classifier head skipped (class count differs): %s; it keeps its random init",
-                    ", ".join(skipped_head))
+        reason = ("its class count differs" if head_loads else
+                  f"the model's head is {type(model.head).__name__}, not timm's linear classifier")
+        log.warning("checkpoint classifier skipped (%s): %s; the head keeps its initialisation",
+                    reason, ", ".join(skipped_head))
+    elif classifier is not None and unwritten_head:
+        log.warning("checkpoint has no classifier (%s*); the head keeps its initialisation",
+                    classifier)
     missing = [k for k in variables if k not in written
-               and not (skipped_head and k.startswith(head_name + "."))]
+               and not (classifier is not None and k.startswith("head."))]
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} variables of {type(model).__name__}, "
+        raise KeyError(f"checkpoint lacks {len(missing)} variables of {type(backbone).__name__}, "
                        f"first: {missing[:5]}")
     return model
 

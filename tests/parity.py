@@ -80,11 +80,13 @@ def random_images(batch: int, height: int, width: int, seed: int) -> np.ndarray:
 
 
 def batch_stats_by_torch_key(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Our BatchNorm statistics keyed like timm's state_dict (`bn1.mean` -> `bn1.running_mean`)."""
+    """Our BatchNorm statistics keyed like timm's state_dict (`backbone.bn1.mean` ->
+    `bn1.running_mean`)."""
     stats = {}
     for path, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.BatchStat):
             module, leaf = ".".join(str(p) for p in path[:-1]), path[-1]
+            module = module.removeprefix("backbone.")
             stats[f"{module}.running_{leaf}"] = np.asarray(variable[...])
     return stats
 

@@ -51,11 +51,11 @@ def test_every_tensor_lands_in_its_variable(reference_model, timm_state):
     loaded = variables(reference_model)
     np.testing.assert_array_equal(loaded["head.fc.kernel"], timm_state["fc.weight"].numpy().T)
     downsample = timm_state["layer2.0.downsample.0.weight"].numpy()
-    np.testing.assert_array_equal(loaded["layer2.0.downsample.0.kernel"],
+    np.testing.assert_array_equal(loaded["backbone.layer2.0.downsample.0.kernel"],
                                   downsample.transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(loaded["layer4.1.bn2.scale"],
+    np.testing.assert_array_equal(loaded["backbone.layer4.1.bn2.scale"],
                                   timm_state["layer4.1.bn2.weight"].numpy())
-    np.testing.assert_array_equal(loaded["bn1.var"], timm_state["bn1.running_var"].numpy())
+    np.testing.assert_array_equal(loaded["backbone.bn1.var"], timm_state["bn1.running_var"].numpy())
     used = {k for k in timm_state if not k.endswith("num_batches_tracked")}
     assert len(used) == len(loaded)
 
@@ -87,7 +87,7 @@ def test_imagenet_head_is_skipped_with_a_log_message(timm_state, caplog):
         load_timm_weights(model, state)
     assert "fc.weight" in caplog.text and "fc.bias" in caplog.text
     np.testing.assert_array_equal(np.asarray(model.head.fc.kernel[...]), head_before)
-    np.testing.assert_array_equal(np.asarray(model.layer1[0].conv1.kernel[...]),
+    np.testing.assert_array_equal(np.asarray(model.backbone.layer1[0].conv1.kernel[...]),
                                   timm_state["layer1.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
 
 

@@ -86,8 +86,8 @@ def test_bfloat16_logits_close_to_float32(name):
     model_bf16 = create_model(name, 260, drop_rate=0.0, dtype=jnp.bfloat16)
     load_timm_weights(model_bf16, torch_state_dict(torch_model))
     model_bf16.eval()
-    assert model_bf16.conv1.kernel.dtype == jnp.float32
-    assert model_bf16.bn1.mean.dtype == jnp.float32
+    assert model_bf16.backbone.conv1.kernel.dtype == jnp.float32
+    assert model_bf16.backbone.bn1.mean.dtype == jnp.float32
     images = random_images(2, 160, 192, seed=5)
     logits_bf16 = model_bf16(jnp.asarray(images))
     assert logits_bf16.dtype == jnp.float32

@@ -12,10 +12,9 @@ from flax import nnx
 from timm.layers import BlurPool2d, ConvNormAct, SpaceToDepth
 from timm.models.tresnet import checkpoint_filter_fn
 
-from annotate.convert import _flat_variables, _target_key, load_timm_weights
-from annotate.models import count_params
-from annotate.models.tresnet import (TResNet, avg_pool_2x2_ceil, blur_pool, space_to_depth,
-                                     tresnet_m)
+from annotate.convert import _flat_variables, _target_key, load_timm_weights, module_path
+from annotate.models import count_params, create_model
+from annotate.models.tresnet import TResNet, avg_pool_2x2_ceil, blur_pool, space_to_depth
 from parity import (batch_stats_by_torch_key, nchw_tensor, random_images, relative_l2,
                      timm_and_flax_models, torch_state_dict)
 
@@ -43,7 +42,7 @@ def timm_model(models) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def model(models) -> TResNet:
-    assert isinstance(models[1], TResNet)
+    assert isinstance(models[1].backbone, TResNet)
     return models[1]
 
 
@@ -70,8 +69,8 @@ def test_parameter_count_matches_seed_readme_and_timm(model, timm_model):
 
 
 def test_variables_are_exactly_the_mapped_timm_keys(state_dict):
-    fresh = tresnet_m(NUM_CLASSES, drop_rate=0.0, rngs=nnx.Rngs(1))
-    mapped = {_target_key(key, value, {})[0] for key, value in state_dict.items()
+    fresh = create_model("tresnet_m", NUM_CLASSES, drop_rate=0.0, seed=1)
+    mapped = {_target_key(module_path(fresh, key), value)[0] for key, value in state_dict.items()
               if not key.endswith("num_batches_tracked")}
     assert mapped == set(_flat_variables(fresh))
 
@@ -148,7 +147,7 @@ def test_train_mode_logits_and_running_stats_match_timm(model, timm_model):
 
 
 def test_bfloat16_logits_close_to_float32(state_dict, our_logits):
-    net = tresnet_m(NUM_CLASSES, drop_rate=0.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    net = create_model("tresnet_m", NUM_CLASSES, drop_rate=0.0, dtype=jnp.bfloat16)
     load_timm_weights(net, state_dict)
     net.eval()
     stored = jax.tree.leaves(nnx.state(net, nnx.Param)) + jax.tree.leaves(nnx.state(net, nnx.BatchStat))

@@ -40,7 +40,8 @@ def test_state_dict_keys_are_timms(models):
     ours = batch_stats_by_torch_key(model)
     theirs = {k for k in torch_model.state_dict() if k.endswith(("running_mean", "running_var"))}
     assert set(ours) == theirs
-    assert "block1.rep.0.conv1.kernel" in {".".join(map(str, p)) for p, _ in nnx.iter_graph(model)}
+    assert "backbone.block1.rep.0.conv1.kernel" in {".".join(map(str, p))
+                                                    for p, _ in nnx.iter_graph(model)}
 
 
 @pytest.mark.parametrize("height,width", [(224, 224), (160, 192)])
@@ -85,7 +86,7 @@ def test_bfloat16_logits_close_to_float32(models):
     logits_bf16 = model_bf16(images)
     assert logits_bf16.dtype == jnp.float32
     assert model_bf16.forward_features(images).dtype == jnp.bfloat16
-    assert model_bf16.block4.rep[1].pointwise.kernel.dtype == jnp.float32
+    assert model_bf16.backbone.block4.rep[1].pointwise.kernel.dtype == jnp.float32
     assert relative_l2(np.asarray(logits_bf16), np.asarray(model(images))) < 2e-2
 
 

@@ -18,29 +18,25 @@ import pytest
 import torch
 from flax import nnx
 
-from annotate import models, train
-from annotate.models.layers import BatchNorm2d, ClassifierHead, conv2d
+from annotate import devices, models, train
+from annotate.config import normalisation, validate_config
+from annotate.models.layers import BatchNorm2d, conv2d
 
 REPO = Path(__file__).resolve().parents[1]
 from configs import base, smoke  # noqa: E402
 
 
 class TinyNet(nnx.Module):
-    """A few-thousand-parameter backbone with the real BatchNorm and dropout head (fast to
-    compile), registered as "tiny" by the `tiny_backbone` fixture."""
+    """A few-thousand-parameter backbone with the real BatchNorm (fast to compile), registered
+    as "tiny" by the `tiny_backbone` fixture; create_model gives it the seed's linear head."""
 
-    def __init__(self, *, num_classes, global_pool, drop_rate, dtype, rngs):
+    def __init__(self, *, dtype, rngs):
         self.conv = conv2d(3, 8, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
         self.bn = BatchNorm2d(8)
         self.num_features = 8
-        self.head = ClassifierHead(8, num_classes, global_pool=global_pool, drop_rate=drop_rate,
-                                   rngs=rngs)
 
     def forward_features(self, x):
         return nnx.relu(self.bn(self.conv(x)))
-
-    def __call__(self, x):
-        return self.head(self.forward_features(x))
 
 
 def register_tiny_backbone() -> str:
@@ -48,7 +44,8 @@ def register_tiny_backbone() -> str:
     module = types.ModuleType("annotate.models.tiny_test_backbone")
     module.tiny = TinyNet
     sys.modules[module.__name__] = module
-    models._REGISTRY["tiny"] = "tiny_test_backbone:tiny"
+    models._REGISTRY["tiny"] = models.ModelInfo("tiny_test_backbone:tiny", "tiny", 16,
+                                                models.IMAGENET_MEAN, models.IMAGENET_STD, "fc")
     return "tiny"
 
 
@@ -156,11 +153,11 @@ def test_preprocess_flips_each_image_independently():
 
 def test_normalisation_choice():
     config = base.get_config(model="tresnet_m", loss="asl")
-    assert train.normalisation(config) == ((0.3928, 0.4079, 0.3531), (0.2559, 0.2436, 0.2544))
+    assert normalisation(config) == ((0.3928, 0.4079, 0.3531), (0.2559, 0.2436, 0.2544))
     config.model.pretrained = "timm:tresnet_m"
-    assert train.normalisation(config) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert normalisation(config) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    assert train.normalisation(config) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert normalisation(config) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 # --------------------------------------------------------------------------- sharding
@@ -171,7 +168,7 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path[:0] = [{repo!r}, {tests!r}]
 from test_train import register_tiny_backbone
 from configs import base
-from annotate import train
+from annotate import devices, train
 assert jax.device_count() == 8, jax.devices()
 config = base.get_config(model="resnet18", loss="asl")
 config.model.name = register_tiny_backbone()
@@ -183,15 +180,15 @@ images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
 targets = (rng.random((40, 5)) < 0.3).astype(np.float32)
 batches = [rng.permutation(40)[:16].astype(np.int32) for _ in range(3)]
 results = {{}}
-for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
-    mesh = train.make_mesh(devices)
+for name, device_list in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = devices.make_mesh(device_list)
     experiment, state = train.create_experiment(config, 5, 30, mesh)
-    on_device = lambda a: train.put(a, experiment.replicated)
+    on_device = lambda a: devices.put(a, experiment.replicated)
     key = jax.random.wrap_key_data(on_device(jax.random.key_data(jax.random.key(0))))
     losses = []
     for batch in batches:
         state, loss = experiment.train_steps(state, on_device(images), on_device(targets),
-                                             train.put(batch[None], experiment.steps_sharding), key)
+                                             devices.put(batch[None], experiment.steps_sharding), key)
         losses.append(float(loss[0]))
     probs = train.predict(experiment, state.params, state.batch_stats, on_device(images))
     leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.batch_stats))]
@@ -222,14 +219,14 @@ def test_ema_of_weights(tiny_backbone):
     config = base.get_config(model="resnet18", loss="bce")
     config.model.name = tiny_backbone
     config.train.update(ema_decay=0.5, batch_size=4, learning_rate=1e-2)
-    experiment, state = train.create_experiment(config, 5, 10, train.make_mesh())
+    experiment, state = train.create_experiment(config, 5, 10, devices.make_mesh())
     rng = np.random.default_rng(0)
-    images = train.put(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), experiment.replicated)
-    targets = train.put((rng.random((8, 5)) < 0.3).astype(np.float32), experiment.replicated)
+    images = devices.put(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), experiment.replicated)
+    targets = devices.put((rng.random((8, 5)) < 0.3).astype(np.float32), experiment.replicated)
     flat = lambda tree: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
     expected = flat(state.params)
     for step in range(3):
-        batch = train.put(np.arange(4 * (step % 2), 4 * (step % 2) + 4, dtype=np.int32)[None],
+        batch = devices.put(np.arange(4 * (step % 2), 4 * (step % 2) + 4, dtype=np.int32)[None],
                           experiment.steps_sharding)
         state, _ = experiment.train_steps(state, images, targets, batch, jax.random.key(0))
         expected = 0.5 * expected + 0.5 * flat(state.params)
@@ -250,13 +247,13 @@ def test_steps_per_call_scan_equals_single_steps(tiny_backbone):
     chunk = rng.permutation(12).astype(np.int32).reshape(3, 4)
     results = []
     for calls in (chunk[:, None], chunk[None]):  # three calls of one step; one call of three
-        experiment, state = train.create_experiment(config, 5, 10, train.make_mesh())
-        images = train.put(host_images, experiment.replicated)
-        targets = train.put(host_targets, experiment.replicated)
+        experiment, state = train.create_experiment(config, 5, 10, devices.make_mesh())
+        images = devices.put(host_images, experiment.replicated)
+        targets = devices.put(host_targets, experiment.replicated)
         losses = []
         for indices in calls:
             state, chunk_losses = experiment.train_steps(
-                state, images, targets, train.put(indices, experiment.steps_sharding),
+                state, images, targets, devices.put(indices, experiment.steps_sharding),
                 jax.random.key(3))
             losses.extend(np.asarray(chunk_losses).tolist())
         leaves = jax.tree.leaves((state.params, state.batch_stats))
@@ -356,9 +353,9 @@ def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
     vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
     write_augmentation(tiny_dataset, vocabulary)
     config = tiny_config(tiny_dataset, tmp_path / "cache")
-    plain_train, plain_test = train.load_data(config, train.make_mesh())
+    plain_train, plain_test = train.load_data(config, devices.make_mesh())
     config.data.augmentation = True
-    augmented_train, augmented_test = train.load_data(config, train.make_mesh())
+    augmented_train, augmented_test = train.load_data(config, devices.make_mesh())
     assert augmented_train.images.shape[0] == plain_train.images.shape[0] + 2
     np.testing.assert_array_equal(np.asarray(augmented_train.images[:-2]),
                                   np.asarray(plain_train.images))
@@ -372,10 +369,10 @@ def test_config_errors_name_the_key(tiny_dataset, tmp_path):
     config = tiny_config(tiny_dataset, tmp_path, model="resnet18")
     config.train.stop_epoch = 5
     with pytest.raises(ValueError, match=r"config.train.stop_epoch = 5"):
-        train.validate_config(config)
+        validate_config(config)
     config = tiny_config(tiny_dataset, tmp_path, model="no_such_net")
     with pytest.raises(ValueError, match="valid models: .*tresnet_m"):
-        train.validate_config(config)
+        validate_config(config)
     config = tiny_config(tiny_dataset, tmp_path, model="resnet18")
     config.train.batch_size = 64
     with pytest.raises(ValueError, match="batch_size = 64 exceeds the 12 training images"):

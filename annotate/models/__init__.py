@@ -1,29 +1,56 @@
-"""Backbone registry: `create_model(name, num_classes)` builds any supported network in Flax NNX.
+"""Model registry: `create_model(name, num_classes, head="linear")` builds a backbone with a head.
 
-Every model maps NHWC images [B, H, W, 3] to logits [B, num_classes], exposes the pre-pool feature
-map via `forward_features`, and switches BatchNorm/dropout with `model.train()` / `model.eval()`.
+A backbone maps NHWC images [B, H, W, 3] to a feature map [B, h, w, num_features]
+(`forward_features`) and knows nothing of the classifier; a head (annotate.models.heads) maps the
+feature map to logits [B, num_classes]. `model.train()` / `model.eval()` switch BatchNorm and
+dropout. Each registry entry also carries what timm's `pretrained_cfg` says of the backbone: its
+timm name, default input size, ImageNet normalisation and the classifier's checkpoint key.
+
+Importing this module does not import jax: configs and command lines check names cheaply.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> "module:constructor"; modules are imported on first use so that building one model does
-# not import every family.
-_REGISTRY: dict[str, str] = {
-    "resnet18": "resnet:resnet18",
-    "resnet50": "resnet:resnet50",
-    "resnet101": "resnet:resnet101",
-    "resnext50_32x4d": "resnet:resnext50_32x4d",
-    "xception": "xception:xception",
-    "tresnet_m": "tresnet:tresnet_m",
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A registered backbone: where its constructor lives and timm's metadata for it."""
+
+    constructor: str  # "module:function" in annotate.models; function(*, dtype, rngs) -> backbone
+    timm_name: str  # the timm model whose state_dict maps onto this backbone
+    input_size: int  # square input size of its ImageNet weights
+    mean: tuple[float, float, float]  # input normalisation of its ImageNet weights
+    std: tuple[float, float, float]
+    classifier: str  # key prefix of the classifier in timm's state_dict
+
+
+_REGISTRY: dict[str, ModelInfo] = {
+    "resnet18": ModelInfo("resnet:resnet18", "resnet18", 224, IMAGENET_MEAN, IMAGENET_STD, "fc"),
+    "resnet50": ModelInfo("resnet:resnet50", "resnet50", 224, IMAGENET_MEAN, IMAGENET_STD, "fc"),
+    "resnet101": ModelInfo("resnet:resnet101", "resnet101", 224, IMAGENET_MEAN, IMAGENET_STD,
+                           "fc"),
+    "resnext50_32x4d": ModelInfo("resnet:resnext50_32x4d", "resnext50_32x4d", 224,
+                                 IMAGENET_MEAN, IMAGENET_STD, "fc"),
+    "xception": ModelInfo("xception:xception", "legacy_xception", 299, (0.5, 0.5, 0.5),
+                          (0.5, 0.5, 0.5), "fc"),
+    "tresnet_m": ModelInfo("tresnet:tresnet_m", "tresnet_m", 224, (0.0, 0.0, 0.0),
+                           (1.0, 1.0, 1.0), "head.fc"),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+# head name -> "module:class" in annotate.models; class(num_features, num_classes, *, rngs, **options)
+_HEADS: dict[str, str] = {
+    "linear": "heads:LinearHead",
+}
+
+HEAD_NAMES: tuple[str, ...] = tuple(_HEADS)
 
 
 def check_model_name(name: str) -> None:
@@ -32,16 +59,59 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
 
 
-def create_model(name: str, num_classes: int, *, global_pool: str = "avg",
-                 drop_rate: float = 0.3, dtype: Any = jnp.float32, seed: int = 0) -> nnx.Module:
-    """Build backbone `name` with the seed's head (global pool -> dropout -> linear)."""
+def check_head_name(name: str) -> None:
+    """Raise a ValueError listing the valid heads when `name` is not a registered head."""
+    if name not in _HEADS:
+        raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(HEAD_NAMES)}")
+
+
+def _constructor(spec: str) -> Any:
+    """The callable named by a registry spec "module:attribute" of annotate.models."""
+    module_name, attribute = spec.split(":")
+    return getattr(importlib.import_module(f"annotate.models.{module_name}"), attribute)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of backbone `name` (ValueError listing the valid names if unknown)."""
     check_model_name(name)
-    module_name, constructor = _REGISTRY[name].split(":")
-    module = importlib.import_module(f"annotate.models.{module_name}")
-    return getattr(module, constructor)(num_classes=num_classes, global_pool=global_pool,
-                                        drop_rate=drop_rate, dtype=dtype, rngs=nnx.Rngs(seed))
+    return _REGISTRY[name]
 
 
-def count_params(model: nnx.Module) -> int:
+def create_backbone(name: str, *, dtype: Any = None, seed: int = 0) -> Any:
+    """Backbone `name` alone (feature maps, no head), parameters in float32, compute in `dtype`."""
+    from flax import nnx
+
+    return _build_backbone(name, dtype, nnx.Rngs(seed))
+
+
+def _build_backbone(name: str, dtype: Any, rngs: Any) -> Any:
+    import jax.numpy as jnp
+
+    return _constructor(model_info(name).constructor)(
+        dtype=jnp.float32 if dtype is None else dtype, rngs=rngs)
+
+
+def create_model(name: str, num_classes: int, *, head: str = "linear", dtype: Any = None,
+                 seed: int = 0, **head_options: Any) -> Any:
+    """Backbone `name` with head `head` (one of HEAD_NAMES; "linear" is the seed's global pool ->
+    dropout -> linear, with `global_pool` and `drop_rate` options) as one `heads.Classifier`.
+    Parameters are float32; `dtype` is the backbone's compute dtype."""
+    from flax import nnx
+
+    from annotate.models.heads import Classifier
+
+    check_head_name(head)
+    info = model_info(name)
+    rngs = nnx.Rngs(seed)
+    backbone = _build_backbone(name, dtype, rngs)  # first: the seed's draws come in this order
+    head_module = _constructor(_HEADS[head])(backbone.num_features, num_classes, rngs=rngs,
+                                             **head_options)
+    return Classifier(backbone, head_module, info)
+
+
+def count_params(model: Any) -> int:
     """Number of trainable parameters (nnx.Param leaves), as torch's `numel` sum over parameters."""
+    import jax
+    from flax import nnx
+
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -73,27 +73,3 @@ def max_pool2d(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax
         x, -jnp.inf, jax.lax.max,
         window_dimensions=(1, kernel_size, kernel_size, 1), window_strides=(1, stride, stride, 1),
         padding=((0, 0), (padding, padding), (padding, padding), (0, 0)))
-
-
-def global_pool(x: jax.Array, kind: str) -> jax.Array:
-    """Global average or max pool over H and W: [B, H, W, C] -> [B, C] (float32 for the head)."""
-    if kind == "avg":
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if kind == "max":
-        return jnp.max(x, axis=(1, 2)).astype(jnp.float32)
-    raise ValueError(f"global_pool must be 'avg' or 'max', got {kind!r}")
-
-
-class ClassifierHead(nnx.Module):
-    """The seed's head: global pool (avg or max) -> dropout -> linear, named `fc` like timm."""
-
-    def __init__(self, in_features: int, num_classes: int, *, global_pool: str = "avg",
-                 drop_rate: float = 0.3, rngs: nnx.Rngs):
-        if global_pool not in ("avg", "max"):
-            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
-        self.global_pool = global_pool
-        self.dropout = nnx.Dropout(drop_rate, rngs=rngs)
-        self.fc = nnx.Linear(in_features, num_classes, param_dtype=jnp.float32, rngs=rngs)
-
-    def __call__(self, features: jax.Array) -> jax.Array:
-        return self.fc(self.dropout(global_pool(features, self.global_pool)))

@@ -1,7 +1,7 @@
 """ResNet / ResNeXt in Flax NNX with timm's (torchvision's) layout, so timm checkpoints load 1:1.
 
-Module names follow timm exactly (`conv1`, `bn1`, `layer1.0.conv1`, `layer2.0.downsample.0`, ...),
-the classifier lives at `head.fc` (timm's `fc`, see `timm_renames`). Activations are NHWC.
+Module names follow timm exactly (`conv1`, `bn1`, `layer1.0.conv1`, `layer2.0.downsample.0`, ...);
+the classifier is the head's (annotate.models.heads), not the backbone's. Activations are NHWC.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from annotate.models.layers import BatchNorm2d, ClassifierHead, conv2d, max_pool2d
+from annotate.models.layers import BatchNorm2d, conv2d, max_pool2d
 
 Dtype = Any
 
@@ -81,13 +81,10 @@ BlockType = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nnx.Module):
-    """timm `ResNet` (7x7 stem, 3x3/2 max pool, four stages) with the seed's classifier head."""
-
-    timm_renames = {"fc.": "head.fc."}
+    """timm `ResNet` without its classifier: 7x7 stem, 3x3/2 max pool, four stages."""
 
     def __init__(self, block: BlockType, layers: tuple[int, int, int, int], *, cardinality: int = 1,
-                 base_width: int = 64, num_classes: int, global_pool: str = "avg",
-                 drop_rate: float = 0.3, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 base_width: int = 64, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.conv1 = conv2d(3, 64, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm2d(64)
         stages, in_channels = [], 64
@@ -101,8 +98,6 @@ class ResNet(nnx.Module):
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = in_channels
-        self.head = ClassifierHead(in_channels, num_classes, global_pool=global_pool,
-                                   drop_rate=drop_rate, rngs=rngs)
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] -> pre-pool feature map [B, H/32, W/32, num_features]."""
@@ -113,26 +108,22 @@ class ResNet(nnx.Module):
                 x = block(x)
         return x
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Images [B, H, W, 3] -> float32 logits [B, num_classes]."""
-        return self.head(self.forward_features(x))
 
-
-def resnet18(**kwargs: Any) -> ResNet:
+def resnet18(*, dtype: Dtype, rngs: nnx.Rngs) -> ResNet:
     """ResNet-18 (BasicBlock, 2-2-2-2)."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+    return ResNet(BasicBlock, (2, 2, 2, 2), dtype=dtype, rngs=rngs)
 
 
-def resnet50(**kwargs: Any) -> ResNet:
+def resnet50(*, dtype: Dtype, rngs: nnx.Rngs) -> ResNet:
     """ResNet-50 (Bottleneck, 3-4-6-3)."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
+    return ResNet(Bottleneck, (3, 4, 6, 3), dtype=dtype, rngs=rngs)
 
 
-def resnet101(**kwargs: Any) -> ResNet:
+def resnet101(*, dtype: Dtype, rngs: nnx.Rngs) -> ResNet:
     """ResNet-101 (Bottleneck, 3-4-23-3)."""
-    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
+    return ResNet(Bottleneck, (3, 4, 23, 3), dtype=dtype, rngs=rngs)
 
 
-def resnext50_32x4d(**kwargs: Any) -> ResNet:
+def resnext50_32x4d(*, dtype: Dtype, rngs: nnx.Rngs) -> ResNet:
     """ResNeXt-50 32x4d (Bottleneck, 3-4-6-3, 32 groups of width 4 in the first stage)."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs)
+    return ResNet(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, dtype=dtype, rngs=rngs)

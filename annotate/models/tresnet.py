@@ -4,7 +4,8 @@ SpaceToDepth stem -> 3x3 ConvNormAct (LeakyReLU 1e-2) -> BasicBlock stages 1-2 -
 3-4 (LeakyReLU 1e-3 inside blocks). Every stride-2 convolution runs at stride 1 and is followed by
 a 3x3 binomial BlurPool (reflect padding); downsample shortcuts average-pool 2x2 (ceil mode) before
 their 1x1 convolution; SE sits in stages 1-3. Module names mirror timm's state_dict keys
-(`body.conv1.conv`, `body.layer3.0.se.fc1`, `head.fc`, ...) so `annotate.convert` maps them 1:1.
+(`body.conv1.conv`, `body.layer3.0.se.fc1`, ...) so `annotate.convert` maps them 1:1; timm's
+classifier (`head.fc`) is the head's (annotate.models.heads), not the backbone's.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from annotate.models.layers import BatchNorm2d, ClassifierHead, Dtype, conv2d
+from annotate.models.layers import BatchNorm2d, Dtype, conv2d
 
 STEM_LEAKY_SLOPE = 1e-2  # timm builds the stem with nn.LeakyReLU's default slope
 BLOCK_LEAKY_SLOPE = 1e-3  # every activated ConvNormAct inside a residual block
@@ -218,15 +219,12 @@ def _inplace_abn_key(key: str) -> str:
 
 
 class TResNet(nnx.Module):
-    """TResNet (v1 layout, width 1) with the seed's head; `tresnet_m` is layers (3, 4, 11, 3)."""
+    """TResNet (v1 layout, width 1) without its classifier; `tresnet_m` is layers (3, 4, 11, 3)."""
 
-    def __init__(self, layers: tuple[int, int, int, int], *, num_classes: int,
-                 global_pool: str = "avg", drop_rate: float = 0.3, dtype: Dtype = jnp.float32,
+    def __init__(self, layers: tuple[int, int, int, int], *, dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         self.body = TResNetBody(layers, dtype=dtype, rngs=rngs)
         self.num_features = self.body.in_channels
-        self.head = ClassifierHead(self.num_features, num_classes, global_pool=global_pool,
-                                   drop_rate=drop_rate, rngs=rngs)
 
     @staticmethod
     def filter_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -252,13 +250,8 @@ class TResNet(nnx.Module):
             raise ValueError(f"TResNet expects NHWC images [B, H, W, 3], got shape {x.shape}")
         return self.body(x)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Images [B, H, W, 3] -> float32 logits [B, num_classes]."""
-        return self.head(self.forward_features(x))
 
-
-def tresnet_m(num_classes: int, *, global_pool: str = "avg", drop_rate: float = 0.3,
-              dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> TResNet:
-    """timm's `tresnet_m`: layers (3, 4, 11, 3), 29,872,772 parameters with 260 classes."""
-    return TResNet((3, 4, 11, 3), num_classes=num_classes, global_pool=global_pool,
-                   drop_rate=drop_rate, dtype=dtype, rngs=rngs)
+def tresnet_m(*, dtype: Dtype, rngs: nnx.Rngs) -> TResNet:
+    """timm's `tresnet_m` backbone: layers (3, 4, 11, 3); 29,872,772 parameters with the linear
+    head of 260 classes."""
+    return TResNet((3, 4, 11, 3), dtype=dtype, rngs=rngs)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from annotate.models.layers import BatchNorm2d, ClassifierHead, conv2d, max_pool2d
+from annotate.models.layers import BatchNorm2d, conv2d, max_pool2d
 
 Dtype = Any
 
@@ -76,12 +76,10 @@ class Block(nnx.Module):
 
 
 class Xception(nnx.Module):
-    """timm `legacy_xception`: entry flow (block1-3), middle flow (block4-11), exit flow, head."""
+    """timm `legacy_xception` without its classifier: entry flow (block1-3), middle flow
+    (block4-11), exit flow."""
 
-    timm_renames = {"fc.": "head.fc."}
-
-    def __init__(self, *, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.3,
-                 dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         def block(in_channels: int, out_channels: int, reps: int, stride: int,
                   **options: bool) -> Block:
             return Block(in_channels, out_channels, reps, stride, dtype=dtype, rngs=rngs, **options)
@@ -107,8 +105,6 @@ class Xception(nnx.Module):
         self.conv4 = SeparableConv2d(1536, 2048, 3, padding=1, dtype=dtype, rngs=rngs)
         self.bn4 = BatchNorm2d(2048)
         self.num_features = 2048
-        self.head = ClassifierHead(self.num_features, num_classes, global_pool=global_pool,
-                                   drop_rate=drop_rate, rngs=rngs)
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] -> pre-pool map [B, ~H/32, ~W/32, 2048] (the stem is unpadded)."""
@@ -121,11 +117,7 @@ class Xception(nnx.Module):
         x = nnx.relu(self.bn3(self.conv3(x)))
         return nnx.relu(self.bn4(self.conv4(x)))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Images [B, H, W, 3] -> float32 logits [B, num_classes]."""
-        return self.head(self.forward_features(x))
 
-
-def xception(**kwargs: Any) -> Xception:
+def xception(*, dtype: Dtype, rngs: nnx.Rngs) -> Xception:
     """Xception as timm's `legacy_xception` (alias `xception`), 2048 features."""
-    return Xception(**kwargs)
+    return Xception(dtype=dtype, rngs=rngs)
