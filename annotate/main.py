@@ -17,7 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from annotate import data, train
+from annotate import data, reports, train
 from annotate.config import validate_config
 from annotate.devices import enable_compilation_cache
 
@@ -38,6 +38,13 @@ def default_workdir(config_path: str) -> Path:
     return Path("runs") / Path(config_path.split(":")[0]).stem
 
 
+def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:
+    """results.json, results.md, thresholds.json and the pictures of `evaluation` (annotate.reports)."""
+    test = evaluation.test
+    reports.write_reports(workdir, evaluation.results, evaluation.config, test.images, test.targets,
+                          evaluation.test_probs, test.vocabulary, evaluation.num_train_images)
+
+
 def main(argv: list[str]) -> None:
     """Parse flags, then train and evaluate (or only evaluate) into the workdir."""
     if len(argv) > 1:
@@ -56,11 +63,13 @@ def main(argv: list[str]) -> None:
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
-        results = run(config, workdir)
+        evaluation = run(config, workdir)
     except (data.DatasetError, FileNotFoundError, FloatingPointError) as error:
         # the cause, named, without a traceback; checkpoints already written stay in the workdir
         sys.exit(f"error: {error}")
-    mcc = results["mcc"]
+    if jax.process_index() == 0:
+        write_reports(workdir, evaluation)
+    mcc = evaluation.results["mcc"]
     print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
           f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see {workdir}/results.md")
 

@@ -2,9 +2,12 @@
 
 Pure numpy on host arrays: targets are 0/1 [N, C], probs are sigmoid outputs [N, C]. Definitions
 follow the seed's `EvaluationMetrics` exactly, including its 1e-7 guards, so that numbers are
-comparable with the published tables.
+comparable with the published tables. `evaluation_results` is the one place where predictions
+become the reported evaluation (thresholds chosen on train, metrics on test, per-label records).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -100,3 +103,23 @@ def mcc_thresholds(targets: np.ndarray, probs: np.ndarray,
     mcc = np.where(denominator > 0, numerator / np.sqrt(np.where(denominator > 0, denominator, 1)),
                    0.0)
     return grid[np.argmax(mcc, axis=0)]  # argmax returns the first (smallest t) on ties
+
+
+def evaluation_results(train_targets: np.ndarray, train_probs: np.ndarray,
+                       test_targets: np.ndarray, test_probs: np.ndarray,
+                       vocabulary: Sequence[str]) -> dict:
+    """The seed's evaluation: test metrics at 0.5 and at per-label MCC thresholds chosen on the
+    training predictions, the thresholds, and one record per label (counts, threshold, P/R/F1)."""
+    thresholds = mcc_thresholds(train_targets, train_probs)
+    at_mcc = per_label_metrics(test_targets, test_probs, thresholds)
+    at_half = per_label_metrics(test_targets, test_probs, 0.5)
+    train_counts = np.asarray(train_targets).sum(axis=0).astype(int)
+    per_label = [{"label": label, "train_count": int(train_counts[i]),
+                  "test_count": int(at_mcc["support"][i]), "threshold": float(thresholds[i]),
+                  "precision": float(at_mcc["precision"][i]), "recall": float(at_mcc["recall"][i]),
+                  "f1": float(at_mcc["f1"][i]), "f1_at_0.5": float(at_half["f1"][i])}
+                 for i, label in enumerate(vocabulary)]
+    return {"fixed_0.5": annotation_metrics(test_targets, test_probs, 0.5),
+            "mcc": annotation_metrics(test_targets, test_probs, thresholds),
+            "thresholds": [float(t) for t in thresholds],
+            "per_label": per_label}

@@ -1,8 +1,8 @@
-"""Evaluation reports from predictions: results.json, results.md (the seed's tables), thresholds.json
-and two pictures (test images with true vs predicted labels; per-label F1 against label frequency).
+"""Reports of an evaluation: results.json, results.md (the seed's tables), thresholds.json and two
+pictures (test images with true vs predicted labels; per-label F1 against label frequency).
 
-Everything here is a function of arrays (targets, probabilities, images); the model and the
-checkpoints are handled by annotate.train.
+Everything here writes files from arrays (targets, probabilities, images) and the results of
+`annotate.metrics.evaluation_results`; the model and the checkpoints are annotate.train's.
 """
 from __future__ import annotations
 
@@ -17,30 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from annotate import metrics, summary  # noqa: E402
+from annotate import summary  # noqa: E402
 
 PREDICTIONS_PICTURE = "test_predictions.png"
 F1_PICTURE = "per_label_f1_vs_frequency.png"
-
-
-def evaluation_results(train_targets: np.ndarray, train_probs: np.ndarray,
-                       test_targets: np.ndarray, test_probs: np.ndarray,
-                       vocabulary: Sequence[str]) -> dict:
-    """The seed's evaluation: test metrics at 0.5 and at per-label MCC thresholds chosen on the
-    training predictions, the thresholds, and one record per label (counts, threshold, P/R/F1)."""
-    thresholds = metrics.mcc_thresholds(train_targets, train_probs)
-    at_mcc = metrics.per_label_metrics(test_targets, test_probs, thresholds)
-    at_half = metrics.per_label_metrics(test_targets, test_probs, 0.5)
-    train_counts = np.asarray(train_targets).sum(axis=0).astype(int)
-    per_label = [{"label": label, "train_count": int(train_counts[i]),
-                  "test_count": int(at_mcc["support"][i]), "threshold": float(thresholds[i]),
-                  "precision": float(at_mcc["precision"][i]), "recall": float(at_mcc["recall"][i]),
-                  "f1": float(at_mcc["f1"][i]), "f1_at_0.5": float(at_half["f1"][i])}
-                 for i, label in enumerate(vocabulary)]
-    return {"fixed_0.5": metrics.annotation_metrics(test_targets, test_probs, 0.5),
-            "mcc": metrics.annotation_metrics(test_targets, test_probs, thresholds),
-            "thresholds": [float(t) for t in thresholds],
-            "per_label": per_label}
 
 
 def results_markdown(results: dict, config: ml_collections.ConfigDict, *,

@@ -7,8 +7,8 @@ BatchNorm statistics update inside one `jax.jit`. The model is split once into a
 and a pure `TrainState`; every random number derives from (config.seed, epoch, step), so a run
 resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted one.
 
-Workdir layout: config.json, metrics.jsonl, tensorboard/, checkpoints/{latest,best}/<epoch>/,
-and after evaluation results.json, results.md, thresholds.json and two PNG pictures.
+Workdir layout: config.json, metrics.jsonl, tensorboard/, checkpoints/<epoch>/ (the latest
+and the best epoch); the apps write the reports of the evaluation beside them (annotate.reports).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -311,12 +310,25 @@ def eval_params(state: TrainState) -> Variables:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def checkpoint_managers(workdir: Path) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-    """(latest, best) orbax managers under workdir/checkpoints, keeping one checkpoint each;
-    checkpoint numbers are completed epochs."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    return (ocp.CheckpointManager(workdir / "checkpoints" / "latest", options=options),
-            ocp.CheckpointManager(workdir / "checkpoints" / "best", options=options))
+SELECTION_METRIC = "per_class_f1"  # the checkpoint kept as "best", by the test set's value
+
+
+def _checkpoint_rank(metrics: dict[str, float]) -> tuple[float, int]:
+    """Order of checkpoints by their saved metrics: the higher selection metric, then the earlier
+    epoch (a later epoch that only ties does not replace the best)."""
+    return metrics[SELECTION_METRIC], -metrics["epoch"]
+
+
+def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
+    """The orbax manager of workdir/checkpoints (checkpoint numbers are completed epochs). Its
+    preservation policy keeps two: the latest (to resume) and the best by SELECTION_METRIC (to
+    evaluate), which orbax ranks from the metrics saved with each checkpoint."""
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=1),
+        ocp.checkpoint_managers.BestN(get_metric_fn=_checkpoint_rank, n=1)])
+    options = ocp.CheckpointManagerOptions(create=True, best_fn=_checkpoint_rank, best_mode="max",
+                                           preservation_policy=policy)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
@@ -329,11 +341,11 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
     """The best checkpoint of `workdir` (laid out like `like`) and its epoch; FileNotFoundError
     when the workdir holds none."""
-    _, best = checkpoint_managers(workdir)
-    best_epoch = best.latest_step()
+    manager = checkpoint_manager(workdir)
+    best_epoch = manager.best_step()
     if best_epoch is None:
-        raise FileNotFoundError(f"no best checkpoint in {best.directory}; train first")
-    return restore_state(best, best_epoch, like), best_epoch
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
+    return restore_state(manager, best_epoch, like), best_epoch
 
 
 # --------------------------------------------------------------------------- data
@@ -432,9 +444,9 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
     return state, float(np.mean(np.concatenate(step_losses))), seconds
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluation:
     """Train as configured (resuming from workdir's latest checkpoint), validating on test after
-    each epoch, then evaluate the best checkpoint; returns the results.json dictionary."""
+    each epoch, then evaluate the best checkpoint."""
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
@@ -453,19 +465,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     if steps_per_epoch == 0:
         raise ValueError(f"config.train.batch_size = {batch_size} exceeds the {num_images} "
                          f"training images")
-    latest, best = checkpoint_managers(workdir)
-    start_epoch = latest.latest_step() or 0
+    checkpoints = checkpoint_manager(workdir)
+    start_epoch = checkpoints.latest_step() or 0
     experiment, state = create_experiment(config, len(train_split.host.vocabulary),
                                           config.train.epochs * steps_per_epoch, mesh,
                                           load_pretrained=not start_epoch)
     if start_epoch:
-        state = restore_state(latest, start_epoch, state)
-        log.info("resumed from %s, epoch %d", latest.directory, start_epoch)
+        state = restore_state(checkpoints, start_epoch, state)
+        log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
     history = [r for r in summary.read_metrics(workdir) if r["epoch"] <= start_epoch]
     if is_writer:  # drop records of an epoch that was interrupted before its checkpoint
         (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     writer = summary.MetricsWriter(workdir) if is_writer else None
-    best_f1 = max((r["test/per_class_f1"] for r in history), default=-math.inf)
 
     root_key = jax.random.key(config.seed)
     order_key, step_key = jax.random.split(root_key)
@@ -486,41 +497,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
             if writer:
                 writer.write(int(state.step), record)
                 log.info("epoch %d: %s", epoch, json.dumps(record))
-            if test_metrics["per_class_f1"] > best_f1:
-                best_f1 = test_metrics["per_class_f1"]
-                if epoch not in best.all_steps():  # present when a kill came between the two saves
-                    best.save(epoch, args=ocp.args.StandardSave(state))
-            latest.save(epoch, args=ocp.args.StandardSave(state))
-    finally:  # an interrupted or failed run still completes the checkpoints already begun
-        latest.wait_until_finished()
-        best.wait_until_finished()
+            checkpoints.save(epoch, args=ocp.args.StandardSave(state),
+                             metrics={SELECTION_METRIC: test_metrics[SELECTION_METRIC],
+                                      "epoch": epoch})
+    finally:  # an interrupted or failed run still completes the checkpoint already begun
+        checkpoints.wait_until_finished()
+        if writer:
+            writer.close()
     return evaluate_best(experiment, state, train_split, test_split, workdir)
 
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate_best(experiment: Experiment, like: TrainState, train_split: DeviceSplit,
-                  test_split: DeviceSplit, workdir: Path) -> dict:
-    """Evaluate workdir's best checkpoint: MCC thresholds on train, metrics on test; writes
-    results.json/.md, thresholds.json and the pictures (see annotate.evaluate)."""
-    from annotate import evaluate as reports
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The evaluation of a workdir's best checkpoint: results.json's content (see
+    metrics.evaluation_results, plus "best_epoch") and what the reports draw from."""
 
+    config: ml_collections.ConfigDict
+    results: dict
+    test: data.Split
+    test_probs: np.ndarray
+    num_train_images: int
+
+
+def evaluate_best(experiment: Experiment, like: TrainState, train_split: DeviceSplit,
+                  test_split: DeviceSplit, workdir: Path) -> Evaluation:
+    """Evaluate workdir's best checkpoint: MCC thresholds on train, metrics on test."""
     state, best_epoch = restore_best(workdir, like)
     params = eval_params(state)
     train_probs = predict(experiment, params, state.batch_stats, train_split.images)
     test_probs = predict(experiment, params, state.batch_stats, test_split.images)
-    results = reports.evaluation_results(train_split.host.targets, train_probs,
+    results = metrics.evaluation_results(train_split.host.targets, train_probs,
                                          test_split.host.targets, test_probs,
                                          test_split.host.vocabulary)
     results["best_epoch"] = best_epoch
-    if jax.process_index() == 0:
-        host = test_split.host
-        reports.write_reports(workdir, results, experiment.config, host.images, host.targets,
-                              test_probs, host.vocabulary, len(train_split.host.images))
-    return results
+    return Evaluation(experiment.config, results, test_split.host, test_probs,
+                      len(train_split.host.images))
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluation:
     """Evaluate the best checkpoint of `workdir` (trained with `config`); see evaluate_best."""
     validate_config(config)
     config = resolved_config(config)

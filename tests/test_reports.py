@@ -1,4 +1,5 @@
-"""annotate.evaluate: results.json content against sklearn, the results.md tables, the pictures."""
+"""annotate.reports (the results.md tables, the pictures) and metrics.evaluation_results (results.json's
+content) against sklearn."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, matthews_corrcoef, precision_score, recall_score
 
-from annotate import evaluate
+from annotate import metrics, reports
 
 from configs import base  # noqa: E402
 
@@ -32,7 +33,7 @@ def predictions():
 @pytest.fixture(scope="module")
 def results(predictions):
     (train_targets, train_probs), (test_targets, test_probs) = predictions
-    return evaluate.evaluation_results(train_targets, train_probs, test_targets, test_probs, VOCABULARY)
+    return metrics.evaluation_results(train_targets, train_probs, test_targets, test_probs, VOCABULARY)
 
 
 def test_results_against_sklearn(predictions, results):
@@ -61,7 +62,7 @@ def test_results_against_sklearn(predictions, results):
 
 def test_results_markdown_tables(results):
     config = base.get_config(model="resnet101", loss="focal")
-    text = evaluate.results_markdown(results, config, num_train_images=80, epoch_seconds=12.4)
+    text = reports.results_markdown(results, config, num_train_images=80, epoch_seconds=12.4)
     assert "| **resnet101** | focal | avg | 32 | 80 | 448 * 448 | - | 12s |" in text
 
     def row(name):
@@ -86,11 +87,11 @@ def test_write_reports(tmp_path, predictions, results):
     images = np.random.default_rng(1).integers(0, 256, (len(test_targets), 24, 24, 3), dtype=np.uint8)
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train/epoch_seconds": 30.0}) + "\n")
     config = base.get_config(model="xception", loss="lsep")
-    evaluate.write_reports(tmp_path, results, config, images, test_targets, test_probs, VOCABULARY, 80)
+    reports.write_reports(tmp_path, results, config, images, test_targets, test_probs, VOCABULARY, 80)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     stored = json.loads((tmp_path / "thresholds.json").read_text())
     assert stored == {"vocabulary": VOCABULARY, "thresholds": results["thresholds"]}
     assert "| 30s |" in (tmp_path / "results.md").read_text()
-    for name in (evaluate.PREDICTIONS_PICTURE, evaluate.F1_PICTURE):
+    for name in (reports.PREDICTIONS_PICTURE, reports.F1_PICTURE):
         with Image.open(tmp_path / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 200

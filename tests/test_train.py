@@ -297,11 +297,27 @@ class _KilledBar:
         pass
 
 
-def _checkpoint_arrays(workdir: Path, kind: str) -> tuple[int, list[np.ndarray]]:
-    directory = workdir / "checkpoints" / kind
+def _checkpoint_arrays(workdir: Path) -> tuple[int, list[np.ndarray]]:
+    """The latest checkpoint's epoch and arrays."""
+    directory = workdir / "checkpoints"
     epochs = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     restored = ocp.StandardCheckpointer().restore(directory / str(epochs[-1]) / "default")
     return epochs[-1], [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def test_checkpoint_manager_keeps_the_latest_and_the_best(tmp_path):
+    """Epochs with test F1 0.2, 0.5, 0.5 (a tie: the earlier stays best), 0.1: only epochs 2
+    (best) and 4 (latest) remain, and a new manager (a restarted run) reads the same from disk."""
+    manager = train.checkpoint_manager(tmp_path)
+    for epoch, f1 in enumerate([0.2, 0.5, 0.5, 0.1], start=1):
+        manager.save(epoch, args=ocp.args.StandardSave({"w": np.full(3, epoch, np.float32)}),
+                     metrics={"per_class_f1": f1, "epoch": epoch})
+        manager.wait_until_finished()
+    assert (manager.all_steps(), manager.latest_step(), manager.best_step()) == ([2, 4], 4, 2)
+    reopened = train.checkpoint_manager(tmp_path)
+    assert (reopened.all_steps(), reopened.latest_step(), reopened.best_step()) == ([2, 4], 4, 2)
+    restored = reopened.restore(2, args=ocp.args.StandardRestore({"w": np.zeros(3, np.float32)}))
+    np.testing.assert_array_equal(restored["w"], [2, 2, 2])
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -319,7 +335,7 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
         patch.setattr(train, "tqdm", _KilledBar(kill_at=5))  # mid-way through epoch 2 of 3
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, killed)
-    assert _checkpoint_arrays(killed, "latest")[0] == 1
+    assert _checkpoint_arrays(killed)[0] == 1
     assert [r["epoch"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())] == [1]
 
     # A non-finite loss (infinite learning rate from epoch 2 on) stops with the step named;
@@ -334,13 +350,13 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert _files(poisoned / "checkpoints") == before
 
     resumed = train.train_and_evaluate(config, killed)  # the same command again
-    full_epoch, full_arrays = _checkpoint_arrays(tmp_path / "full", "latest")
-    resumed_epoch, resumed_arrays = _checkpoint_arrays(killed, "latest")
+    full_epoch, full_arrays = _checkpoint_arrays(tmp_path / "full")
+    resumed_epoch, resumed_arrays = _checkpoint_arrays(killed)
     assert full_epoch == resumed_epoch == 3
     assert len(full_arrays) == len(resumed_arrays)
     for a, b in zip(full_arrays, resumed_arrays):
         np.testing.assert_array_equal(a, b)
-    assert resumed == uninterrupted
+    assert resumed.results == uninterrupted.results
     epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
 
