@@ -13,7 +13,8 @@ Variants are backbone x dtype x resolution x K. All variants are lowered
 one after another and compiled concurrently (XLA compiles release the GIL), then timed one at a
 time: median of `repeats` timings of `steps` steps after `warmup` steps. FLOPs come from XLA's
 cost analysis of the compiled step, memory from its memory analysis and the device's counters.
-`wgan` times wgan.train.wgan_throughput at each K and extrapolates to the 1001-iteration recipe.
+`wgan` times `wgan_throughput` (wgan.train's jitted chunk) at each K and extrapolates to the
+1001-iteration recipe.
 Every measurement is one JSON line on stdout; a markdown table comes last.
 """
 from __future__ import annotations
@@ -421,6 +422,47 @@ def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- WGAN
 
+def random_chunk_inputs(pairs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """wgan.train.chunk_inputs for K random images in [-1, 1]: the chunk `wgan_throughput`
+    times (the precompile and the profile build the same one, so they hit the same cache)."""
+    from wgan import train as wgan_train
+    from wgan.models import IMAGE_HEIGHT, IMAGE_WIDTH
+
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
+                                                               3), minval=-1.0, maxval=1.0))
+    return wgan_train.chunk_inputs(wgan_train.image_keys(0, np.arange(pairs)), images)
+
+
+def wgan_throughput(pairs: int, iterations: int = 5, *, width: int = 64,
+                    compute_dtype: Any = jnp.float32, repeats: int = 2,
+                    total_iterations: int = WGAN_RECIPE_ITERATIONS) -> dict[str, float]:
+    """Time K=`pairs` pairs training `iterations` iterations on random images and extrapolate to
+    the full recipe (init excluded, it is a one-off per chunk: reported as init_s).
+
+    Returns pairs, compile_s, init_s, s_per_iteration, images_per_hour, hours_for_4500_images.
+    """
+    from wgan import train as wgan_train
+
+    setup = wgan_train.WganSetup(width=width, compute_dtype=compute_dtype)
+    init_keys, train_keys, images = random_chunk_inputs(pairs)
+    init_times, train_times = [], []
+    for _ in range(repeats + 1):  # the first round compiles
+        start = time.perf_counter()
+        state = jax.block_until_ready(wgan_train.init_pairs(setup, init_keys))
+        init_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        jax.block_until_ready(wgan_train.train_pairs(setup, state, images, train_keys,
+                                                     iterations))
+        train_times.append(time.perf_counter() - start)
+    s_per_iteration = float(np.median(train_times[1:])) / iterations
+    images_per_hour = pairs * 3600.0 / (s_per_iteration * total_iterations)
+    return {"pairs": pairs, "iterations": iterations,
+            "compile_s": init_times[0] + train_times[0] - min(init_times[1:])
+            - min(train_times[1:]),
+            "init_s": float(np.median(init_times[1:])), "s_per_iteration": s_per_iteration,
+            "images_per_hour": images_per_hour, "hours_for_4500_images": 4500 / images_per_hour}
+
+
 def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
                     width: int) -> dict[tuple[int, str], float]:
     """Compile the WGAN steps of all (K, dtype) concurrently into JAX's persistent compilation
@@ -434,7 +476,7 @@ def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
 
     def lower(pairs: int, dtype: str) -> list[Any]:
         setup = wgan_train.WganSetup(width=width, compute_dtype=jnp.dtype(dtype))
-        init_keys, train_keys, images = wgan_train.random_chunk_inputs(pairs)
+        init_keys, train_keys, images = random_chunk_inputs(pairs)
         init = wgan_train.init_pairs.lower(setup, init_keys)
         return [init, wgan_train.train_pairs.lower(setup, init.out_info, images, train_keys,
                                                    iterations=iterations)]
@@ -459,7 +501,7 @@ def profile_wgan(pairs: int, dtype: str, width: int, iterations: int,
     from wgan import train as wgan_train
 
     setup = wgan_train.WganSetup(width=width, compute_dtype=jnp.dtype(dtype))
-    init_keys, train_keys, images = wgan_train.random_chunk_inputs(pairs)
+    init_keys, train_keys, images = random_chunk_inputs(pairs)
     state = wgan_train.init_pairs(setup, init_keys)
     name = f"wgan_K{pairs}_{dtype}_w{width}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -483,8 +525,6 @@ def profile_wgan(pairs: int, dtype: str, width: int, iterations: int,
 def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """wgan_throughput at each K x compute dtype, extrapolated to the full 1001-iteration recipe
     (after compiling every variant concurrently, see precompile_wgan)."""
-    from wgan.train import wgan_throughput
-
     seed_images_per_hour = 3600.0 / (SEED_WGAN_S_PER_ITERATION * WGAN_RECIPE_ITERATIONS)
     variants = [(int(pairs), dtype) for dtype in csv(args.dtypes) for pairs in csv(args.pairs)]
     start = time.perf_counter()

@@ -6,6 +6,7 @@ draws every parameter and BN statistic at random with scales that keep activatio
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import jax.numpy as jnp
@@ -101,3 +102,42 @@ def timm_and_flax_models(name: str, timm_name: str, *, num_classes: int = 260, s
     load_timm_weights(model, torch_state_dict(torch_model))
     model.eval()
     return torch_model, model
+
+
+def assert_eval_matches_timm(torch_model: torch.nn.Module, model: nnx.Module, height: int,
+                             width: int, *, seed: int, tolerance: float = EVAL_TOLERANCE) -> None:
+    """Eval mode on random images of height x width: our feature map and logits equal timm's
+    `forward_features` and `forward_head` to `tolerance` (relative L2)."""
+    images = random_images(2, height, width, seed=seed)
+    features = model.forward_features(jnp.asarray(images))
+    logits = np.asarray(model.head(features))
+    with torch.no_grad():
+        reference_features = torch_model.forward_features(nchw_tensor(images))
+        reference = torch_model.forward_head(reference_features).numpy()
+    assert features.shape[-1] == model.num_features == torch_model.num_features
+    assert relative_l2(np.asarray(features),
+                       reference_features.numpy().transpose(0, 2, 3, 1)) < tolerance
+    assert reference.std() > 0.1, "random weights should give non-degenerate logits"
+    assert relative_l2(logits, reference) < tolerance
+
+
+def assert_train_mode_matches_timm(torch_model: torch.nn.Module, model: nnx.Module,
+                                   images: np.ndarray, *,
+                                   tolerance: float = TRAIN_MODE_TOLERANCE) -> dict[str, np.ndarray]:
+    """Train mode (batch statistics) on `images`: our logits equal timm's, and every BatchNorm
+    running statistic is updated as timm updates it (each one changed by the step). Returns
+    timm's updated statistics."""
+    torch_train = copy.deepcopy(torch_model).train()
+    reference = torch_train(nchw_tensor(images)).detach().numpy()
+    model_train = nnx.clone(model)
+    model_train.train()
+    logits = np.asarray(model_train(jnp.asarray(images)))
+    assert relative_l2(logits, reference) < tolerance
+    ours, before = batch_stats_by_torch_key(model_train), batch_stats_by_torch_key(model)
+    theirs = {key: value for key, value in torch_state_dict(torch_train).items()
+              if key.endswith(("running_mean", "running_var"))}
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert not np.allclose(before[key], value), f"{key} was not updated by timm"
+        assert relative_l2(ours[key], value) < tolerance, key
+    return theirs

@@ -4,14 +4,12 @@ trace summariser, the WGAN record and the report table."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from modules import load_module
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 TRAIN_ARGS = ["train", "--models", "resnet18", "--dtypes", "float32", "--res", "32", "--batch",
               "2", "--warmup", "1", "--steps", "2", "--repeats", "2", "--batches-on-device", "2"]
 
@@ -19,11 +17,7 @@ TRAIN_ARGS = ["train", "--models", "resnet18", "--dtypes", "float32", "--res", "
 @pytest.fixture(scope="module")
 def benchmark():
     """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_module("scripts/benchmark.py")
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +125,10 @@ def test_trace_summary_sums_kernels_per_call(benchmark, tmp_path):
 def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
     """The WGAN command's plumbing with a stand-in measurement (the real one compiles for minutes
     on a CPU): speed-up = images/hour over the seed's 3600 / (0.077 s x 1001)."""
-    import wgan.train
-
     measured = {"pairs": 8, "iterations": 3, "compile_s": 1.0, "s_per_iteration": 0.5,
                 "images_per_hour": 8 * 3600 / (0.5 * 1001),
                 "hours_for_4500_images": 4500 / (8 * 3600 / (0.5 * 1001))}
-    monkeypatch.setattr(wgan.train, "wgan_throughput", lambda *args, **kwargs: dict(measured))
+    monkeypatch.setattr(benchmark, "wgan_throughput", lambda *args, **kwargs: dict(measured))
     monkeypatch.setattr(benchmark, "precompile_wgan",
                         lambda variants, iterations, width: {v: 2.0 for v in variants})
     (record,) = benchmark.main(["wgan", "--pairs", "8", "--dtypes", "float32", "--width", "4"])

@@ -1,15 +1,16 @@
 """configs/: every model x loss file loads with the seed's hyper-parameters; bad names are refused."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from annotate import losses, models
+from annotate.config import config_value
 
 REPO = Path(__file__).resolve().parents[1]
 from configs import base  # noqa: E402
+from modules import load_module
 
 MODEL_FILES = {"resnet101": "resnet101", "resnext50": "resnext50_32x4d", "xception": "xception",
                "tresnet": "tresnet_m"}
@@ -18,10 +19,19 @@ LOSSES = ("bce", "focal", "asl", "lsep")
 
 def load_config_file(path: Path):
     """Load a config file the way ml_collections' config_flags does (by path)."""
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_module(path).get_config()
+
+
+# the seed's recipe (CNN_Image_Annotaion: main.py / engine.py), which every model x loss file keeps
+SEED_RECIPE = {
+    "data.image_size": 448, "train.batch_size": 32, "train.optimizer": "adam",
+    "train.learning_rate": 1e-4, "train.schedule": "onecycle", "train.pct_start": 0.2,
+    "train.epochs": 80, "train.stop_epoch": 60, "loss.focal.gamma": 3.0,
+    "loss.asl.gamma_neg": 4.0, "loss.asl.gamma_pos": 0.0, "loss.asl.clip": 0.05,
+    "model.head": "linear", "model.drop_rate": 0.3, "model.global_pool": "avg",
+    "train.flip_horizontal": True, "train.flip_vertical": True, "model.pretrained": None,
+    "data.mean": None,
+}
 
 
 @pytest.mark.parametrize("stem,model", sorted(MODEL_FILES.items()))
@@ -29,17 +39,8 @@ def load_config_file(path: Path):
 def test_model_loss_files(stem, model, loss):
     config = load_config_file(REPO / "configs" / f"{stem}_{loss}.py")
     assert (config.model.name, config.loss.name) == (model, loss)
-    # the seed's recipe (CNN_Image_Annotaion: main.py / engine.py)
-    assert config.data.image_size == 448
-    assert config.train.batch_size == 32
-    assert (config.train.optimizer, config.train.learning_rate) == ("adam", 1e-4)
-    assert (config.train.schedule, config.train.pct_start) == ("onecycle", 0.2)
-    assert (config.train.epochs, config.train.stop_epoch) == (80, 60)
-    assert config.loss.focal.gamma == 3.0
+    assert {key: config_value(config, key) for key in SEED_RECIPE} == SEED_RECIPE
     assert dict(config.loss.asl) == {"gamma_neg": 4.0, "gamma_pos": 0.0, "clip": 0.05}
-    assert (config.model.drop_rate, config.model.global_pool) == (0.3, "avg")
-    assert config.train.flip_horizontal and config.train.flip_vertical
-    assert config.model.pretrained is None and config.data.mean is None
 
 
 def test_every_seed_combination_has_a_file():

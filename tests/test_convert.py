@@ -1,7 +1,6 @@
 """Checkpoint import: key/shape errors, head skipping, .pth/.safetensors/timm:/orbax loading."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 from annotate.convert import load_pretrained, load_timm_weights
 from annotate.models import MODEL_NAMES, create_model
 from parity import randomize_torch_model_
+from modules import load_module
 
 NUM_CLASSES = 10
 REPO = Path(__file__).resolve().parents[1]
@@ -130,10 +130,7 @@ def test_pretrained_timm_failure_names_the_model(monkeypatch):
 
 
 def test_convert_script_writes_a_reusable_orbax_checkpoint(tmp_path, timm_state, reference_model):
-    script = REPO / "scripts" / "convert_timm.py"
-    spec = importlib.util.spec_from_file_location("convert_timm", script)
-    convert_timm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert_timm)
+    convert_timm = load_module("scripts/convert_timm.py")
     source = tmp_path / "resnet18.pth"
     torch.save(timm_state, source)
     out = convert_timm.main(["--model", "resnet18", "--num-classes", str(NUM_CLASSES),

@@ -80,11 +80,8 @@ def test_second_load_reads_the_cache_without_decoding(tiny_dataset, cache_dir, m
 
     monkeypatch.setattr(annotate.data, "decode_image", no_decoding)
     second = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
-    mapped = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir, mmap=True)
     np.testing.assert_array_equal(second.images, first.images)
     np.testing.assert_array_equal(second.targets, first.targets)
-    assert isinstance(mapped.images, np.memmap)
-    np.testing.assert_array_equal(mapped.images, first.images)
 
 
 def test_default_cache_dir_follows_annotate_cache(tiny_dataset, tmp_path, monkeypatch):
@@ -268,7 +265,7 @@ def test_tfds_build_gives_the_same_arrays_without_tensorflow(tiny_dataset, tmp_p
 
     from annotate.data.tfds_corel5k import build_tfds
 
-    data_dir = tmp_path / "tfds"
+    data_dir = annotate.data.tfds_data_dir(tiny_dataset, cache_dir)
     build_dir = build_tfds(tiny_dataset, data_dir)
     assert any(name.startswith("corel5k-train.array_record") for name in os.listdir(build_dir))
     records = tfds.data_source("corel5k", split="test", data_dir=str(data_dir), download=False)
@@ -276,16 +273,14 @@ def test_tfds_build_gives_the_same_arrays_without_tensorflow(tiny_dataset, tmp_p
 
     for split in ("train", "test"):
         from_folder = load_split(tiny_dataset, split, SIZE, cache_dir=cache_dir)
-        from_tfds = load_split(tiny_dataset, split, SIZE, cache_dir=cache_dir, source="tfds",
-                               tfds_data_dir=data_dir)
+        from_tfds = load_split(tiny_dataset, split, SIZE, cache_dir=cache_dir, source="tfds")
         assert from_tfds.image_names == from_folder.image_names
         assert from_tfds.vocabulary == from_folder.vocabulary
         np.testing.assert_array_equal(from_tfds.targets, from_folder.targets)
         np.testing.assert_array_equal(from_tfds.images, from_folder.images)
 
     edit_json(tiny_dataset / "test.json", lambda c: c["samples"][0].update(image_labels=["water"]))
-    rebuilt = load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir, source="tfds",
-                         tfds_data_dir=data_dir)
+    rebuilt = load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir, source="tfds")
     np.testing.assert_array_equal(rebuilt.targets, hand_multi_hot(tiny_dataset / "test.json")[1])
     assert "tensorflow" not in sys.modules
 

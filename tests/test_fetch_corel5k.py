@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import tarfile
 import zipfile
 from pathlib import Path
@@ -11,18 +10,15 @@ import pytest
 
 from annotate.data import DatasetError
 from conftest import write_dataset
+from modules import load_module
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fetch_corel5k.py"
 TINY_COUNTS = {"train": 12, "test": 6, "labels": 5}
 
 
 @pytest.fixture(scope="module")
 def fetch():
     """The script loaded as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("fetch_corel5k", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("scripts/fetch_corel5k.py")
 
 
 def pack(source: Path, archive: Path, top: str = "Corel-5k") -> Path:

@@ -1,8 +1,6 @@
 """ResNet/ResNeXt parity with timm: parameter counts, eval and train forward, BN updates, bf16."""
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,7 @@ from annotate.convert import load_timm_weights
 from annotate.models import count_params, create_model
 from annotate.models.layers import max_pool2d
 from annotate.models.resnet import BasicBlock, Bottleneck
-from parity import (EVAL_TOLERANCE, TRAIN_MODE_TOLERANCE, batch_stats_by_torch_key, nchw_tensor,
+from parity import (assert_eval_matches_timm, assert_train_mode_matches_timm, nchw_tensor,
                     random_images, randomize_torch_model_, relative_l2, timm_and_flax_models,
                     torch_state_dict)
 
@@ -44,38 +42,15 @@ def test_param_count_matches_timm_and_readme(name):
 
 @pytest.mark.parametrize("height,width", [(224, 224), (160, 192)])
 def test_eval_features_and_logits_match_timm(models, height, width):
-    name, torch_model, model = models
-    images = random_images(2, height, width, seed=height)
-    features = model.forward_features(jnp.asarray(images))
-    logits = np.asarray(model.head(features))
-    with torch.no_grad():
-        reference_features = torch_model.forward_features(nchw_tensor(images))
-        reference = torch_model.forward_head(reference_features).numpy()
-    assert model.num_features == torch_model.num_features
+    _, torch_model, model = models
+    assert_eval_matches_timm(torch_model, model, height, width, seed=height)
+    features = model.forward_features(jnp.asarray(random_images(2, height, width, seed=height)))
     assert features.shape == (2, -(-height // 32), -(-width // 32), model.num_features)
-    assert relative_l2(np.asarray(features),
-                       reference_features.numpy().transpose(0, 2, 3, 1)) < EVAL_TOLERANCE, name
-    assert reference.std() > 0.1, "random weights should give non-degenerate logits"
-    assert relative_l2(logits, reference) < EVAL_TOLERANCE, name
 
 
 def test_train_mode_logits_and_running_stats_match_timm(models):
-    name, torch_model, model = models
-    images = random_images(2, 160, 192, seed=4)
-    torch_train = copy.deepcopy(torch_model).train()
-    reference = torch_train(nchw_tensor(images)).detach().numpy()
-    model_train = nnx.clone(model)
-    model_train.train()
-    logits = np.asarray(model_train(jnp.asarray(images)))
-    assert relative_l2(logits, reference) < TRAIN_MODE_TOLERANCE, name
-    ours = batch_stats_by_torch_key(model_train)
-    theirs = {key: value for key, value in torch_state_dict(torch_train).items()
-              if key.endswith(("running_mean", "running_var"))}
-    assert ours.keys() == theirs.keys()
-    before = batch_stats_by_torch_key(model)
-    for key, value in theirs.items():
-        assert not np.allclose(before[key], value), f"{key} was not updated by timm"
-        assert relative_l2(ours[key], value) < TRAIN_MODE_TOLERANCE, key
+    _, torch_model, model = models
+    assert_train_mode_matches_timm(torch_model, model, random_images(2, 160, 192, seed=4))
 
 
 # bf16 compiles are the costliest on CPU; the deepest ResNet is the worst case for rounding drift.

@@ -1,8 +1,6 @@
 """TResNet-M parity with timm's `tresnet_m`: layers, key mapping, eval/train logits, bf16, inplace-ABN import."""
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,8 @@ from timm.models.tresnet import checkpoint_filter_fn
 from annotate.convert import _flat_variables, _target_key, load_timm_weights, module_path
 from annotate.models import count_params, create_model
 from annotate.models.tresnet import TResNet, avg_pool_2x2_ceil, blur_pool, space_to_depth
-from parity import (batch_stats_by_torch_key, nchw_tensor, random_images, relative_l2,
-                     timm_and_flax_models, torch_state_dict)
+from parity import (assert_train_mode_matches_timm, nchw_tensor, random_images, relative_l2,
+                    timm_and_flax_models, torch_state_dict)
 
 NUM_CLASSES = 260
 SEED_README_PARAMS = 29_872_772
@@ -128,22 +126,9 @@ def test_forward_features_is_the_pre_pool_map(model, our_logits):
 
 
 def test_train_mode_logits_and_running_stats_match_timm(model, timm_model):
-    reference = copy.deepcopy(timm_model).train()
-    ours = nnx.clone(model)
-    ours.train()
-    images = _images(*TRAIN_SIZE, seed=3)
-    with torch.no_grad():
-        expected = reference(nchw_tensor(images)).numpy()
-    logits = np.asarray(ours(jnp.asarray(images)))
-    assert relative_l2(logits, expected) < 1e-4
-    theirs = {key: value for key, value in torch_state_dict(reference).items()
-              if key.endswith(("running_mean", "running_var"))}
-    stats, before = batch_stats_by_torch_key(ours), batch_stats_by_torch_key(model)
-    assert stats.keys() == theirs.keys()
-    assert len(theirs) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
-    for key, value in theirs.items():
-        assert not np.allclose(before[key], value), f"{key} was not updated by timm"
-        assert relative_l2(stats[key], value) < 1e-4, key
+    theirs = assert_train_mode_matches_timm(timm_model, model, _images(*TRAIN_SIZE, seed=3),
+                                            tolerance=1e-4)
+    assert len(theirs) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in timm_model.modules())
 
 
 def test_bfloat16_logits_close_to_float32(state_dict, our_logits):

@@ -1,8 +1,6 @@
 """Xception parity with timm's `legacy_xception`: parameter count, eval/train forward, BN, bf16."""
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +13,9 @@ from timm.models.xception import Block as TimmBlock
 from annotate.convert import load_timm_weights
 from annotate.models import count_params, create_model
 from annotate.models.xception import Block
-from parity import (EVAL_TOLERANCE, TRAIN_MODE_TOLERANCE, batch_stats_by_torch_key, nchw_tensor,
-                    random_images, randomize_torch_model_, relative_l2, timm_and_flax_models,
-                    torch_state_dict)
+from parity import (assert_eval_matches_timm, assert_train_mode_matches_timm,
+                    batch_stats_by_torch_key, nchw_tensor, random_images, randomize_torch_model_,
+                    relative_l2, timm_and_flax_models, torch_state_dict)
 
 README_XCEPTION_PARAMS = 21_339_692
 
@@ -47,34 +45,12 @@ def test_state_dict_keys_are_timms(models):
 @pytest.mark.parametrize("height,width", [(224, 224), (160, 192)])
 def test_eval_features_and_logits_match_timm(models, height, width):
     torch_model, model = models
-    images = random_images(2, height, width, seed=height)
-    features = model.forward_features(jnp.asarray(images))
-    logits = np.asarray(model.head(features))
-    with torch.no_grad():
-        reference_features = torch_model.forward_features(nchw_tensor(images))
-        reference = torch_model.forward_head(reference_features).numpy()
-    assert features.shape[-1] == model.num_features == torch_model.num_features
-    assert relative_l2(np.asarray(features),
-                       reference_features.numpy().transpose(0, 2, 3, 1)) < EVAL_TOLERANCE
-    assert reference.std() > 0.1, "random weights should give non-degenerate logits"
-    assert relative_l2(logits, reference) < EVAL_TOLERANCE
+    assert_eval_matches_timm(torch_model, model, height, width, seed=height)
 
 
 def test_train_mode_logits_and_running_stats_match_timm(models):
     torch_model, model = models
-    images = random_images(2, 160, 192, seed=4)
-    torch_train = copy.deepcopy(torch_model).train()
-    reference = torch_train(nchw_tensor(images)).detach().numpy()
-    model_train = nnx.clone(model)
-    model_train.train()
-    logits = np.asarray(model_train(jnp.asarray(images)))
-    assert relative_l2(logits, reference) < TRAIN_MODE_TOLERANCE
-    ours = batch_stats_by_torch_key(model_train)
-    before = batch_stats_by_torch_key(model)
-    for key, value in torch_state_dict(torch_train).items():
-        if key.endswith(("running_mean", "running_var")):
-            assert not np.allclose(before[key], value), f"{key} was not updated by timm"
-            assert relative_l2(ours[key], value) < TRAIN_MODE_TOLERANCE, key
+    assert_train_mode_matches_timm(torch_model, model, random_images(2, 160, 192, seed=4))
 
 
 def test_bfloat16_logits_close_to_float32(models):

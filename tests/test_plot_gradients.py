@@ -1,20 +1,15 @@
 """scripts/plot_gradients.py writes valid PNGs whose curves are the losses' true gradients."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from modules import load_module
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_gradients.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("plot_gradients", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("scripts/plot_gradients.py")
 
 
 def test_main_writes_png_figures(tmp_path):

@@ -2,23 +2,17 @@
 ratio is only formed from lines of one file (one device call)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from modules import load_module
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py"
 
 
 @pytest.fixture(scope="module")
 def results_tables():
-    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["results_tables"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("scripts/results_tables.py")
 
 
 def test_results_page_is_built_from_the_committed_files(results_tables):

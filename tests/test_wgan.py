@@ -1,7 +1,6 @@
 """ML-WGAN: models and losses against torch (the seed's code), vmap independence, the CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from annotate.data import read_augmentation_index, read_split_index
 from conftest import write_dataset
+from modules import load_module
 from wgan import run as wgan_run
 from wgan.models import BatchNorm2d, Conv2d, Critic, Generator
 from wgan.train import (WganSetup, augmented_views, critic_loss, generator_loss,
@@ -239,10 +239,7 @@ def test_augmented_views_are_the_seeds():
 
 def wgan_config(**overrides) -> config_dict.ConfigDict:
     """configs/wgan.py's get_config() with `overrides` (dotted keys as double underscores)."""
-    spec = importlib.util.spec_from_file_location("wgan_config", REPO / "configs" / "wgan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_module("configs/wgan.py").get_config()
     for key, value in overrides.items():
         *parents, leaf = key.split("__")
         node = config

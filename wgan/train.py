@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -221,13 +220,6 @@ def chunk_inputs(keys: jax.Array, images: np.ndarray) -> tuple[jax.Array, jax.Ar
     return shard_pairs((pair_keys[:, 0], pair_keys[:, 1], jnp.asarray(images, jnp.float32)))
 
 
-def random_chunk_inputs(pairs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`chunk_inputs` for K random images in [-1, 1]: the chunk `wgan_throughput` times."""
-    images = np.asarray(jax.random.uniform(jax.random.key(1), (pairs, IMAGE_HEIGHT, IMAGE_WIDTH,
-                                                               3), minval=-1.0, maxval=1.0))
-    return chunk_inputs(image_keys(0, np.arange(pairs)), images)
-
-
 def load_wgan_image(path: str | Path) -> np.ndarray:
     """The seed's preprocessing: portrait -> landscape (PIL rotate 90, counter-clockwise), centre
     crop 122x186, bilinear resize to 128x192, scale to [-1, 1]; float32 [128, 192, 3]."""
@@ -252,30 +244,3 @@ def augmented_views(fakes: np.ndarray) -> list[np.ndarray]:
     views = [pixels[0], pixels[1][:, ::-1], np.rot90(pixels[2], -1)]
     return [np.ascontiguousarray((view * 255).astype(np.uint8))
             for view in views]
-
-
-def wgan_throughput(pairs: int, iterations: int = 5, *, width: int = 64,
-                    compute_dtype: Any = jnp.float32, repeats: int = 2,
-                    total_iterations: int = 1001) -> dict[str, float]:
-    """Time K=`pairs` pairs training `iterations` iterations on random images and extrapolate to
-    the full recipe (init excluded, it is a one-off per chunk: reported as init_s).
-
-    Returns pairs, compile_s, init_s, s_per_iteration, images_per_hour, hours_for_4500_images.
-    """
-    setup = WganSetup(width=width, compute_dtype=compute_dtype)
-    init_keys, train_keys, images = random_chunk_inputs(pairs)
-    init_times, train_times = [], []
-    for _ in range(repeats + 1):  # the first round compiles
-        start = time.perf_counter()
-        state = jax.block_until_ready(init_pairs(setup, init_keys))
-        init_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        jax.block_until_ready(train_pairs(setup, state, images, train_keys, iterations))
-        train_times.append(time.perf_counter() - start)
-    s_per_iteration = float(np.median(train_times[1:])) / iterations
-    images_per_hour = pairs * 3600.0 / (s_per_iteration * total_iterations)
-    return {"pairs": pairs, "iterations": iterations,
-            "compile_s": init_times[0] + train_times[0] - min(init_times[1:])
-            - min(train_times[1:]),
-            "init_s": float(np.median(init_times[1:])), "s_per_iteration": s_per_iteration,
-            "images_per_hour": images_per_hour, "hours_for_4500_images": 4500 / images_per_hour}

@@ -32,7 +32,7 @@ AUGMENTATION_IMAGES = "aug-images"
 __all__ = [
     "COREL5K_MEAN", "COREL5K_STD", "DatasetError", "Split", "SplitIndex", "decode_image",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
-    "read_dataset_indices", "read_split_index", "validate_dataset",
+    "read_dataset_indices", "read_split_index", "tfds_data_dir", "validate_dataset",
 ]
 
 
@@ -52,17 +52,20 @@ def read_augmentation_index(augmentation_dir: Path | str) -> SplitIndex:
     return read_index_file(index_path, AUGMENTATION_IMAGES)
 
 
+def tfds_data_dir(root: Path | str, cache_dir: Path | str) -> Path:
+    """Where load_split keeps the TFDS (array_record) build of dataset folder `root`."""
+    root = Path(root).expanduser().absolute()
+    return Path(cache_dir).expanduser() / "tfds" / f"{root.name}-{short_hash(str(root))}"
+
+
 def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path | str | None = None,
-               source: str = "folder", augmentation_dir: Path | str | None = None,
-               tfds_data_dir: Path | str | None = None, mmap: bool = False,
-               num_workers: int | None = None) -> Split:
+               source: str = "folder", augmentation_dir: Path | str | None = None) -> Split:
     """Load split "train"/"test" of dataset folder `root` decoded at `image_size`, via the cache.
 
     source="folder" decodes `root/images`; source="tfds" decodes the encoded bytes of the `corel5k`
-    TFDS build in `tfds_data_dir` (default `<cache_dir>/tfds/<folder>`), building it from `root`
-    when missing or out of date. `augmentation_dir` (train only) appends the samples of its
-    train_aug.json (same vocabulary required), as the seed's `--augmentation` does.
-    `mmap=True` returns a read-only memory map of the cache instead of reading it into RAM.
+    TFDS build in `tfds_data_dir(root, cache_dir)`, building it from `root` when missing or out
+    of date. `augmentation_dir` (train only) appends the samples of its train_aug.json (same
+    vocabulary required), as the seed's `--augmentation` does.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; valid splits: {list(SPLITS)}")
@@ -86,8 +89,7 @@ def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path
     else:
         from annotate.data.tfds_corel5k import build_tfds, read_tfds_split
 
-        data_dir = Path(tfds_data_dir).expanduser() if tfds_data_dir is not None else (
-            cache_dir / "tfds" / f"{root.name}-{short_hash(str(root))}")
+        data_dir = tfds_data_dir(root, cache_dir)
         if root.is_dir():
             build_tfds(root, data_dir)
         build_dir, vocabulary, records = read_tfds_split(data_dir, split)
@@ -114,9 +116,8 @@ def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path
         return decode_image(sources[i], image_size, name=error_names[i])
 
     def fill(out: np.ndarray) -> None:
-        decode_into(out, read_image, num_workers=num_workers,
-                    description=f"decoding {root.name} {split} at {image_size}px")
+        decode_into(out, read_image, description=f"decoding {root.name} {split} at {image_size}px")
 
     images = cached_uint8_array(cache_dir, prefix, key, (len(sources), image_size, image_size, 3),
-                                fill, mmap=mmap)
+                                fill)
     return Split(images, multi_hot(labels, vocabulary), names, list(vocabulary))

@@ -61,7 +61,7 @@ def directory_fingerprint_parts(directory: Path) -> list[str]:
 
 
 def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[int],
-                       fill: Callable[[np.ndarray], None], *, mmap: bool = False) -> np.ndarray:
+                       fill: Callable[[np.ndarray], None]) -> np.ndarray:
     """Return the cached array `<cache_dir>/<prefix>-<key>.npy`, creating it with `fill` on a miss.
 
     `fill` writes into a memory-mapped temp file in `cache_dir` (so large splits need not fit in
@@ -69,9 +69,8 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     removed. Older entries with the same prefix (stale versions of this split) are deleted.
     """
     final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
-    mmap_mode = "r" if mmap else None
     if final_path.is_file():
-        return np.load(final_path, mmap_mode=mmap_mode)
+        return np.load(final_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{final_path.name}.", suffix=".tmp")
     os.close(handle)
@@ -90,4 +89,4 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
                          and len(stale.name) == len(final_path.name))
         if is_same_entry and stale != final_path:
             stale.unlink(missing_ok=True)
-    return np.load(final_path, mmap_mode=mmap_mode)
+    return np.load(final_path)

@@ -49,10 +49,6 @@ class SplitIndex:
         folder = self.root / self.image_folder
         return [folder / name for name in self.image_names]
 
-    def multi_hot(self) -> np.ndarray:
-        """Targets float32 [N, C]: 1 where the image carries the label, in vocabulary order."""
-        return multi_hot(self.image_labels, self.vocabulary)
-
 
 def multi_hot(image_labels: Sequence[Sequence[str]], vocabulary: Sequence[str]) -> np.ndarray:
     """Encode per-image label lists as float32 [N, len(vocabulary)] 0/1 rows (vocabulary order)."""
@@ -184,15 +180,14 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_into(out: np.ndarray, read_image: Callable[[int], np.ndarray], *, description: str,
-                num_workers: int | None = None) -> None:
+def decode_into(out: np.ndarray, read_image: Callable[[int], np.ndarray], *,
+                description: str) -> None:
     """Fill `out[i] = read_image(i)` for every i with a thread pool and a progress bar.
 
     PIL releases the GIL while decoding and resizing, so threads use all cores. The first error
     cancels the remaining work and is re-raised.
     """
-    workers = num_workers or available_cores()
-    executor = ThreadPoolExecutor(max_workers=workers)
+    executor = ThreadPoolExecutor(max_workers=available_cores())
     try:
         def store(i: int) -> None:
             out[i] = read_image(i)

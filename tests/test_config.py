@@ -1,0 +1,50 @@
+"""annotate.config: errors name the key, the input normalisation, the head's options, and no jax on
+import."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from annotate.config import head_options, normalisation, validate_config
+from configs import base
+from modules import REPO
+
+
+def test_normalisation_choice():
+    config = base.get_config(model="tresnet_m", loss="asl")
+    assert normalisation(config) == ((0.3928, 0.4079, 0.3531), (0.2559, 0.2436, 0.2544))
+    config.model.pretrained = "timm:tresnet_m"
+    assert normalisation(config) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    assert normalisation(config) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_config_errors_name_the_key():
+    config = base.get_config(model="resnet18", loss="asl")
+    config.train.stop_epoch = 100
+    with pytest.raises(ValueError, match=r"config.train.stop_epoch = 100"):
+        validate_config(config)
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.name = "no_such_net"
+    with pytest.raises(ValueError, match="valid models: .*tresnet_m"):
+        validate_config(config)
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.head = "no_such_head"
+    with pytest.raises(ValueError, match="unknown head 'no_such_head'; valid heads: linear"):
+        validate_config(config)
+
+
+def test_linear_head_takes_the_seed_options():
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.drop_rate = 0.1
+    assert head_options(config) == {"global_pool": "avg", "drop_rate": 0.1}
+
+
+def test_config_and_registry_import_without_jax():
+    code = ("import sys; import annotate.config, annotate.models; "
+            "annotate.models.model_info('tresnet_m'); assert 'jax' not in sys.modules, 'jax'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
