@@ -14,12 +14,13 @@ compute them per image, which lets one call carry several of the seed's batch-1 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from annotate.models.layers import torch_default_uniform
 
 Dtype = Any
 
@@ -31,15 +32,6 @@ def _normal_init(stddev: float):
     """The seed's `weights_init`: N(0, stddev) (conv kernels and BatchNorm scales alike)."""
     def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
         return stddev * jax.random.normal(key, shape, dtype)
-    return init
-
-
-def _torch_bias_init(fan_in: int):
-    """torch's default conv bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); `weights_init` leaves it."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
     return init
 
 
@@ -112,7 +104,7 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
         self.kernel = nnx.Param(_normal_init(0.02)(rngs.params(), (kh, kw, in_channels,
                                                                    out_channels)))
-        self.bias = nnx.Param(_torch_bias_init(in_channels * kh * kw)(rngs.params(),
+        self.bias = nnx.Param(torch_default_uniform(in_channels * kh * kw)(rngs.params(),
                                                                       (out_channels,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,7 +128,7 @@ class ConvTranspose2d(nnx.Module):
         self.kernel = nnx.Param(_normal_init(0.02)(rngs.params(), (kh, kw, in_channels,
                                                                    out_channels)))
         # torch computes a ConvTranspose2d's fan-in from weight.size(1) = out_channels.
-        self.bias = nnx.Param(_torch_bias_init(out_channels * kh * kw)(rngs.params(),
+        self.bias = nnx.Param(torch_default_uniform(out_channels * kh * kw)(rngs.params(),
                                                                        (out_channels,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ class ModelInfo:
     mean: tuple[float, float, float]  # input normalisation of its ImageNet weights
     std: tuple[float, float, float]
     classifier: str  # key prefix of the classifier in timm's state_dict
+    classifier_init_std: float | None = None  # N(0, std) weights; None: torch's nn.Linear default
 
 
 _REGISTRY: dict[str, ModelInfo] = {
@@ -40,7 +41,7 @@ _REGISTRY: dict[str, ModelInfo] = {
     "xception": ModelInfo("xception:xception", "legacy_xception", 299, (0.5, 0.5, 0.5),
                           (0.5, 0.5, 0.5), "fc"),
     "tresnet_m": ModelInfo("tresnet:tresnet_m", "tresnet_m", 224, (0.0, 0.0, 0.0),
-                           (1.0, 1.0, 1.0), "head.fc"),
+                           (1.0, 1.0, 1.0), "head.fc", classifier_init_std=0.01),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -104,6 +105,8 @@ def create_model(name: str, num_classes: int, *, head: str = "linear", dtype: An
     info = model_info(name)
     rngs = nnx.Rngs(seed)
     backbone = _build_backbone(name, dtype, rngs)  # first: the seed's draws come in this order
+    if head == "linear":  # timm's classifier, initialised as timm initialises it for this family
+        head_options.setdefault("init_std", info.classifier_init_std)
     head_module = _constructor(_HEADS[head])(backbone.num_features, num_classes, rngs=rngs,
                                              **head_options)
     return Classifier(backbone, head_module, info)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from annotate.models.layers import torch_default_uniform
+
 
 def global_pool(x: jax.Array, kind: str) -> jax.Array:
     """Global average or max pool over H and W: [B, H, W, C] -> [B, C] (float32 for the head)."""
@@ -23,15 +25,22 @@ def global_pool(x: jax.Array, kind: str) -> jax.Array:
 
 
 class LinearHead(nnx.Module):
-    """The seed's head: global pool (avg or max) -> dropout -> linear, named `fc` like timm."""
+    """The seed's head: global pool (avg or max) -> dropout -> linear, named `fc` like timm.
+
+    Initialised as timm's classifier: torch's nn.Linear default (weight and bias
+    U(+-1/sqrt(in_features))), or weights N(0, init_std) where the family sets one (TResNet: 0.01).
+    """
 
     def __init__(self, in_features: int, num_classes: int, *, global_pool: str = "avg",
-                 drop_rate: float = 0.3, rngs: nnx.Rngs):
+                 drop_rate: float = 0.3, init_std: float | None = None, rngs: nnx.Rngs):
         if global_pool not in ("avg", "max"):
             raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
         self.global_pool = global_pool
         self.dropout = nnx.Dropout(drop_rate, rngs=rngs)
-        self.fc = nnx.Linear(in_features, num_classes, param_dtype=jnp.float32, rngs=rngs)
+        torch_default = torch_default_uniform(in_features)
+        kernel_init = torch_default if init_std is None else nnx.initializers.normal(init_std)
+        self.fc = nnx.Linear(in_features, num_classes, param_dtype=jnp.float32,
+                             kernel_init=kernel_init, bias_init=torch_default, rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
         return self.fc(self.dropout(global_pool(features, self.global_pool)))

@@ -6,6 +6,8 @@ per-model key tables. Activations are NHWC.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,13 +15,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def torch_default_uniform(fan_in: int) -> Initializer:
+    """torch's default init of a conv or linear bias (and of an nn.Linear weight):
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = input channels per group x kernel area."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
            stride: int = 1, padding: int | tuple[int, int] = 0, groups: int = 1,
            dilation: int = 1, bias: bool = False, dtype: Dtype = jnp.float32,
            rngs: nnx.Rngs) -> nnx.Conv:
-    """A torch `nn.Conv2d` as `nnx.Conv`: symmetric explicit padding, kaiming-normal fan-out init."""
+    """A torch `nn.Conv2d` as `nnx.Conv`, initialised as timm initialises its backbones: symmetric
+    explicit padding, kaiming-normal fan-out kernel, torch's default uniform bias."""
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     return nnx.Conv(in_channels, out_channels, (kh, kw), strides=stride,
@@ -27,6 +41,7 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, in
                     feature_group_count=groups, use_bias=bias, dtype=dtype,
                     param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    bias_init=torch_default_uniform(in_channels // groups * kh * kw),
                     rngs=rngs)
 
 
