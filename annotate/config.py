@@ -16,6 +16,7 @@ from annotate import data, models
 COMPUTE_DTYPES = ("float32", "bfloat16")  # names for jnp.dtype(); the one dtype table
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("onecycle", "constant")
+PROTOCOLS = ("seed", "validation", "final")  # see configs/base.py
 DEFAULT_DATA_ROOT = "data/corel5k"
 
 
@@ -56,6 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     require(0 <= train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1); 0 disables EMA")
     require(train.log_every > 0, "train.log_every", "must be positive")
+    require(config.eval.protocol in PROTOCOLS, "eval.protocol", f"use one of {list(PROTOCOLS)}")
+    require(config.eval.validation_size > 0, "eval.validation_size", "must be positive")
+    require(config.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples",
+            "must be at least 100")
     return config
 
 

@@ -59,26 +59,53 @@ def per_label_metrics(targets: np.ndarray, probs: np.ndarray,
             "support": targets.sum(axis=0).astype(np.int64)}
 
 
+def _seed_metrics(true_positives: np.ndarray, predicted: np.ndarray,
+                  actual: np.ndarray) -> dict[str, np.ndarray]:
+    """The seed's seven metrics from per-label counts [..., C] (true positives, predicted and
+    actual positives), for one evaluation or a stack of bootstrap resamples."""
+    per_class_precision = np.mean(true_positives / (predicted + EPSILON), axis=-1)
+    per_class_recall = np.mean(true_positives / (actual + EPSILON), axis=-1)
+    per_image_precision = true_positives.sum(axis=-1) / (predicted.sum(axis=-1) + EPSILON)
+    per_image_recall = true_positives.sum(axis=-1) / (actual.sum(axis=-1) + EPSILON)
+    return {
+        "per_class_precision": per_class_precision,
+        "per_class_recall": per_class_recall,
+        "per_class_f1": _f1(per_class_precision, per_class_recall),
+        "per_image_precision": per_image_precision,
+        "per_image_recall": per_image_recall,
+        "per_image_f1": _f1(per_image_precision, per_image_recall),
+        "n_plus": (true_positives > 0).sum(axis=-1),
+    }
+
+
 def annotation_metrics(targets: np.ndarray, probs: np.ndarray,
                        thresholds: float | np.ndarray = 0.5) -> dict[str, float | int]:
     """The seed's seven annotation metrics as JSON-ready Python numbers: per-class P/R (means over
     labels), per-class F1 (of those means), per-image P/R/F1 (all labels pooled), and N+."""
     targets, probs = _check_inputs(targets, probs)
     predicted = _predictions(probs, thresholds)
-    true_positives = (targets * predicted).sum(axis=0)
-    per_class_precision = float(np.mean(true_positives / (predicted.sum(axis=0) + EPSILON)))
-    per_class_recall = float(np.mean(true_positives / (targets.sum(axis=0) + EPSILON)))
-    per_image_precision = float(true_positives.sum() / (predicted.sum() + EPSILON))
-    per_image_recall = float(true_positives.sum() / (targets.sum() + EPSILON))
-    return {
-        "per_class_precision": per_class_precision,
-        "per_class_recall": per_class_recall,
-        "per_class_f1": float(_f1(per_class_precision, per_class_recall)),
-        "per_image_precision": per_image_precision,
-        "per_image_recall": per_image_recall,
-        "per_image_f1": float(_f1(per_image_precision, per_image_recall)),
-        "n_plus": int((true_positives > 0).sum()),
-    }
+    values = _seed_metrics((targets * predicted).sum(axis=0), predicted.sum(axis=0),
+                           targets.sum(axis=0))
+    return {name: int(value) if name == "n_plus" else float(value)
+            for name, value in values.items()}
+
+
+def bootstrap_ci(targets: np.ndarray, probs: np.ndarray, thresholds: float | np.ndarray, *,
+                 resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of the seven metrics over the images: resample i takes the
+    images in row i of `np.random.default_rng(seed).integers(0, N, (resamples, N))` (with
+    replacement); the interval is that level's central percentiles of the resampled values."""
+    targets, probs = _check_inputs(targets, probs)
+    predicted = _predictions(probs, thresholds)
+    num_images = len(targets)
+    indices = np.random.default_rng(seed).integers(0, num_images, (resamples, num_images))
+    counts = np.zeros((resamples, num_images))
+    np.add.at(counts, (np.arange(resamples)[:, None], indices), 1.0)  # image multiplicities
+    values = _seed_metrics(counts @ (targets * predicted), counts @ predicted, counts @ targets)
+    tail = 100 * (1 - level) / 2
+    return {name: [float(v) for v in np.percentile(resampled, [tail, 100 - tail])]
+            for name, resampled in values.items()}
 
 
 def mcc_thresholds(targets: np.ndarray, probs: np.ndarray,
@@ -105,15 +132,21 @@ def mcc_thresholds(targets: np.ndarray, probs: np.ndarray,
     return grid[np.argmax(mcc, axis=0)]  # argmax returns the first (smallest t) on ties
 
 
-def evaluation_results(train_targets: np.ndarray, train_probs: np.ndarray,
+def evaluation_results(threshold_targets: np.ndarray, threshold_probs: np.ndarray,
                        test_targets: np.ndarray, test_probs: np.ndarray,
-                       vocabulary: Sequence[str]) -> dict:
-    """The seed's evaluation: test metrics at 0.5 and at per-label MCC thresholds chosen on the
-    training predictions, the thresholds, and one record per label (counts, threshold, P/R/F1)."""
-    thresholds = mcc_thresholds(train_targets, train_probs)
+                       vocabulary: Sequence[str], *, train_counts: np.ndarray | None = None,
+                       resamples: int = 1000, seed: int = 0) -> dict:
+    """The seed's evaluation of predictions: per-label MCC thresholds chosen on the threshold
+    split (the training images; the validation images under the "validation" protocol), test
+    metrics at 0.5 and at those thresholds with their 95% bootstrap intervals over test images
+    ("ci95"), the thresholds, and one record per label (training count, test count, threshold,
+    P/R/F1). `train_counts` [C] defaults to the threshold split's label counts."""
+    thresholds = mcc_thresholds(threshold_targets, threshold_probs)
     at_mcc = per_label_metrics(test_targets, test_probs, thresholds)
     at_half = per_label_metrics(test_targets, test_probs, 0.5)
-    train_counts = np.asarray(train_targets).sum(axis=0).astype(int)
+    if train_counts is None:
+        train_counts = np.asarray(threshold_targets).sum(axis=0)
+    train_counts = np.asarray(train_counts).astype(int)
     per_label = [{"label": label, "train_count": int(train_counts[i]),
                   "test_count": int(at_mcc["support"][i]), "threshold": float(thresholds[i]),
                   "precision": float(at_mcc["precision"][i]), "recall": float(at_mcc["recall"][i]),
@@ -121,5 +154,8 @@ def evaluation_results(train_targets: np.ndarray, train_probs: np.ndarray,
                  for i, label in enumerate(vocabulary)]
     return {"fixed_0.5": annotation_metrics(test_targets, test_probs, 0.5),
             "mcc": annotation_metrics(test_targets, test_probs, thresholds),
+            "ci95": {name: bootstrap_ci(test_targets, test_probs, threshold_value,
+                                        resamples=resamples, seed=seed)
+                     for name, threshold_value in (("fixed_0.5", 0.5), ("mcc", thresholds))},
             "thresholds": [float(t) for t in thresholds],
             "per_label": per_label}

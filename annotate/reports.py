@@ -19,6 +19,13 @@ import numpy as np  # noqa: E402
 
 from annotate import summary  # noqa: E402
 
+PROTOCOL_TEXT = {
+    "seed": "the seed's: the checkpoint chosen by test per-class F1, MCC thresholds chosen on the "
+            "training images",
+    "validation": "validation: the checkpoint and the MCC thresholds chosen on the held-out "
+                  "validation images (validation_images.json); the test set scored once",
+    "final": "final: the last epoch, MCC thresholds chosen on the training images (no selection)",
+}
 PREDICTIONS_PICTURE = "test_predictions.png"
 F1_PICTURE = "per_label_f1_vs_frequency.png"
 
@@ -50,8 +57,19 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
         lines.append(f"| *testset* {name} | {values[kind + '_precision']:.3f} | "
                      f"{values[kind + '_recall']:.3f} | {values[kind + '_f1']:.3f} |")
     lines += ["", "| data | N+ |", "| :---: | :---: |",
-              f"| *testset* | {fixed['n_plus']} |", f"| *testset* + MCC | {mcc['n_plus']} |",
-              "", "## Per label (MCC thresholds; F1 at 0.5 for comparison)", "",
+              f"| *testset* | {fixed['n_plus']} |", f"| *testset* + MCC | {mcc['n_plus']} |"]
+    if "protocol" in results:
+        lines += ["", f"Protocol: {PROTOCOL_TEXT[results['protocol']]}."]
+    if "ci95" in results:
+        lines += ["", "95% bootstrap intervals over the test images:", "",
+                  "| data | per-class F1 | per-image F1 | N+ |", "| :---: | :---: | :---: | :---: |"]
+        for name, key in (("*testset*", "fixed_0.5"), ("*testset* + MCC", "mcc")):
+            interval = results["ci95"][key]
+            cells = [f"{interval[m][0]:.3f} - {interval[m][1]:.3f}"
+                     for m in ("per_class_f1", "per_image_f1")]
+            cells.append(f"{interval['n_plus'][0]:.0f} - {interval['n_plus'][1]:.0f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per label (MCC thresholds; F1 at 0.5 for comparison)", "",
               "| label | train images | test images | threshold | precision | recall | f1 | f1 at 0.5 |",
               "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in sorted(results["per_label"], key=lambda r: (-r["train_count"], r["label"])):

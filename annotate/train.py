@@ -313,18 +313,25 @@ def eval_params(state: TrainState) -> Variables:
 
 # --------------------------------------------------------------------------- checkpoints
 
-SELECTION_METRIC = "per_class_f1"  # the checkpoint kept as "best", by the test set's value
+SELECTION_METRIC = "per_class_f1"  # chooses the checkpoint under protocols "seed", "validation"
+
+
+def selection_value(protocol: str, epoch: int, epoch_metrics: dict[str, float]) -> float:
+    """What ranks an epoch's checkpoint: SELECTION_METRIC of the monitored split (test under
+    "seed", the validation images under "validation"), or the epoch itself under "final", whose
+    evaluated checkpoint is the last."""
+    return float(epoch) if protocol == "final" else float(epoch_metrics[SELECTION_METRIC])
 
 
 def _checkpoint_rank(metrics: dict[str, float]) -> tuple[float, int]:
-    """Order of checkpoints by their saved metrics: the higher selection metric, then the earlier
+    """Order of checkpoints by their saved metrics: the higher selection value, then the earlier
     epoch (a later epoch that only ties does not replace the best)."""
-    return metrics[SELECTION_METRIC], -metrics["epoch"]
+    return metrics["selection"], -metrics["epoch"]
 
 
 def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
     """The orbax manager of workdir/checkpoints (checkpoint numbers are completed epochs). Its
-    preservation policy keeps two: the latest (to resume) and the best by SELECTION_METRIC (to
+    preservation policy keeps two: the latest (to resume) and the best by selection value (to
     evaluate), which orbax ranks from the metrics saved with each checkpoint."""
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=1),
@@ -362,18 +369,81 @@ class DeviceSplit:
     host: data.Split
 
 
-def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[DeviceSplit, DeviceSplit]:
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The run's splits on the devices: `train` is trained on, `test` is the test set, and
+    `validation` (protocol "validation" only) is held out of the training images."""
+
+    train: DeviceSplit
+    test: DeviceSplit
+    validation: DeviceSplit | None = None
+
+    @property
+    def monitored(self) -> tuple[str, DeviceSplit]:
+        """The split scored after every epoch and its prefix in metrics.jsonl: the validation
+        images when held out, else the test set (which chooses the checkpoint under "seed" only)."""
+        return ("val", self.validation) if self.validation is not None else ("test", self.test)
+
+    @property
+    def threshold_split(self) -> DeviceSplit:
+        """Where the per-label MCC thresholds are chosen: the validation images, else train."""
+        return self.validation if self.validation is not None else self.train
+
+
+def _held_out_rows(train: data.Split, num_originals: int, held_out: np.ndarray) -> np.ndarray:
+    """Rows of `train` that stay for training when the original images `held_out` are validation
+    images: the other originals and the WGAN images not made from a held-out image (wgan.run
+    names them <stem>_aug*.jpeg after their original's <stem>.<ext>)."""
+    held = set(held_out.tolist())
+    held_stems = {train.image_names[i].split(".")[0] for i in held}
+    keep = [i for i in range(num_originals) if i not in held]
+    keep += [i for i in range(num_originals, len(train.image_names))
+             if train.image_names[i].split("_aug")[0] not in held_stems]
+    return np.asarray(keep)
+
+
+def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
     """Decode (or read from cache) train and test at config.data.image_size and put them on
-    every device of `mesh`; with data.augmentation the WGAN samples join the train split."""
+    every device of `mesh`; with data.augmentation the WGAN samples join the train split; under
+    protocol "validation" config.eval.validation_size of the training images (data.
+    validation_indices, seeded by config.seed) are held out, with the WGAN images made from them."""
     root = data_root(config)
     common = dict(cache_dir=config.data.cache_dir, source=config.data.source)
     augmentation_dir = (config.data.augmentation_dir or root) if config.data.augmentation else None
     train = data.load_split(root, "train", config.data.image_size,
                             augmentation_dir=augmentation_dir, **common)
     test = data.load_split(root, "test", config.data.image_size, **common)
+    validation = None
+    if config.eval.protocol == "validation":
+        num_originals = len(train.image_names)
+        if augmentation_dir is not None:
+            num_originals -= len(data.read_augmentation_index(augmentation_dir).image_names)
+        held_out = data.validation_indices(train.targets[:num_originals],
+                                           config.eval.validation_size, config.seed)
+        validation = train.take(held_out)
+        train = train.take(_held_out_rows(train, num_originals, held_out))
     replicated = NamedSharding(mesh, PartitionSpec())
-    return tuple(DeviceSplit(put(split.images, replicated), put(split.targets, replicated), split)
-                 for split in (train, test))
+
+    def on_device(split: data.Split | None) -> DeviceSplit | None:
+        if split is None:
+            return None
+        return DeviceSplit(put(split.images, replicated), put(split.targets, replicated), split)
+
+    return RunData(on_device(train), on_device(test), on_device(validation))
+
+
+def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDict,
+                              workdir: Path) -> None:
+    """Write workdir/validation_images.json, or check that a resumed run holds out the same
+    images (a changed dataset, seed or size would silently mix the two sides)."""
+    path = workdir / "validation_images.json"
+    record = {"seed": config.seed, "size": config.eval.validation_size,
+              "image_names": run_data.validation.host.image_names}
+    if path.exists() and json.loads(path.read_text()) != record:
+        raise ValueError(f"{path} lists other validation images than this run holds out (the "
+                         f"dataset, config.seed or config.eval.validation_size changed); "
+                         f"use a new workdir")
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -454,8 +524,9 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluation:
-    """Train as configured (resuming from workdir's latest checkpoint), validating on test after
-    each epoch, then evaluate the best checkpoint."""
+    """Train as configured (resuming from workdir's latest checkpoint), scoring the monitored
+    split (RunData.monitored) after each epoch, then evaluate the checkpoint that
+    config.eval.protocol selects."""
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
@@ -465,7 +536,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
         _write_config(config, workdir)
 
     mesh = make_mesh()
-    train_split, test_split = load_data(config, mesh)
+    run_data = load_data(config, mesh)
+    if is_writer and run_data.validation is not None:
+        _record_validation_images(run_data, config, workdir)
+    train_split = run_data.train
     num_images, batch_size = train_split.images.shape[0], config.train.batch_size
     if batch_size % mesh.size:
         raise ValueError(f"config.train.batch_size = {batch_size} must be a multiple of the "
@@ -491,37 +565,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     order_key, step_key = jax.random.split(root_key)
     step_key = put(jax.random.key_data(step_key), experiment.replicated)
     step_key = jax.random.wrap_key_data(step_key)
+    monitor_prefix, monitored = run_data.monitored
     try:
         for epoch in range(start_epoch + 1, config.train.stop_epoch + 1):
             state, train_loss, seconds = train_epoch(experiment, state, train_split, epoch,
                                                      order_key, step_key, show_progress=is_writer)
-            probs = predict(experiment, eval_params(state), state.batch_stats, test_split.images)
-            test_metrics = metrics.annotation_metrics(test_split.host.targets, probs)
+            probs = predict(experiment, eval_params(state), state.batch_stats, monitored.images)
+            epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
             hyper = state.opt_state.hyperparams
             record = {"epoch": epoch, "train/loss": train_loss,
                       "train/learning_rate": float(hyper["learning_rate"]),
                       "train/beta1": float(hyper["b1"]), "train/epoch_seconds": seconds,
                       "train/images_per_second": steps_per_epoch * batch_size / seconds,
-                      **{f"test/{k}": v for k, v in test_metrics.items()}}
+                      **{f"{monitor_prefix}/{k}": v for k, v in epoch_metrics.items()}}
             if writer:
                 writer.write(int(state.step), record)
                 log.info("epoch %d: %s", epoch, json.dumps(record))
+            selection = selection_value(config.eval.protocol, epoch, epoch_metrics)
             checkpoints.save(epoch, args=ocp.args.StandardSave(state),
-                             metrics={SELECTION_METRIC: test_metrics[SELECTION_METRIC],
-                                      "epoch": epoch})
+                             metrics={"selection": selection, "epoch": epoch})
     finally:  # an interrupted or failed run still completes the checkpoint already begun
         checkpoints.wait_until_finished()
         if writer:
             writer.close()
-    return evaluate_best(experiment, state, train_split, test_split, workdir)
+    return evaluate_best(experiment, state, run_data, workdir)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """The evaluation of a workdir's best checkpoint: results.json's content (see
-    metrics.evaluation_results, plus "best_epoch") and what the reports draw from."""
+    """The evaluation of a workdir's selected checkpoint: results.json's content (see
+    metrics.evaluation_results, plus "protocol" and "best_epoch") and what the reports draw
+    from."""
 
     config: ml_collections.ConfigDict
     results: dict
@@ -530,19 +606,23 @@ class Evaluation:
     num_train_images: int
 
 
-def evaluate_best(experiment: Experiment, like: TrainState, train_split: DeviceSplit,
-                  test_split: DeviceSplit, workdir: Path) -> Evaluation:
-    """Evaluate workdir's best checkpoint: MCC thresholds on train, metrics on test."""
+def evaluate_best(experiment: Experiment, like: TrainState, run_data: RunData,
+                  workdir: Path) -> Evaluation:
+    """Evaluate the checkpoint the protocol selected: MCC thresholds on RunData.threshold_split,
+    metrics and their bootstrap intervals on test (metrics.evaluation_results)."""
     state, best_epoch = restore_best(workdir, like)
     params = eval_params(state)
-    train_probs = predict(experiment, params, state.batch_stats, train_split.images)
-    test_probs = predict(experiment, params, state.batch_stats, test_split.images)
-    results = metrics.evaluation_results(train_split.host.targets, train_probs,
-                                         test_split.host.targets, test_probs,
-                                         test_split.host.vocabulary)
+    threshold_split, test = run_data.threshold_split, run_data.test
+    threshold_probs = predict(experiment, params, state.batch_stats, threshold_split.images)
+    test_probs = predict(experiment, params, state.batch_stats, test.images)
+    config = experiment.config
+    results = metrics.evaluation_results(
+        threshold_split.host.targets, threshold_probs, test.host.targets, test_probs,
+        test.host.vocabulary, train_counts=run_data.train.host.targets.sum(axis=0),
+        resamples=config.eval.bootstrap_resamples, seed=config.seed)
+    results["protocol"] = config.eval.protocol
     results["best_epoch"] = best_epoch
-    return Evaluation(experiment.config, results, test_split.host, test_probs,
-                      len(train_split.host.images))
+    return Evaluation(config, results, test.host, test_probs, len(run_data.train.host.images))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluation:
@@ -551,7 +631,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluati
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
     mesh = make_mesh()
-    train_split, test_split = load_data(config, mesh)
-    experiment, state = create_experiment(config, len(train_split.host.vocabulary), 1, mesh,
+    run_data = load_data(config, mesh)
+    experiment, state = create_experiment(config, len(run_data.train.host.vocabulary), 1, mesh,
                                           load_pretrained=False)
-    return evaluate_best(experiment, state, train_split, test_split, workdir)
+    return evaluate_best(experiment, state, run_data, workdir)

@@ -64,4 +64,12 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.train.eval_batch_size = 250
     config.train.log_every = 10  # steps between progress-bar updates (and loss checks)
 
+    config.eval = ml_collections.ConfigDict()
+    # "seed": the seed's protocol (checkpoint chosen on test, MCC thresholds on train);
+    # "validation": a held-out validation subset of train chooses both, test is scored once;
+    # "final": no selection, the last epoch with MCC thresholds on train (the PyTorch reference).
+    config.eval.protocol = "seed"
+    config.eval.validation_size = 500  # images held out of train under "validation"
+    config.eval.bootstrap_resamples = 1000  # test-image resamples of results.json's ci95
+
     return validate_config(config)

@@ -303,3 +303,29 @@ def test_real_corel5k_statistics(corel5k_dir, corel5k_train, tmp_path):
         np.testing.assert_array_equal(corel5k_train.images[i], reference)
     test = read_split_index(corel5k_dir, "test")
     assert len(test.image_names) == 499 and test.vocabulary == corel5k_train.vocabulary
+
+
+def test_validation_subset_is_stratified_on_the_real_training_labels(corel5k_dir):
+    """500 of the 4,500 Corel-5k training images: every label with at least 2 training images
+    keeps one on each side, the subset is a function of the seed, and its label frequencies
+    follow the training set's."""
+    index = annotate.data.read_split_index(corel5k_dir, "train")
+    targets = annotate.data.multi_hot(index.image_labels, index.vocabulary)
+    held_out = annotate.data.validation_indices(targets, 500, seed=0)
+    assert len(held_out) == len(set(held_out.tolist())) == 500
+    rest = np.setdiff1d(np.arange(len(targets)), held_out)
+    counts = targets.sum(axis=0)
+    on_validation, on_train = targets[held_out].sum(axis=0), targets[rest].sum(axis=0)
+    assert (counts >= 2).sum() > 200
+    assert np.all(on_validation[counts >= 2] >= 1) and np.all(on_train[counts >= 2] >= 1)
+    np.testing.assert_array_equal(on_validation + on_train, counts)
+    # frequent labels follow the split's 1/9 (the rare-label images of step 1 pull a few of their
+    # frequent co-labels above it: at most 0.163 here, 0.06 allowed); a random subset of 500
+    # strays further: binomial sd 0.03 at 100 images, over 36 labels
+    frequent = counts >= 100
+    np.testing.assert_allclose(on_validation[frequent] / counts[frequent], 500 / 4500, atol=0.06)
+    assert np.median(np.abs(on_validation[frequent] / counts[frequent] - 1 / 9)) < 0.01
+    np.testing.assert_array_equal(annotate.data.validation_indices(targets, 500, seed=0), held_out)
+    assert set(annotate.data.validation_indices(targets, 500, seed=1).tolist()) != set(held_out.tolist())
+    with pytest.raises(ValueError, match="validation size 4500"):
+        annotate.data.validation_indices(targets, 4500, seed=0)

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import matthews_corrcoef, precision_recall_fscore_support
+from sklearn.metrics import f1_score, matthews_corrcoef, precision_recall_fscore_support
 
-from annotate.metrics import MCC_GRID, annotation_metrics, mcc_thresholds, per_label_metrics
+from annotate.metrics import (MCC_GRID, annotation_metrics, bootstrap_ci, mcc_thresholds,
+                              per_label_metrics)
 
 SEED_GRID = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
 
@@ -145,3 +146,30 @@ def test_mcc_thresholds_recover_separating_threshold():
     expected = [min(t for t in SEED_GRID if t > probs[targets[:, j] == 0, j].max())
                 for j in range(4)]
     np.testing.assert_allclose(mcc_thresholds(targets, probs), expected)
+
+
+@pytest.mark.parametrize("thresholds", ["half", "per_label"])
+def test_bootstrap_interval_equals_a_direct_resampling_loop(predictions, thresholds):
+    """The same index draws (default_rng(seed).integers(0, N, (R, N))), scored one resample at a
+    time with sklearn's pooled F1, the seed's per-class F1 of mean P and R, and N+ counted
+    directly; percentiles 2.5 / 97.5 of each."""
+    targets, probs = predictions
+    cut = 0.5 if thresholds == "half" else np.linspace(0.3, 0.6, targets.shape[1])
+    interval = bootstrap_ci(targets, probs, cut, resamples=200, seed=7)
+    draws = np.random.default_rng(7).integers(0, len(targets), (200, len(targets)))
+    per_image_f1, per_class_f1, n_plus = [], [], []
+    for rows in draws:
+        y, predicted = targets[rows], (probs[rows] > cut).astype(int)
+        per_image_f1.append(f1_score(y, predicted, average="micro", zero_division=0))
+        true_positives = (y * predicted).sum(axis=0)
+        precision = np.mean(true_positives / (predicted.sum(axis=0) + 1e-7))
+        recall = np.mean(true_positives / (y.sum(axis=0) + 1e-7))
+        per_class_f1.append(2 * precision * recall / (precision + recall + 1e-7))
+        n_plus.append(int((true_positives > 0).sum()))
+    for name, values in (("per_image_f1", per_image_f1), ("per_class_f1", per_class_f1),
+                         ("n_plus", n_plus)):
+        np.testing.assert_allclose(interval[name], np.percentile(values, [2.5, 97.5]), rtol=1e-5,
+                                   err_msg=name)
+    point = annotation_metrics(targets, probs, cut)
+    assert interval["per_image_f1"][0] < point["per_image_f1"] < interval["per_image_f1"][1]
+    assert bootstrap_ci(targets, probs, cut, resamples=200, seed=8) != interval

@@ -76,6 +76,12 @@ def test_results_markdown_tables(results):
         expected = [results[key][f"{kind}_{m}"] for m in ("precision", "recall", "f1")]
         assert row(name) == pytest.approx(expected, abs=5e-4)
     assert f"| *testset* + MCC | {results['mcc']['n_plus']} |" in text
+    assert "Protocol:" not in text  # results of metrics.evaluation_results alone name none
+    low, high = results["ci95"]["mcc"]["per_class_f1"]
+    assert f"| *testset* + MCC | {low:.3f} - {high:.3f} |" in text
+    text = reports.results_markdown(dict(results, protocol="validation"), config,
+                                    num_train_images=80, epoch_seconds=None)
+    assert "Protocol: validation: the checkpoint and the MCC thresholds chosen on the held-out" in text
     label_rows = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 9
                   and line.split("|")[1].strip() in VOCABULARY]
     counts = [int(line.split("|")[2]) for line in label_rows]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from flax import nnx
 
-from annotate import devices, models, train
+from annotate import data, devices, models, summary, train
 from annotate.models.layers import BatchNorm2d, conv2d
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_checkpoint_manager_keeps_the_latest_and_the_best(tmp_path):
     manager = train.checkpoint_manager(tmp_path)
     for epoch, f1 in enumerate([0.2, 0.5, 0.5, 0.1], start=1):
         manager.save(epoch, args=ocp.args.StandardSave({"w": np.full(3, epoch, np.float32)}),
-                     metrics={"per_class_f1": f1, "epoch": epoch})
+                     metrics={"selection": f1, "epoch": epoch})
         manager.wait_until_finished()
     assert (manager.all_steps(), manager.latest_step(), manager.best_step()) == ([2, 4], 4, 2)
     reopened = train.checkpoint_manager(tmp_path)
@@ -353,6 +353,66 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert epochs == [1, 2, 3]
 
 
+def _shuffle_test_labels(root: Path, seed: int) -> None:
+    """Shuffle test.json's labels: each image's label set moves to another image and every label
+    is renamed to another vocabulary entry (same vocabulary, other targets)."""
+    index = json.loads((root / "test.json").read_text())
+    rng = np.random.default_rng(seed)
+    rename = dict(zip(index["labels"], np.roll(index["labels"], 1).tolist()))
+    labels = [sample["image_labels"] for sample in index["samples"]]
+    for sample, source in zip(index["samples"], rng.permutation(len(labels))):
+        sample["image_labels"] = [rename[label] for label in labels[source]]
+    (root / "test.json").write_text(json.dumps(index))
+
+
+def test_validation_protocol_never_looks_at_the_test_labels(tiny_dataset, tiny_backbone,
+                                                            tmp_path):
+    """Protocol "validation": 4 of the 12 training images held out (written to
+    validation_images.json); the epochs are scored on them alone; with the test labels shuffled
+    between two runs, the chosen epoch, the thresholds, every per-epoch number and the model are
+    the same; only the final scoring reads the (changed) test labels."""
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.eval.protocol, config.eval.validation_size = "validation", 4
+    first = train.train_and_evaluate(config, tmp_path / "first")
+    _shuffle_test_labels(tiny_dataset, seed=5)
+    second = train.train_and_evaluate(config, tmp_path / "second")
+
+    held_out = json.loads((tmp_path / "first" / "validation_images.json").read_text())
+    assert len(held_out["image_names"]) == 4 and first.num_train_images == 8
+    timing = ("train/epoch_seconds", "train/images_per_second")
+    records = [[{k: v for k, v in record.items() if k not in timing}
+                for record in summary.read_metrics(tmp_path / run)] for run in ("first", "second")]
+    assert records[0] == records[1] and len(records[0]) == 3
+    assert all(key.startswith(("train/", "val/")) or key in ("epoch", "step")
+               for record in records[0] for key in record), "a test number was computed per epoch"
+    assert first.results["protocol"] == second.results["protocol"] == "validation"
+    assert first.results["best_epoch"] == second.results["best_epoch"]
+    assert first.results["thresholds"] == second.results["thresholds"]
+    best = max(records[0], key=lambda r: (r["val/per_class_f1"], -r["epoch"]))
+    assert first.results["best_epoch"] == best["epoch"]
+    np.testing.assert_array_equal(first.test_probs, second.test_probs)  # the same model
+    test_counts = [[row["test_count"] for row in run.results["per_label"]]
+                   for run in (first, second)]
+    assert test_counts[0] != test_counts[1]  # the shuffled test labels were read and scored
+
+
+def test_final_protocol_evaluates_the_last_epoch(tiny_dataset, tiny_backbone, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.eval.protocol = "final"
+    evaluation = train.train_and_evaluate(config, tmp_path / "run")
+    assert (evaluation.results["protocol"], evaluation.results["best_epoch"]) == ("final", 3)
+    low, high = evaluation.results["ci95"]["mcc"]["per_image_f1"]
+    assert low <= evaluation.results["mcc"]["per_image_f1"] <= high
+
+
+def test_wgan_images_of_validation_images_are_held_out_too():
+    names = ["1.jpeg", "2.jpeg", "3.jpeg", "1_aug.jpeg", "1_aug_hor_flip.jpeg", "3_aug.jpeg"]
+    split = data.Split(np.zeros((6, 2, 2, 3), np.uint8), np.zeros((6, 1), np.float32), names,
+                       ["sky"])
+    kept = train._held_out_rows(split, 3, np.array([0]))
+    assert [names[i] for i in kept] == ["2.jpeg", "3.jpeg", "3_aug.jpeg"]
+
+
 def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
     """--config.data.augmentation=True: train_aug.json's images (in the data root by default, where
     wgan.run writes them) join the train split with their labels; the test split is unchanged."""
@@ -361,9 +421,11 @@ def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
     vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
     write_augmentation(tiny_dataset, vocabulary)
     config = tiny_config(tiny_dataset, tmp_path / "cache")
-    plain_train, plain_test = train.load_data(config, devices.make_mesh())
+    plain = train.load_data(config, devices.make_mesh())
+    plain_train, plain_test = plain.train, plain.test
     config.data.augmentation = True
-    augmented_train, augmented_test = train.load_data(config, devices.make_mesh())
+    augmented = train.load_data(config, devices.make_mesh())
+    augmented_train, augmented_test = augmented.train, augmented.test
     assert augmented_train.images.shape[0] == plain_train.images.shape[0] + 2
     np.testing.assert_array_equal(np.asarray(augmented_train.images[:-2]),
                                   np.asarray(plain_train.images))

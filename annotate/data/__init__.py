@@ -20,6 +20,7 @@ from annotate.data.cache import (CACHE_FORMAT_VERSION, cached_uint8_array, defau
 from annotate.data.folder import (SPLITS, DatasetError, SplitIndex, check_same_vocabulary,
                                   decode_image, decode_into, multi_hot, read_dataset_indices,
                                   read_index_file, read_split_index, validate_dataset)
+from annotate.data.validation import validation_indices
 
 # Per-channel mean/std of the 4,500 Corel-5k training images in [0, 1] (the seed's values).
 COREL5K_MEAN = (0.3928, 0.4079, 0.3531)
@@ -33,6 +34,7 @@ __all__ = [
     "COREL5K_MEAN", "COREL5K_STD", "DatasetError", "Split", "SplitIndex", "decode_image",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
     "read_dataset_indices", "read_split_index", "tfds_data_dir", "validate_dataset",
+    "validation_indices",
 ]
 
 
@@ -44,6 +46,11 @@ class Split:
     targets: np.ndarray
     image_names: list[str]
     vocabulary: list[str]
+
+    def take(self, indices: np.ndarray) -> "Split":
+        """The images at `indices` (in that order) as a split of their own."""
+        return Split(self.images[indices], self.targets[indices],
+                     [self.image_names[i] for i in indices], self.vocabulary)
 
 
 def read_augmentation_index(augmentation_dir: Path | str) -> SplitIndex:

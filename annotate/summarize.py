@@ -1,0 +1,129 @@
+"""Summarise several runs: mean +- sd over seeds for each configuration, in the seed's tables.
+
+    python -m annotate.summarize runs/tresnet_asl_seed0 runs/tresnet_asl_seed1 ... [--json out.json]
+
+Each workdir needs the config.json and results.json that `annotate.main` writes. Runs whose
+configs differ only in `seed` (and in where their data and caches live) form one group; every
+group gets the seed's precision / recall / F1 table and N+ table, each cell the mean +- sample
+standard deviation over its runs. The markdown goes to stdout, the numbers (with every run's
+value) optionally to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# config keys that do not make two runs different experiments
+RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir")
+METRICS = ("per_image_precision", "per_image_recall", "per_image_f1", "per_class_precision",
+           "per_class_recall", "per_class_f1", "n_plus")
+
+
+def _without(config: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, Any]:
+    config = json.loads(json.dumps(config))
+    for key in dotted_keys:
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return config
+
+
+def read_run(workdir: Path | str) -> dict[str, Any]:
+    """A run's config.json and results.json; FileNotFoundError naming what is missing."""
+    workdir = Path(workdir)
+    found = {}
+    for name in ("config.json", "results.json"):
+        path = workdir / name
+        if not path.is_file():
+            hint = "evaluate it first (annotate.main --evaluate)" if name == "results.json" else \
+                "not a training workdir"
+            raise FileNotFoundError(f"{path} not found: {hint}")
+        found[name] = json.loads(path.read_text())
+    return {"workdir": str(workdir), "config": found["config.json"],
+            "results": found["results.json"]}
+
+
+def _label(config: dict[str, Any]) -> str:
+    model, train, data = config["model"], config["train"], config["data"]
+    protocol = config.get("eval", {}).get("protocol", "seed")
+    return (f"{model['name']} + {config['loss']['name']} ({model.get('head', 'linear')} head, "
+            f"{data['image_size']} px, {train['stop_epoch']} epochs, protocol {protocol})")
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=np.float64)
+    sd = float(array.std(ddof=1)) if len(array) > 1 else None
+    return {"mean": float(array.mean()), "sd": sd, "values": [float(v) for v in values]}
+
+
+def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
+    """The runs grouped by configuration (seed aside), with mean/sd/values of every metric at
+    threshold 0.5 ("fixed_0.5") and with MCC thresholds ("mcc")."""
+    groups: dict[str, dict[str, Any]] = {}
+    for run in map(read_run, workdirs):
+        key = json.dumps(_without(run["config"], RUN_ONLY_KEYS), sort_keys=True)
+        groups.setdefault(key, {"label": _label(run["config"]), "runs": []})["runs"].append(run)
+    summary = []
+    for index, group in enumerate(groups.values()):
+        runs = group["runs"]
+        labels = [g["label"] for g in groups.values()]
+        label = group["label"] + (f" #{index + 1}" if labels.count(group["label"]) > 1 else "")
+        summary.append({
+            "label": label, "workdirs": [run["workdir"] for run in runs],
+            "seeds": [run["config"].get("seed") for run in runs],
+            **{kind: {metric: _stats([run["results"][kind][metric] for run in runs])
+                      for metric in METRICS} for kind in ("fixed_0.5", "mcc")}})
+    return summary
+
+
+def _cell(stats: dict[str, Any], digits: int) -> str:
+    mean = f"{stats['mean']:.{digits}f}"
+    return mean if stats["sd"] is None else f"{mean} ± {stats['sd']:.{digits}f}"
+
+
+def markdown(summary: Sequence[dict[str, Any]]) -> str:
+    """One section per group: the seed's P/R/F1 table and N+ table, cells mean ± sd."""
+    lines = []
+    for group in summary:
+        seeds = ", ".join(str(seed) for seed in group["seeds"])
+        lines += [f"### {group['label']}", "",
+                  f"{len(group['seeds'])} run(s), seeds {seeds}; mean ± sd over runs.", "",
+                  "| data | precision | recall | f1-score |", "| :---: | :---: | :---: | :---: |"]
+        for name, kind, prefix in (("per-image metrics", "fixed_0.5", "per_image"),
+                                   ("per-image metrics + MCC", "mcc", "per_image"),
+                                   ("per-class metrics", "fixed_0.5", "per_class"),
+                                   ("per-class metrics + MCC", "mcc", "per_class")):
+            cells = [_cell(group[kind][f"{prefix}_{m}"], 3) for m in ("precision", "recall", "f1")]
+            lines.append(f"| *testset* {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| data | N+ |", "| :---: | :---: |",
+                  f"| *testset* | {_cell(group['fixed_0.5']['n_plus'], 1)} |",
+                  f"| *testset* + MCC | {_cell(group['mcc']['n_plus'], 1)} |", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", help="training workdirs (config.json, results.json)")
+    parser.add_argument("--json", help="also write the summary (with every run's value) here")
+    args = parser.parse_args(argv)
+    try:
+        summary = summarise(args.workdirs)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

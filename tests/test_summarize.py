@@ -1,0 +1,53 @@
+"""annotate.summarize: runs grouped by configuration (seed aside), mean ± sd against numpy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from annotate import summarize
+from configs import base
+
+METRICS = summarize.METRICS
+
+
+def _write_run(workdir, *, loss: str, seed: int, scale: float) -> dict:
+    config = base.get_config(model="tresnet_m", loss=loss)
+    config.seed = seed
+    config.data.root = f"/data/copy{seed}"  # where the data lives does not split a group
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    results = {kind: {metric: (100 + seed if metric == "n_plus" else scale * (seed + 1) / 10)
+                      for metric in METRICS} for kind in ("fixed_0.5", "mcc")}
+    (workdir / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def test_groups_by_config_and_averages_over_seeds(tmp_path, capsys):
+    asl = [_write_run(tmp_path / f"asl{seed}", loss="asl", seed=seed, scale=1.0)
+           for seed in (0, 1, 2)]
+    _write_run(tmp_path / "bce0", loss="bce", seed=0, scale=0.5)
+    out = tmp_path / "summary.json"
+    workdirs = [str(tmp_path / name) for name in ("asl0", "bce0", "asl1", "asl2")]
+    assert summarize.main(workdirs + ["--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert [group["seeds"] for group in summary] == [[0, 1, 2], [0]]
+    assert summary[0]["label"].startswith("tresnet_m + asl (linear head, 448 px, 60 epochs")
+    values = [run["mcc"]["per_class_f1"] for run in asl]
+    stats = summary[0]["mcc"]["per_class_f1"]
+    assert stats["values"] == values
+    assert stats["mean"] == pytest.approx(np.mean(values))
+    assert stats["sd"] == pytest.approx(np.std(values, ddof=1))
+    assert summary[1]["fixed_0.5"]["n_plus"] == {"mean": 100.0, "sd": None, "values": [100.0]}
+    text = capsys.readouterr().out
+    assert ("| *testset* per-class metrics + MCC | 0.200 ± 0.100 | 0.200 ± 0.100 | "
+            "0.200 ± 0.100 |") in text
+    assert "| *testset* + MCC | 101.0 ± 1.0 |" in text
+
+
+def test_missing_results_are_named(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert summarize.main([str(tmp_path / "run")]) == 2
+    assert "results.json not found" in capsys.readouterr().err
