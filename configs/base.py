@@ -22,6 +22,11 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.model.name = model
     config.model.pretrained = config_dict.placeholder(str)  # path, orbax dir or "timm:<name>"
     config.model.head = "linear"  # the seed's: global pool -> dropout -> linear (annotate.models)
+    # the options of the other heads, at the official code's defaults (annotate/models/heads.py)
+    config.model.ml_decoder = ml_collections.ConfigDict({
+        "num_groups": 100, "embedding_dim": 768, "num_heads": 8, "feedforward_dim": 2048,
+        "dropout": 0.1})
+    config.model.csra = ml_collections.ConfigDict({"num_heads": 1, "lam": 0.1})
     config.model.global_pool = "avg"
     config.model.drop_rate = 0.3
     config.model.dtype = "float32"  # compute dtype of the backbone: "float32" or "bfloat16"

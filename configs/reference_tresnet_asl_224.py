@@ -7,6 +7,10 @@ builds `timm.create_model("tresnet_m", num_classes=260)`, whose drop_rate is 0).
 reference reaches test per-class F1 0.333, per-image F1 0.494, N+ 148 at threshold 0.5 (with MCC
 thresholds 0.327 / 0.528 / 133), 6.2 s per epoch. Like the reference, the run is evaluated
 after its last epoch (protocol "final": no checkpoint selection).
+
+The heads of the label-correlation comparison run on the same recipe:
+`--config.model.head=ml_decoder` or `--config.model.head=csra` (options under config.model.<head>),
+with `--config.eval.protocol=validation` for a comparison that the test set does not decide.
 """
 import ml_collections
 

@@ -1,7 +1,8 @@
 """Accelerator throughput of the training step and of the ML-WGAN, as JSON lines plus a table.
 
     python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
-        [--res 448,224] [--steps-per-call 1,10] [--batch 32] [--warmup 3] [--steps 20] [--repeats 3]
+        [--res 448,224] [--steps-per-call 1,10] [--heads linear,ml_decoder,csra] [--batch 32]
+        [--warmup 3] [--steps 20] [--repeats 3]
     python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
@@ -9,7 +10,7 @@
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
 ASL, backward, Adam) on synthetic uint8 images already on the device, K steps per dispatch as the
 training loop runs them (`annotate.train.train_steps`, a lax.scan; K = 1 is one step per call).
-Variants are backbone x dtype x resolution x K. All variants are lowered
+Variants are backbone x head x dtype x resolution x K. All variants are lowered
 one after another and compiled concurrently (XLA compiles release the GIL), then timed one at a
 time: median of `repeats` timings of `steps` steps after `warmup` steps. FLOPs come from XLA's
 cost analysis of the compiled step, memory from its memory analysis and the device's counters.
@@ -188,6 +189,7 @@ class TrainVariant:
     batch: int
     res: int
     steps_per_call: int
+    head: str
     experiment: Any
     state: Any
     images: jax.Array
@@ -204,11 +206,13 @@ class TrainVariant:
     steps_done: int = 0
 
 
-def train_config(model: str, dtype: str, res: int, batch: int) -> Any:
-    """The seed's recipe (configs/base.py) with ASL and Adam at this backbone, dtype, size, batch."""
+def train_config(model: str, dtype: str, res: int, batch: int, head: str = "linear") -> Any:
+    """The seed's recipe (configs/base.py) with ASL and Adam at this backbone, head, dtype, size
+    and batch."""
     from configs import base
 
     config = base.get_config(model=model, loss="asl")
+    config.model.head = head
     config.model.dtype = dtype
     config.data.image_size = res
     config.train.batch_size = batch
@@ -216,13 +220,13 @@ def train_config(model: str, dtype: str, res: int, batch: int) -> Any:
 
 
 def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: int,
-                  batches_on_device: int, mesh: Any) -> TrainVariant:
+                  batches_on_device: int, mesh: Any, head: str = "linear") -> TrainVariant:
     """Create the experiment and state, put `batches_on_device` batches of random uint8 images
     and multi-hot targets on the devices, and lower the train steps (K = `steps_per_call` per
     call) for them."""
     from annotate import devices, train as training
 
-    config = train_config(model, dtype, res, batch)
+    config = train_config(model, dtype, res, batch, head)
     experiment, state = training.create_experiment(config, NUM_CLASSES, 10_000, mesh)
     rng = np.random.default_rng(0)
     count = batch * batches_on_device
@@ -242,7 +246,7 @@ def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: 
     key = jax.random.wrap_key_data(key_data)
     start = time.perf_counter()
     lowered = experiment.train_steps.lower(state, images, targets, batches[0], key)
-    return TrainVariant(model, dtype, batch, res, steps_per_call, experiment, state, images,
+    return TrainVariant(model, dtype, batch, res, steps_per_call, head, experiment, state, images,
                         targets, batches, key, time.perf_counter() - start,
                         flops_per_step(lowered), lowered)
 
@@ -297,14 +301,15 @@ def time_variant(variant: TrainVariant, warmup: int, steps: int, repeats: int) -
 def profile_variant(variant: TrainVariant, steps: int, directory: Path) -> dict[str, Any]:
     """A jax.profiler trace of `steps` calls of K train steps (each blocked on, so the per-call
     figures are one call's) and the compiled HLO beside it, summarised as a JSON record."""
-    name = (f"{variant.model}_{variant.dtype}_{variant.res}px_b{variant.batch}"
-            f"_k{variant.steps_per_call}")
+    name = (f"{variant.model}{'' if variant.head == 'linear' else '_' + variant.head}_"
+            f"{variant.dtype}_{variant.res}px_b{variant.batch}_k{variant.steps_per_call}")
     directory.mkdir(parents=True, exist_ok=True)
     with gzip.open(directory / f"{name}.hlo.txt.gz", "wt") as handle:
         handle.write(variant.compiled.as_text())
     profile = profile_calls(lambda: run_steps(variant, 1), steps, directory / name)
-    return {"what": "train_profile", "model": variant.model, "dtype": variant.dtype,
-            "batch": variant.batch, "res": variant.res, "steps_per_call": variant.steps_per_call,
+    return {"what": "train_profile", "model": variant.model, "head": variant.head,
+            "dtype": variant.dtype, "batch": variant.batch, "res": variant.res,
+            "steps_per_call": variant.steps_per_call,
             **profile, **device_info()}
 
 
@@ -322,8 +327,10 @@ def train_record(variant: TrainVariant, step_times: list[float]) -> dict[str, An
     memory, compile time."""
     step_s = float(np.median(step_times))
     flops = variant.flops_per_step
-    return {"what": "train_throughput", "model": variant.model, "dtype": variant.dtype,
-            "batch": variant.batch, "res": variant.res, "steps_per_call": variant.steps_per_call,
+    params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variant.state.params))
+    return {"what": "train_throughput", "model": variant.model, "head": variant.head,
+            "dtype": variant.dtype, "batch": variant.batch, "res": variant.res,
+            "steps_per_call": variant.steps_per_call, "params": params,
             "img_per_s": variant.batch / step_s, "step_ms": 1000 * step_s,
             "spread": [min(step_times) / step_s, max(step_times) / step_s],
             "lower_s": variant.lower_s, "compile_s": variant.compile_s,
@@ -334,10 +341,11 @@ def train_record(variant: TrainVariant, step_times: list[float]) -> dict[str, An
 
 
 def train_error_record(model: str, dtype: str, batch: int, res: int, steps_per_call: int,
-                       error: str) -> dict[str, Any]:
+                       error: str, head: str = "linear") -> dict[str, Any]:
     """The JSON record of a variant that could not be built, compiled or timed."""
-    return {"what": "train_throughput", "model": model, "dtype": dtype, "batch": batch,
-            "res": res, "steps_per_call": steps_per_call, "error": error, **device_info()}
+    return {"what": "train_throughput", "model": model, "head": head, "dtype": dtype,
+            "batch": batch, "res": res, "steps_per_call": steps_per_call, "error": error,
+            **device_info()}
 
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -347,22 +355,22 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     mesh = devices.make_mesh()
     # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second;
     # then K, so that K > 1 compiles after K = 1 and finds its convolutions already autotuned
-    variants_wanted = [(model, dtype, int(res), int(k)) for dtype in csv(args.dtypes)
+    variants_wanted = [(model, dtype, int(res), int(k), head) for dtype in csv(args.dtypes)
                        for k in csv(args.steps_per_call) for res in csv(args.res)
-                       for model in csv(args.models)]
+                       for model in csv(args.models) for head in csv(args.heads)]
     workers = args.compile_workers or len(variants_wanted)
     profiled = set(csv(args.profile_models))
     records = []
     compile_start = time.perf_counter()
     futures: list[Future] = []
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for model, dtype, res, k in variants_wanted:  # tracing holds the GIL; compiles overlap
+        for model, dtype, res, k, head in variants_wanted:  # tracing holds the GIL
             try:
                 variant = build_variant(model, dtype, res, args.batch, k,
-                                        args.batches_on_device, mesh)
+                                        args.batches_on_device, mesh, head)
             except Exception as error:  # e.g. an unknown backbone: report it, build the rest
                 record = train_error_record(model, dtype, args.batch, res, k,
-                                            f"{type(error).__name__}: {error}")
+                                            f"{type(error).__name__}: {error}", head)
                 emit(record)
                 records.append(record)
                 continue
@@ -383,7 +391,7 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                 variant.error = f"{type(error).__name__}: {error}"
         if variant.error is not None:
             record = train_error_record(variant.model, variant.dtype, variant.batch, variant.res,
-                                        variant.steps_per_call, variant.error)
+                                        variant.steps_per_call, variant.error, variant.head)
         emit(record)
         records.append(record)
         if args.profile_dir and variant.error is None and variant.model in profiled:
@@ -410,13 +418,17 @@ def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
     for dtype in csv(args.dtypes):
         for res in csv(args.res):
             for model in csv(args.models):
-                variant = build_variant(model, dtype, int(res), args.batch, 1, 1, mesh)
-                record = {"what": "train_flops", "model": model, "dtype": dtype,
-                          "batch": args.batch, "res": int(res),
-                          "train_flops_per_img": variant.flops_per_step / args.batch,
-                          "lowered_on": device_info()["platform"], "jax": jax.__version__}
-                emit(record)
-                records.append(record)
+                for head in csv(args.heads):
+                    variant = build_variant(model, dtype, int(res), args.batch, 1, 1, mesh, head)
+                    params = sum(int(np.prod(leaf.shape))
+                                 for leaf in jax.tree.leaves(variant.state.params))
+                    record = {"what": "train_flops", "model": model, "head": head,
+                              "dtype": dtype, "batch": args.batch, "res": int(res),
+                              "params": params,
+                              "train_flops_per_img": variant.flops_per_step / args.batch,
+                              "lowered_on": device_info()["platform"], "jax": jax.__version__}
+                    emit(record)
+                    records.append(record)
     return records
 
 
@@ -593,6 +605,12 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
 
 
+def _model_label(record: dict[str, Any]) -> str:
+    """'tresnet_m', or 'tresnet_m + csra' for a head other than the seed's linear one."""
+    head = record.get("head", "linear")
+    return record["model"] if head == "linear" else f"{record['model']} + {head}"
+
+
 def report_table(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table per backbone and resolution: JAX images/s per dtype (the best K, steps per
     call) beside PyTorch's (torch_reference.py "throughput" lines), the ratios, and the best WGAN
@@ -601,7 +619,7 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
     torch_rate: dict[tuple[str, int, str], float] = {}
     for record in records:
         if record.get("what") == "train_throughput" and record.get("img_per_s"):
-            key = (record["model"], record.get("res"), record["dtype"])
+            key = (_model_label(record), record.get("res"), record["dtype"])
             if record["img_per_s"] > jax_rate.get(key, {}).get("img_per_s", 0):
                 jax_rate[key] = record
         elif record.get("what") == "throughput" and record.get("img_per_s"):
@@ -647,7 +665,8 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         profiled = record.get("what") in ("train_profile", "wgan_profile")
         if profiled and record.get("device_threads") is not None:
-            label = (f"{record['model']} {record.get('res')} px K={record.get('steps_per_call', 1)}"
+            label = (f"{_model_label(record)} {record.get('res')} px "
+                     f"K={record.get('steps_per_call', 1)}"
                      if record.get("model") else f"WGAN K={record.get('pairs')}")
             lines += ["", f"Profile of {label} {record.get('dtype', '')}: "
                       f"{record['wall_ms_per_call']:.1f} ms wall per call, host dispatch "
@@ -674,6 +693,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbones")
     train.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes")
     train.add_argument("--res", default="448", help="comma-separated image sizes in pixels")
+    train.add_argument("--heads", default="linear",
+                       help="comma-separated heads (linear, ml_decoder, csra)")
     train.add_argument("--steps-per-call", default="1",
                        help="comma-separated K: train steps per dispatch (lax.scan)")
     train.add_argument("--batch", type=int, default=32, help="global batch size")
@@ -695,6 +716,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flops.add_argument("--dtypes", default="bfloat16", help="compute dtypes")
     flops.add_argument("--res", default="448,224", help="comma-separated image sizes in pixels")
     flops.add_argument("--batch", type=int, default=32, help="global batch size")
+    flops.add_argument("--heads", default="linear", help="comma-separated heads")
     wgan = commands.add_parser("wgan", help="images/hour of the 1001-iteration ML-WGAN recipe")
     wgan.add_argument("--pairs", default="32,96", help="comma-separated K (pairs per chunk)")
     wgan.add_argument("--dtypes", default="bfloat16,float32",

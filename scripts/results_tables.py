@@ -65,15 +65,16 @@ def table(header: list[str], rows: list[list[str]], align: str = "") -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def lowered_flops() -> dict[tuple[str, str, int, int], float]:
-    """FLOPs per image of the train step, counted on the lowered HLO (benchmark.py flops)."""
-    counts = {}
-    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
-        for record in read_lines(path):
-            if record.get("what") == "train_flops":
-                key = (record["model"], record["dtype"], record["res"], record["batch"])
-                counts[key] = record["train_flops_per_img"]
-    return counts
+def flops_records() -> list[dict[str, Any]]:
+    """benchmark.py flops lines: parameters and FLOPs per image of a train step (lowered HLO)."""
+    return [record for path in sorted(MEASUREMENTS.glob("*.jsonl")) for record in read_lines(path)
+            if record.get("what") == "train_flops"]
+
+
+def lowered_flops() -> dict[tuple[str, str, str, int, int], float]:
+    """FLOPs per image of the train step by (model, head, dtype, size, batch)."""
+    return {(r["model"], r.get("head", "linear"), r["dtype"], r["res"], r["batch"]):
+            r["train_flops_per_img"] for r in flops_records()}
 
 
 def step_files() -> list[tuple[Path, list[dict[str, Any]]]]:
@@ -104,7 +105,8 @@ def train_step_table() -> str:
             variants = [r for r in ours if (r["model"], r["res"]) == (model, res)] or [{}]
             for record in variants:
                 rate = record.get("img_per_s")
-                per_image = flops.get((model, record.get("dtype"), res, record.get("batch")))
+                per_image = flops.get((model, record.get("head", "linear"), record.get("dtype"),
+                                       res, record.get("batch")))
                 rows.append([
                     model, str(res), str(record.get("steps_per_call", "-")), number(rate),
                     number(record.get("step_ms"), 2),
@@ -214,9 +216,27 @@ def epochs_table() -> str:
                   "N+"], rows)
 
 
+def head_cost_table() -> str:
+    """Each head's trainable parameters and train-step FLOPs per image against the linear head
+    on the same backbone and size."""
+    records = [record for record in flops_records() if "params" in record]
+    linear = {(r["model"], r["res"]): r for r in records if r.get("head", "linear") == "linear"}
+    rows = []
+    for record in records:
+        base = linear.get((record["model"], record["res"]))
+        if base is None:
+            continue
+        rows.append([record["model"], record.get("head", "linear"), str(record["res"]),
+                     f"{record['params']:,}", f"{record['params'] - base['params']:+,}",
+                     f"{record['train_flops_per_img'] / 1e9:.1f}",
+                     f"{record['train_flops_per_img'] / base['train_flops_per_img'] - 1:+.1%}"])
+    return table(["backbone", "head", "px", "trainable parameters", "vs linear",
+                  "train GFLOP/img", "vs linear"], rows, "llrrrrr")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
-    "parity": parity_table, "epochs": epochs_table}
+    "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table}
 
 
 def render(page: str) -> str:

@@ -48,3 +48,18 @@ def test_config_and_registry_import_without_jax():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_other_heads_take_their_config_section():
+    config = base.get_config(model="tresnet_m", loss="asl")
+    config.model.head = "ml_decoder"
+    assert head_options(config) == {"num_groups": 100, "embedding_dim": 768, "num_heads": 8,
+                                    "feedforward_dim": 2048, "dropout": 0.1}
+    config.model.ml_decoder.num_heads = 7
+    with pytest.raises(ValueError, match="model.ml_decoder.embedding_dim = 768: must be divisible"):
+        validate_config(config)
+    config.model.head = "csra"
+    assert head_options(config) == {"num_heads": 1, "lam": 0.1}
+    config.model.csra.num_heads = 3
+    with pytest.raises(ValueError, match="config.model.csra.num_heads = 3: use 1, 2, 4, 6 or 8"):
+        validate_config(config)

@@ -139,3 +139,21 @@ def test_convert_script_writes_a_reusable_orbax_checkpoint(tmp_path, timm_state,
                           reference_model)
     with pytest.raises(ValueError, match="orbax"):
         load_pretrained(create_model("resnet18", NUM_CLASSES + 1), str(out))
+
+
+@pytest.mark.parametrize("head", ["ml_decoder", "csra"])
+def test_checkpoint_classifier_is_skipped_for_other_heads(timm_state, reference_model, head,
+                                                          caplog):
+    """A timm checkpoint into a model with another head: the backbone loads exactly, timm's
+    classifier is skipped with the reason, the head keeps its initialisation."""
+    model = create_model("resnet18", NUM_CLASSES, head=head, seed=5)
+    head_before = {key: value for key, value in variables(model).items() if key.startswith("head.")}
+    with caplog.at_level(logging.WARNING, logger="annotate.convert"):
+        load_timm_weights(model, timm_state)
+    assert "fc.weight" in caplog.text and "not timm's linear classifier" in caplog.text
+    loaded = variables(model)
+    for key, value in variables(reference_model).items():
+        if key.startswith("backbone."):
+            np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    for key, value in head_before.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)

@@ -397,8 +397,10 @@ def test_validation_protocol_never_looks_at_the_test_labels(tiny_dataset, tiny_b
 
 
 def test_final_protocol_evaluates_the_last_epoch(tiny_dataset, tiny_backbone, tmp_path):
+    """Protocol "final" (with the CSRA head: the loop does not know which head it trains)."""
     config = tiny_config(tiny_dataset, tmp_path / "cache")
     config.eval.protocol = "final"
+    config.model.head = "csra"
     evaluation = train.train_and_evaluate(config, tmp_path / "run")
     assert (evaluation.results["protocol"], evaluation.results["best_epoch"]) == ("final", 3)
     low, high = evaluation.results["ci95"]["mcc"]["per_image_f1"]

@@ -49,6 +49,8 @@ MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 # head name -> "module:class" in annotate.models; class(num_features, num_classes, *, rngs, **options)
 _HEADS: dict[str, str] = {
     "linear": "heads:LinearHead",
+    "ml_decoder": "heads:MLDecoderHead",
+    "csra": "heads:CSRAHead",
 }
 
 HEAD_NAMES: tuple[str, ...] = tuple(_HEADS)

@@ -1,0 +1,179 @@
+"""The label-correlation heads against PyTorch versions written here from the papers and the
+official code (Alibaba-MIIL/ML_Decoder's MLDecoder, Kevinz-code/CSRA's MHA/CSRA) with the same
+weights, finite bf16 gradients, every backbone at a non-square size, and the plug-in point."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn as tnn
+from flax import nnx
+
+from annotate.losses import asymmetric_loss
+from annotate.models import MODEL_NAMES, create_model
+from annotate.models.heads import CSRAHead, MLDecoderHead
+from parity import relative_l2
+
+
+class TorchMLDecoder(tnn.Module):
+    """ML-Decoder as the official module computes it (one TransformerDecoderLayerOptimal inside
+    nn.TransformerDecoder, frozen nn.Embedding queries, GroupFC)."""
+
+    def __init__(self, num_classes, groups, in_features, dim, heads, feedforward):
+        super().__init__()
+        self.embed = tnn.Linear(in_features, dim)
+        self.queries = tnn.Parameter(torch.randn(groups, dim), requires_grad=False)
+        self.norm1, self.norm2, self.norm3 = (tnn.LayerNorm(dim) for _ in range(3))
+        self.attention = tnn.MultiheadAttention(dim, heads, dropout=0.1)
+        self.linear1, self.linear2 = tnn.Linear(dim, feedforward), tnn.Linear(feedforward, dim)
+        self.dropout = tnn.Dropout(0.1)
+        self.duplicate = int(num_classes / groups + 0.999)
+        self.group_fc = tnn.Parameter(torch.empty(groups, dim, self.duplicate))
+        tnn.init.xavier_normal_(self.group_fc)
+        self.bias = tnn.Parameter(torch.zeros(num_classes))
+        self.num_classes = num_classes
+
+    def forward(self, x):  # x [B, C, H, W]
+        tokens = torch.relu(self.embed(x.flatten(2).transpose(1, 2))).transpose(0, 1)
+        tgt = self.queries.unsqueeze(1).expand(-1, x.shape[0], -1)
+        tgt = self.norm1(tgt + self.dropout(tgt))
+        tgt = self.norm2(tgt + self.dropout(self.attention(tgt, tokens, tokens)[0]))
+        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(torch.relu(
+            self.linear1(tgt))))))
+        h = tgt.transpose(0, 1)  # [B, groups, dim]
+        out = torch.stack([h[:, i] @ self.group_fc[i] for i in range(h.shape[1])], dim=1)
+        return out.flatten(1)[:, :self.num_classes] + self.bias
+
+
+class TorchCSRA(tnn.Module):
+    """CSRA's MHA: per head a bias-free 1x1 conv, scores over the class weight's norm, mean plus
+    lam times the softmax-at-temperature (or max, T = 99) attention, summed over heads."""
+
+    TEMPERATURES = {1: [1], 2: [1, 99], 4: [1, 2, 4, 99]}
+
+    def __init__(self, in_features, num_classes, num_heads, lam):
+        super().__init__()
+        self.temperatures, self.lam = self.TEMPERATURES[num_heads], lam
+        self.heads = tnn.ModuleList(tnn.Conv2d(in_features, num_classes, 1, bias=False)
+                                    for _ in self.temperatures)
+
+    def forward(self, x):
+        logit = 0.0
+        for temperature, head in zip(self.temperatures, self.heads):
+            score = head(x) / torch.norm(head.weight, dim=1, keepdim=True).transpose(0, 1)
+            score = score.flatten(2)
+            attention = (score.max(dim=2)[0] if temperature == 99 else
+                         (score * torch.softmax(score * temperature, dim=2)).sum(dim=2))
+            logit = logit + score.mean(dim=2) + self.lam * attention
+        return logit
+
+
+def _features(height=7, width=5, channels=48, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((2, height, width, channels),
+                                                       dtype=np.float32)
+
+
+def _nchw(features: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(features.transpose(0, 3, 1, 2)))
+
+
+def _linear(ours: nnx.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    ours.kernel[...] = jnp.asarray(weight.detach().numpy().T)
+    if bias is not None:
+        ours.bias[...] = jnp.asarray(bias.detach().numpy())
+
+
+def test_ml_decoder_logits_match_the_official_computation():
+    torch.manual_seed(0)
+    num_classes, groups, dim, heads = 30, 8, 32, 4  # 30 / 8: 4 outputs per query, 2 cut off
+    reference = TorchMLDecoder(num_classes, groups, 48, dim, heads, 64).eval()
+    with torch.no_grad():  # non-trivial LayerNorm and biases
+        for norm in (reference.norm1, reference.norm2, reference.norm3):
+            norm.weight.normal_(1.0, 0.2)
+            norm.bias.normal_(0.0, 0.1)
+        reference.attention.in_proj_bias.normal_(0.0, 0.1)
+        reference.attention.out_proj.bias.normal_(0.0, 0.1)
+        reference.bias.normal_(0.0, 0.1)
+    head = MLDecoderHead(48, num_classes, num_groups=groups, embedding_dim=dim, num_heads=heads,
+                         feedforward_dim=64, rngs=nnx.Rngs(0))
+    _linear(head.embed, reference.embed.weight, reference.embed.bias)
+    head.queries[...] = jnp.asarray(reference.queries.numpy())
+    q_w, k_w, v_w = reference.attention.in_proj_weight.chunk(3)
+    q_b, k_b, v_b = reference.attention.in_proj_bias.chunk(3)
+    for ours, weight, bias in ((head.attention.query, q_w, q_b), (head.attention.key, k_w, k_b),
+                               (head.attention.value, v_w, v_b)):
+        _linear(ours, weight, bias)
+    _linear(head.attention.out, reference.attention.out_proj.weight,
+            reference.attention.out_proj.bias)
+    for ours, theirs in ((head.norm1, reference.norm1), (head.norm2, reference.norm2),
+                         (head.norm3, reference.norm3)):
+        ours.scale[...] = jnp.asarray(theirs.weight.detach().numpy())
+        ours.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
+    _linear(head.linear1, reference.linear1.weight, reference.linear1.bias)
+    _linear(head.linear2, reference.linear2.weight, reference.linear2.bias)
+    head.group_fc[...] = jnp.asarray(reference.group_fc.detach().numpy())
+    head.group_fc_bias[...] = jnp.asarray(reference.bias.detach().numpy())
+    head.eval()
+    features = _features()
+    with torch.no_grad():
+        expected = reference(_nchw(features)).numpy()
+    logits = np.asarray(head(jnp.asarray(features)))
+    assert logits.shape == (2, num_classes) and expected.std() > 0.1
+    assert relative_l2(logits, expected) < 1e-5
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_csra_logits_match_the_official_computation(num_heads):
+    torch.manual_seed(num_heads)
+    reference = TorchCSRA(48, 30, num_heads, lam=0.1).eval()
+    head = CSRAHead(48, 30, num_heads=num_heads, lam=0.1, rngs=nnx.Rngs(0))
+    for ours, theirs in zip(head.heads, reference.heads):
+        ours.kernel[...] = jnp.asarray(theirs.weight.detach().numpy()[:, :, 0, 0].T)
+    features = _features(seed=num_heads)
+    with torch.no_grad():
+        expected = reference(_nchw(features)).numpy()
+    assert relative_l2(np.asarray(head(jnp.asarray(features))), expected) < 1e-5
+
+
+def test_csra_with_lam_0_is_the_normalised_average_pool():
+    head = CSRAHead(48, 30, lam=0.0, rngs=nnx.Rngs(0))
+    features = _features()
+    kernel = np.asarray(head.heads[0].kernel[...])
+    expected = features.mean(axis=(1, 2)) @ (kernel / np.linalg.norm(kernel, axis=0))
+    np.testing.assert_allclose(np.asarray(head(jnp.asarray(features))), expected, rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ml_decoder", "csra"])
+def test_bf16_loss_gradients_are_finite(kind):
+    """bf16 feature maps (a bf16 backbone's output) through the head, ASL, train mode: every
+    gradient finite and the head's gradients not all zero."""
+    options = {"num_groups": 16, "embedding_dim": 64, "num_heads": 4,
+               "feedforward_dim": 128} if kind == "ml_decoder" else {"num_heads": 4}
+    head = (MLDecoderHead if kind == "ml_decoder" else CSRAHead)(48, 260, rngs=nnx.Rngs(0),
+                                                                    **options)
+    features = jnp.asarray(_features(14, 10) * 8, jnp.bfloat16)
+    targets = jnp.asarray(np.random.default_rng(1).random((2, 260)) < 0.02, jnp.float32)
+
+    def loss(head, features):
+        return asymmetric_loss(head(features), targets)
+
+    grads, feature_grads = nnx.grad(loss, argnums=(0, 1))(head, features)
+    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert all(np.isfinite(np.asarray(leaf, np.float32)).all() for leaf in leaves)
+    assert np.isfinite(np.asarray(feature_grads, np.float32)).all()
+    assert feature_grads.dtype == jnp.bfloat16
+    assert sum(float(jnp.abs(leaf).sum()) for leaf in leaves) > 0
+
+
+@pytest.mark.parametrize("kind", ["ml_decoder", "csra"])
+@pytest.mark.parametrize("name", [name for name in MODEL_NAMES
+                                  if name not in ("resnet18", "resnet50")])
+def test_every_backbone_takes_the_head_at_a_non_square_size(name, kind):
+    model = nnx.eval_shape(lambda: create_model(name, 260, head=kind))
+    graph, state = nnx.split(model)
+    logits = jax.eval_shape(lambda s, x: nnx.merge(graph, s)(x), state,
+                            jax.ShapeDtypeStruct((2, 160, 224, 3), jnp.float32))
+    assert (logits.shape, logits.dtype) == ((2, 260), jnp.float32)
