@@ -105,7 +105,7 @@ def data_root(config: ml_collections.ConfigDict) -> Path:
     if config.data.source == "folder" and not (root / "train.json").is_file():
         raise data.DatasetError(
             f"no Corel-5k dataset at {root} (train.json missing): download it with "
-            f"`python scripts/fetch_corel5k.py` (writes {DEFAULT_DATA_ROOT}), or point "
+            f"`python -m annotate.data.fetch` (writes {DEFAULT_DATA_ROOT}), or point "
             f"--config.data.root or $COREL5K_DIR at a folder with images/, train.json, test.json")
     return root
 

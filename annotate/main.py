@@ -9,16 +9,19 @@ latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from annotate import data, reports, train
-from annotate.config import validate_config
+from annotate.config import DEFAULT_DATA_ROOT, validate_config
+from annotate.data import fetch
 from annotate.devices import enable_compilation_cache
 
 FLAGS = flags.FLAGS
@@ -38,6 +41,20 @@ def default_workdir(config_path: str) -> Path:
     return Path("runs") / Path(config_path.split(":")[0]).stem
 
 
+def ensure_dataset(config: ml_collections.ConfigDict) -> None:
+    """The main job's first run: with no dataset configured (no --config.data.root, no
+    $COREL5K_DIR) and none in data/corel5k, download Corel-5k there (annotate.data.fetch:
+    $COREL5K_URL if set, else the default GitHub sources, every file checked)."""
+    destination = Path(DEFAULT_DATA_ROOT)
+    if (config.data.source != "folder" or config.data.root or os.environ.get("COREL5K_DIR")
+            or (destination / "train.json").is_file()):
+        return
+    source = os.environ.get("COREL5K_URL") or f"GitHub, about {fetch.DOWNLOAD_MB} MB"
+    print(f"Corel-5k is not in {destination} and neither --config.data.root nor $COREL5K_DIR "
+          f"is set: downloading it into {destination} ({source}; 31 MB kept)", file=sys.stderr)
+    fetch.fetch_corel5k(destination)
+
+
 def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:
     """results.json, results.md, thresholds.json and the pictures of `evaluation` (annotate.reports)."""
     test = evaluation.test
@@ -55,6 +72,10 @@ def main(argv: list[str]) -> None:
     try:
         validate_config(config)
     except ValueError as error:  # a broken config: name the key, no traceback
+        sys.exit(f"error: {error}")
+    try:
+        ensure_dataset(config)
+    except data.DatasetError as error:
         sys.exit(f"error: {error}")
     if config.distributed:
         jax.distributed.initialize()

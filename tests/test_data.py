@@ -190,7 +190,7 @@ def test_missing_dataset_folder_says_how_to_get_it(tmp_path, cache_dir):
     with pytest.raises(DatasetError) as caught:
         load_split(tmp_path / "nowhere", "train", SIZE, cache_dir=cache_dir)
     message = str(caught.value)
-    assert "nowhere" in message and "fetch_corel5k.py" in message and "COREL5K_DIR" in message
+    assert "nowhere" in message and "annotate.data.fetch" in message and "COREL5K_DIR" in message
 
 
 def test_unknown_split_or_source_lists_the_valid_ones(tiny_dataset, cache_dir):

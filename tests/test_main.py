@@ -27,7 +27,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     done = run_main("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}",
                     f"--config.data.root={tmp_path / 'nowhere'}")
     assert done.returncode != 0
-    assert "scripts/fetch_corel5k.py" in done.stderr and str(tmp_path / "nowhere") in done.stderr
+    assert "annotate.data.fetch" in done.stderr and str(tmp_path / "nowhere") in done.stderr
     assert "Traceback" not in done.stderr  # the cause alone, not a stack trace
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 SPLITS: tuple[str, ...] = ("train", "test")
-FETCH_HINT = ("get Corel-5k with `python scripts/fetch_corel5k.py` (writes data/corel5k), or "
+FETCH_HINT = ("get Corel-5k with `python -m annotate.data.fetch` (writes data/corel5k), or "
               "point COREL5K_DIR / --config.data.root at a folder holding images/, train.json "
               "and test.json")
 

@@ -1,0 +1,278 @@
+"""Get Corel-5k (images + train/test JSON in the seed's folder format) into data/corel5k.
+
+    python -m annotate.data.fetch                        # GitHub, no account needed (default)
+    python -m annotate.data.fetch --source kaggle        # the Kaggle dataset the seed links
+    python -m annotate.data.fetch --url URL              # any zip/tar in the seed's layout
+    python -m annotate.data.fetch --archive corel5k.zip  # an archive already on disk
+
+The default source needs no account: the seed's train.json, test.json and vocabulary from
+parham1998/CNN_Image_Annotaion (Corel-5k/) and the 4,999 images from ParkByungYoon/corel-5k
+(db/train, db/test), both at pinned commits; the images come in one archive of that repository
+(about 120 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at any archive
+holding one folder with images/, train.json and test.json. Every file is checked against the
+SHA-256 list `corel5k.sha256` beside this module (files byte-identical to the sources above), the
+folder is validated as the loader validates it (JSON structure, labels in the vocabulary, every
+image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260 labels), and only then
+moved into place. `python -m annotate.main` calls this on its first run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import lzma
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from annotate.data.folder import DatasetError, validate_dataset
+
+KAGGLE_PAGE = "https://www.kaggle.com/datasets/parhamsalar/corel5k"
+KAGGLE_URL = "https://www.kaggle.com/api/v1/datasets/download/parhamsalar/corel5k"
+INDEX_URL = ("https://raw.githubusercontent.com/parham1998/CNN_Image_Annotaion/"
+             "25ceea79fbb8995cab67ba1dc398ec556d97584b/Corel-5k/{name}")
+INDEX_FILES = ("train.json", "test.json", "corel5k_vocabulary.txt")
+IMAGES_URL = ("https://codeload.github.com/ParkByungYoon/corel-5k/zip/"
+              "6fc96e09b1922bf08a53ca44831a958337205d2b")
+IMAGE_FOLDERS = ("db/train", "db/test")  # inside the repository archive's top folder
+DOWNLOAD_MB = 121  # what the default source downloads: the images' archive and the JSON files
+DEFAULT_DESTINATION = Path("data") / "corel5k"
+MANIFEST = Path(__file__).with_name("corel5k.sha256")
+COREL5K_COUNTS = {"train": 4500, "test": 499, "labels": 260}
+# What reading a damaged or truncated zip/tar(.gz/.bz2/.xz) can raise.
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error,
+                  lzma.LZMAError)
+
+
+def download(url: str, destination: Path) -> Path:
+    """Stream `url` to `destination` (via a .part file renamed when complete), with progress bar."""
+    partial = destination.with_name(destination.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": "annotate-fetch-corel5k"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, TimeoutError) as error:
+        partial.unlink(missing_ok=True)
+        raise DatasetError(f"download of {url} failed ({error}); get a Corel-5k archive by hand "
+                           f"(e.g. from {KAGGLE_PAGE}) and run `python -m annotate.data.fetch "
+                           f"--archive PATH`, or point $COREL5K_DIR at a copy") from error
+    partial.replace(destination)
+    return destination
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    """Refuse archive members that would land outside the extraction folder."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise DatasetError(f"{archive}: unsafe member path '{name}' (absolute or containing '..')")
+
+
+def extract_archive(archive: Path, work_dir: Path) -> None:
+    """Extract a zip or tar(.gz/.bz2/.xz) archive into `work_dir`, refusing unsafe member paths."""
+    if not archive.is_file():
+        raise DatasetError(f"{archive}: archive file does not exist")
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as bundle:
+            for name in bundle.namelist():
+                _check_member_name(archive, name)
+            try:
+                bundle.extractall(work_dir)
+            except ARCHIVE_ERRORS as error:
+                raise DatasetError(f"{archive}: damaged zip archive ({error})") from error
+    elif tarfile.is_tarfile(archive):
+        try:
+            with tarfile.open(archive) as bundle:
+                for member in bundle.getmembers():
+                    _check_member_name(archive, member.name)
+                bundle.extractall(work_dir, filter="data")
+        except ARCHIVE_ERRORS as error:
+            raise DatasetError(f"{archive}: damaged tar archive ({error})") from error
+    else:
+        raise DatasetError(f"{archive}: not a zip or tar archive")
+
+
+def find_dataset_root(extracted: Path, archive: Path) -> Path:
+    """The single folder under `extracted` holding images/, train.json and test.json."""
+    candidates = sorted({path.parent for path in extracted.rglob("train.json")
+                         if (path.parent / "test.json").is_file()
+                         and (path.parent / "images").is_dir()})
+    if len(candidates) != 1:
+        found = [str(path.relative_to(extracted)) for path in candidates]
+        raise DatasetError(f"{archive}: expected exactly one folder with images/, train.json and "
+                           f"test.json, found {len(candidates)} {found}")
+    return candidates[0]
+
+
+def check_counts(root: Path, expected: dict[str, int]) -> None:
+    """Validate the folder like the loader does and compare its sizes with `expected`."""
+    indices = validate_dataset(root)
+    found = {"train": len(indices["train"].image_names), "test": len(indices["test"].image_names),
+             "labels": len(indices["train"].vocabulary)}
+    if found != expected:
+        raise DatasetError(f"{root}: expected {expected} (train images, test images, labels), "
+                           f"found {found}")
+
+
+def read_manifest(path: Path = MANIFEST) -> dict[str, str]:
+    """A `sha256sum` list ("<hex>  <relative path>" per line) as {relative path: hex digest}."""
+    entries = {}
+    for line in path.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        entries[name.strip()] = digest
+    return entries
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(root: Path, manifest: dict[str, str], source: str | Path | None = None) -> None:
+    """Every file of `manifest` exists under `root` with its SHA-256; DatasetError naming the
+    source (default `root`), the first missing or different file and how many there are."""
+    source = source or root
+    missing = [name for name in manifest if not (root / name).is_file()]
+    if missing:
+        raise DatasetError(f"{source}: {len(missing)} of the {len(manifest)} Corel-5k files are "
+                           f"missing, first {missing[0]}")
+    different = [name for name, digest in manifest.items() if sha256(root / name) != digest]
+    if different:
+        raise DatasetError(f"{source}: {len(different)} files differ from the SHA-256 recorded in "
+                           f"{MANIFEST.name}, first {different[0]}; the download is damaged or "
+                           f"not the recorded Corel-5k (--skip-checksums accepts another copy)")
+
+
+def _refuse_existing(destination: Path, force: bool) -> None:
+    if destination.exists() and not force:
+        raise DatasetError(f"{destination} already exists; pass --force to replace it")
+
+
+def _install(root: Path, destination: Path, *, expected: dict[str, int],
+             manifest: dict[str, str] | None, force: bool, source: str | Path) -> Path:
+    """Check the assembled folder `root` (checksums, the loader's validation, the counts), then
+    move it to `destination` (replacing an existing one only with `force`)."""
+    if manifest is not None:
+        verify_manifest(root, manifest, source)
+    check_counts(root, expected)
+    _refuse_existing(destination, force)
+    if destination.exists():
+        shutil.rmtree(destination)
+    root.rename(destination)
+    return destination
+
+
+def _work_dir(destination: Path) -> Path:
+    """A scratch folder beside `destination` (same file system: the final move is a rename)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-fetch-"))
+
+
+def install_dataset(archive: Path, destination: Path, *, expected: dict[str, int] = COREL5K_COUNTS,
+                    manifest: dict[str, str] | None = None, force: bool = False) -> Path:
+    """Extract `archive` (one folder with images/, train.json, test.json), check it and move it
+    to `destination`. Nothing is written at `destination` unless every check passes."""
+    _refuse_existing(destination, force)
+    work_dir = _work_dir(destination)
+    try:
+        extract_archive(archive, work_dir)
+        return _install(find_dataset_root(work_dir, archive), destination, expected=expected,
+                        manifest=manifest, force=force, source=archive)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: str = IMAGES_URL,
+                 expected: dict[str, int] = COREL5K_COUNTS,
+                 manifest: dict[str, str] | None = None, force: bool = False) -> Path:
+    """The default source: the seed's JSON files from `index_url` (a pattern with {name}) and
+    the images under IMAGE_FOLDERS of the repository archive at `images_url`, assembled in the
+    seed's folder layout, checked, and moved to `destination`."""
+    _refuse_existing(destination, force)
+    work_dir = _work_dir(destination)
+    try:
+        root = work_dir / "corel5k"
+        (root / "images").mkdir(parents=True)
+        for name in INDEX_FILES:
+            download(index_url.format(name=name), root / name)
+        archive = download(images_url, work_dir / "images.zip")
+        try:
+            with zipfile.ZipFile(archive) as bundle:
+                for member in bundle.infolist():
+                    parent, _, name = member.filename.rpartition("/")
+                    if name and any(parent.endswith("/" + folder) for folder in IMAGE_FOLDERS):
+                        _check_member_name(archive, name)
+                        (root / "images" / name).write_bytes(bundle.read(member))
+        except ARCHIVE_ERRORS as error:
+            raise DatasetError(f"{images_url}: damaged zip archive ({error})") from error
+        archive.unlink()
+        return _install(root, destination, expected=expected, manifest=manifest, force=force,
+                        source=images_url)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = None,
+                  source: str = "github", archive: Path | None = None, checksums: bool = True,
+                  force: bool = False) -> Path:
+    """Corel-5k into `destination` from a local `archive`, else an archive `url` (default
+    $COREL5K_URL), else Kaggle (`source="kaggle"`) or the default GitHub sources; every file is
+    checked against corel5k.sha256 unless `checksums` is False."""
+    manifest = read_manifest() if checksums else None
+    url = url or os.environ.get("COREL5K_URL")
+    if archive is not None:
+        return install_dataset(archive, destination, manifest=manifest, force=force)
+    if url is None and source == "github":
+        return fetch_github(destination, manifest=manifest, force=force)
+    _refuse_existing(destination, force)
+    work_dir = _work_dir(destination)
+    try:
+        downloaded = download(url or KAGGLE_URL, work_dir / "corel5k.archive")
+        return install_dataset(downloaded, destination, manifest=manifest, force=force)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: fetch (or take --archive), check, install; 1 on a dataset error."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=("github", "kaggle"), default="github",
+                        help="where to download from when no --url/$COREL5K_URL is given")
+    parser.add_argument("--url", help="an archive in the seed's layout (default: $COREL5K_URL)")
+    parser.add_argument("--archive", type=Path, help="use this local zip/tar instead of downloading")
+    parser.add_argument("--dest", type=Path, default=DEFAULT_DESTINATION,
+                        help=f"dataset folder to create (default: {DEFAULT_DESTINATION})")
+    parser.add_argument("--force", action="store_true", help="replace an existing --dest")
+    parser.add_argument("--skip-checksums", action="store_true",
+                        help=f"accept files that differ from {MANIFEST.name}")
+    args = parser.parse_args(argv)
+    try:
+        installed = fetch_corel5k(args.dest, url=args.url, source=args.source,
+                                  archive=args.archive, checksums=not args.skip_checksums,
+                                  force=args.force)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Corel-5k ready in {installed}; train with --config.data.root={installed} "
+          f"or COREL5K_DIR={installed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""annotate.data.fetch without the internet: local archives, and the whole download path (the
+default GitHub sources' layout, $COREL5K_URL) against a local HTTP server on 127.0.0.1, with the
+recorded SHA-256 of every Corel-5k file."""
+from __future__ import annotations
+
+import filecmp
+import functools
+import http.server
+import json
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from annotate import main as annotate_main
+from annotate.data import DatasetError
+from annotate.data import fetch as fetch_module
+from conftest import write_dataset
+
+TINY_COUNTS = {"train": 12, "test": 6, "labels": 5}
+
+
+@pytest.fixture(scope="module")
+def fetch():
+    return fetch_module
+
+
+def pack(source: Path, archive: Path, top: str = "Corel-5k") -> Path:
+    """Zip or tar.gz (by suffix) every file of `source` under the folder name `top`."""
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as bundle:
+            for path in files:
+                bundle.write(path, f"{top}/{path.relative_to(source)}")
+    else:
+        with tarfile.open(archive, "w:gz") as bundle:
+            for path in files:
+                bundle.add(path, f"{top}/{path.relative_to(source)}")
+    return archive
+
+
+def same_tree(left: Path, right: Path) -> bool:
+    files = sorted(str(p.relative_to(left)) for p in left.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(right)) for p in right.rglob("*") if p.is_file())
+    match, mismatch, errors = filecmp.cmpfiles(left, right, files, shallow=False)
+    return not mismatch and not errors
+
+
+@pytest.mark.parametrize("archive_name", ["corel5k.zip", "corel5k.tar.gz"])
+def test_install_extracts_validates_and_moves_into_place(fetch, tiny_dataset, tmp_path,
+                                                         archive_name):
+    archive = pack(tiny_dataset, tmp_path / archive_name)
+    destination = tmp_path / "data" / "corel5k"
+    assert fetch.install_dataset(archive, destination, expected=TINY_COUNTS) == destination
+    assert same_tree(tiny_dataset, destination)
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["corel5k"]  # no leftovers
+
+
+def test_download_streams_a_url_to_disk(fetch, tiny_dataset, tmp_path):
+    archive = pack(tiny_dataset, tmp_path / "source.zip")
+    downloaded = fetch.download(archive.as_uri(), tmp_path / "downloaded.zip")
+    assert downloaded.read_bytes() == archive.read_bytes()
+    with pytest.raises(DatasetError, match="--archive"):
+        fetch.download((tmp_path / "absent.zip").as_uri(), tmp_path / "other.zip")
+    assert not (tmp_path / "other.zip.part").exists()
+
+
+def test_main_installs_from_a_local_archive(fetch, tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fetch, "install_dataset", functools.partial(fetch.install_dataset,
+                                                                    expected=TINY_COUNTS))
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    destination = tmp_path / "data" / "corel5k"
+    args = ["--archive", str(archive), "--dest", str(destination)]
+    assert fetch.main(args) == 1  # the tiny dataset is not the recorded Corel-5k
+    assert f"{archive}: 4994 of the 5002 Corel-5k files are missing" in capsys.readouterr().err
+    assert fetch.main(args + ["--skip-checksums"]) == 0
+    assert "ready" in capsys.readouterr().out
+    assert fetch.main(args + ["--skip-checksums"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert fetch.main(args + ["--skip-checksums", "--force"]) == 0
+
+
+def not_an_archive(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "corel5k.zip"
+    path.write_bytes(b"<html>Please sign in</html>")
+    return path, "not a zip or tar archive"
+
+
+def no_dataset_folder(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    (source / "test.json").unlink()
+    return pack(source, tmp_path / "corel5k.zip"), "exactly one folder"
+
+
+def wrong_counts(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    write_dataset(source, n_train=13)
+    return pack(source, tmp_path / "corel5k.tar.gz"), "'train': 13"
+
+
+def corrupt_image(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    image = source / "images" / "1003.jpeg"
+    image.write_bytes(image.read_bytes()[:150])
+    return pack(source, tmp_path / "corel5k.zip"), "1003.jpeg"
+
+
+def unsafe_member(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    archive = pack(source, tmp_path / "corel5k.zip")
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr("../escape.txt", "outside")
+    return archive, "unsafe member path"
+
+
+def truncated_tar(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    archive = pack(source, tmp_path / "corel5k.tar.gz")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    return archive, "damaged tar archive|not a zip or tar"
+
+
+@pytest.mark.parametrize("spoil", [not_an_archive, no_dataset_folder, wrong_counts, corrupt_image,
+                                   unsafe_member, truncated_tar])
+def test_bad_archive_gives_a_clear_error_and_installs_nothing(fetch, tiny_dataset, tmp_path, spoil):
+    archive, reason = spoil(tiny_dataset, tmp_path)
+    destination = tmp_path / "data" / "corel5k"
+    with pytest.raises(DatasetError, match=reason) as caught:
+        fetch.install_dataset(archive, destination, expected=TINY_COUNTS)
+    assert "corel5k" in str(caught.value)  # names the archive or the file inside it
+    assert not destination.exists()
+    assert list(destination.parent.iterdir()) == []
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_real_corel5k_passes_the_fetch_validation(fetch, corel5k_dir):
+    fetch.check_counts(corel5k_dir, fetch.COREL5K_COUNTS)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A local HTTP server on 127.0.0.1 serving a folder (its URL prefix and the folder)."""
+    folder = tmp_path_factory.mktemp("served")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corel5k_archive(server, corel5k_dir) -> str:
+    """The real Corel-5k as one zip in the seed's layout, served locally; its URL."""
+    url, folder = server
+    with zipfile.ZipFile(folder / "corel5k.zip", "w", zipfile.ZIP_STORED) as bundle:
+        for path in sorted(corel5k_dir.rglob("*")):
+            if path.is_file():
+                bundle.write(path, f"Corel-5k/{path.relative_to(corel5k_dir)}")
+    return f"{url}/corel5k.zip"
+
+
+def tiny_manifest(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): fetch_module.sha256(path)
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def github_layout(source: Path, folder: Path, *, spoil: str | None = None) -> None:
+    """Serve `source` as the default source does: index files under index/, the images in a
+    repository archive (top folder, db/train + db/test and other folders that are ignored)."""
+    (folder / "index").mkdir(exist_ok=True)
+    for name in ("train.json", "test.json"):
+        (folder / "index" / name).write_bytes((source / name).read_bytes())
+    (folder / "index" / "corel5k_vocabulary.txt").write_text("sky\n")
+    test_names = {s["image_name"] for s in json.loads(
+        (source / "test.json").read_text())["samples"]}
+    with zipfile.ZipFile(folder / "repo.zip", "w") as bundle:
+        bundle.writestr("corel-5k-6fc96e0/README.md", "readme")
+        for path in sorted((source / "images").iterdir()):
+            data = path.read_bytes()
+            if path.name == spoil:
+                data = data[:-10] + bytes(10)
+            split = "test" if path.name in test_names else "train"
+            bundle.writestr(f"corel-5k-6fc96e0/db/{split}/{path.name}", data)
+            bundle.writestr(f"corel-5k-6fc96e0/db/train3/{path.name}", b"not used")
+
+
+def test_default_source_layout_is_assembled_and_verified(server, tiny_dataset, tmp_path):
+    url, folder = server
+    (tiny_dataset / "corel5k_vocabulary.txt").write_text("sky\n")
+    manifest = tiny_manifest(tiny_dataset)
+    github_layout(tiny_dataset, folder)
+    destination = tmp_path / "data" / "corel5k"
+    options = dict(index_url=f"{url}/index/{{name}}", images_url=f"{url}/repo.zip",
+                   expected=TINY_COUNTS, manifest=manifest)
+    assert fetch_module.fetch_github(destination, **options) == destination
+    assert same_tree(tiny_dataset, destination)
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["corel5k"]
+
+    github_layout(tiny_dataset, folder, spoil="1004.jpeg")  # one image damaged in transit
+    with pytest.raises(DatasetError, match="1 files differ .*first images/1004.jpeg"):
+        fetch_module.fetch_github(tmp_path / "other", **options)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(DatasetError, match="download of .*/absent.zip failed"):
+        fetch_module.fetch_github(tmp_path / "other", **dict(options,
+                                                             images_url=f"{url}/absent.zip"))
+
+
+def test_corel5k_url_downloads_checks_every_file_and_installs(corel5k_archive, corel5k_dir,
+                                                            tmp_path, monkeypatch):
+    monkeypatch.setenv("COREL5K_URL", corel5k_archive)
+    destination = fetch_module.fetch_corel5k(tmp_path / "corel5k")
+    fetch_module.verify_manifest(destination, fetch_module.read_manifest())
+    assert len(list((destination / "images").iterdir())) == 4999
+
+
+def test_the_main_job_fetches_corel5k_on_its_first_run(corel5k_archive, tmp_path, monkeypatch,
+                                                       capsys):
+    """No --config.data.root, no $COREL5K_DIR, no data/corel5k: the data arrive in
+    data/corel5k of the working folder; once there, or with a root configured, nothing is
+    fetched."""
+    from configs import smoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    monkeypatch.setenv("COREL5K_URL", corel5k_archive)
+    config = smoke.get_config()
+    annotate_main.ensure_dataset(config)
+    assert "downloading" in capsys.readouterr().err
+    assert (tmp_path / "data" / "corel5k" / "train.json").is_file()
+    monkeypatch.setenv("COREL5K_URL", "http://127.0.0.1:9/unreachable.zip")
+    annotate_main.ensure_dataset(config)  # present: no download (it would fail)
+    config.data.root = str(tmp_path / "elsewhere")
+    annotate_main.ensure_dataset(config)  # a configured root is never fetched into
+    assert not (tmp_path / "elsewhere").exists()
