@@ -58,10 +58,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         require(value is None or len(value) == 3, f"data.{key}", "needs 3 values (R, G, B)")
     require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
     require(train.batch_size > 0, "train.batch_size", "must be positive")
+    require(train.learning_rate > 0, "train.learning_rate", "must be positive")
     require(train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
     require(train.epochs > 0, "train.epochs", "must be positive")
-    require(0 < train.stop_epoch <= train.epochs, "train.stop_epoch",
-            f"must lie in [1, train.epochs={train.epochs}]")
+    require(train.schedule_epochs >= train.epochs, "train.schedule_epochs",
+            f"must be at least train.epochs={train.epochs} (the schedule covers every epoch)")
     require(train.optimizer in OPTIMIZERS, "train.optimizer", f"use one of {list(OPTIMIZERS)}")
     require(train.schedule in SCHEDULES, "train.schedule", f"use one of {list(SCHEDULES)}")
     require(0 < train.pct_start < 1, "train.pct_start", "must lie in (0, 1)")

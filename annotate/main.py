@@ -19,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from annotate import data, reports, train
+from annotate import cli, data, reports, train
 from annotate.config import DEFAULT_DATA_ROOT, validate_config
 from annotate.data import fetch
 from annotate.devices import enable_compilation_cache
@@ -71,12 +71,12 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     try:
         validate_config(config)
-    except ValueError as error:  # a broken config: name the key, no traceback
-        sys.exit(f"error: {error}")
+    except (ValueError, KeyError, AttributeError) as error:  # a broken config: the key, one line
+        cli.fail(error)
     try:
         ensure_dataset(config)
     except data.DatasetError as error:
-        sys.exit(f"error: {error}")
+        cli.fail(error)
     if config.distributed:
         jax.distributed.initialize()
     enable_compilation_cache()
@@ -85,9 +85,9 @@ def main(argv: list[str]) -> None:
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
         evaluation = run(config, workdir)
-    except (data.DatasetError, FileNotFoundError, FloatingPointError) as error:
+    except (data.DatasetError, FileNotFoundError, FloatingPointError, ValueError) as error:
         # the cause, named, without a traceback; checkpoints already written stay in the workdir
-        sys.exit(f"error: {error}")
+        cli.fail(error)
     if jax.process_index() == 0:
         write_reports(workdir, evaluation)
     mcc = evaluation.results["mcc"]
@@ -96,5 +96,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

@@ -55,7 +55,7 @@ def _label(config: dict[str, Any]) -> str:
     model, train, data = config["model"], config["train"], config["data"]
     protocol = config.get("eval", {}).get("protocol", "seed")
     return (f"{model['name']} + {config['loss']['name']} ({model.get('head', 'linear')} head, "
-            f"{data['image_size']} px, {train['stop_epoch']} epochs, protocol {protocol})")
+            f"{data['image_size']} px, {train['epochs']} epochs, protocol {protocol})")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

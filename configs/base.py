@@ -50,8 +50,11 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32
-    config.train.epochs = 80  # length of the OneCycle schedule
-    config.train.stop_epoch = 60  # the seed's early stop: training ends after this epoch
+    config.train.epochs = 60  # epochs trained
+    # Length of the OneCycle schedule in epochs. The seed's early stop: a schedule of 80 epochs,
+    # stopped after 60, i.e. the schedule is 4/3 of the epochs trained; as a reference to
+    # train.epochs, `--config.train.epochs=N` trains N epochs of a schedule of 4N/3.
+    config.train.schedule_epochs = config.train.get_ref("epochs") * 4 // 3
     config.train.optimizer = "adam"  # or "adamw" (decoupled weight decay)
     config.train.learning_rate = 1e-4  # OneCycle max_lr
     config.train.weight_decay = 0.0

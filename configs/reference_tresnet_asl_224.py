@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.drop_rate = 0.0
     config.data.image_size = 224
     config.train.epochs = 40
-    config.train.stop_epoch = 40
+    config.train.schedule_epochs = config.train.get_ref("epochs")  # no early stop
     config.train.learning_rate = 1e-3
     config.train.batch_size = 32
     config.train.flip_horizontal = True

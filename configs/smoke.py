@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = 32
     config.train.learning_rate = 3e-3
     config.train.epochs = 2
-    config.train.stop_epoch = 2
+    config.train.schedule_epochs = config.train.get_ref("epochs")
     config.train.eval_batch_size = 500
     config.train.log_every = 20
     return config

@@ -9,7 +9,7 @@
 #   CPU dry run:
 #     DEVICE_TRAIN_DRY_RUN=1 COREL5K_DATA=/work/shared/corel5k OUT=/tmp/out \
 #       TRAIN_OVERRIDES="--config.model.name=resnet18 --config.data.image_size=32 \
-#       --config.train.epochs=1 --config.train.stop_epoch=1" bash scripts/device_train.sh
+#       --config.train.epochs=1" bash scripts/device_train.sh
 #
 # With TORCH_TRAIN_EPOCHS=N (carry .bench too) the PyTorch reference first trains N epochs of the
 # same recipe in the same call (`torch_reference.py train`; its median epoch is the speed anchor,
@@ -121,7 +121,7 @@ with measurements.open("a") as handle:
 print(f"\nmedian epoch: {epoch_s:.2f} s (H100 reference of 2026-11-26: {REFERENCE['epoch_s']} s), "
       f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
       f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
-planned = json.loads((workdir / "config.json").read_text())["train"]["stop_epoch"]
+planned = json.loads((workdir / "config.json").read_text())["train"]["epochs"]
 ok = final["test/per_class_f1"] >= TARGET["per_class_f1"] and final["test/n_plus"] >= TARGET["n_plus"]
 verdict = ("MET" if ok else "MISSED") if final["epoch"] == planned else (
     f"NOT DECIDED: the run stopped after epoch {final['epoch']} of {planned}")

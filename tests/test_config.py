@@ -23,8 +23,8 @@ def test_normalisation_choice():
 
 def test_config_errors_name_the_key():
     config = base.get_config(model="resnet18", loss="asl")
-    config.train.stop_epoch = 100
-    with pytest.raises(ValueError, match=r"config.train.stop_epoch = 100"):
+    config.train.schedule_epochs = 10
+    with pytest.raises(ValueError, match=r"config.train.schedule_epochs = 10: must be at least"):
         validate_config(config)
     config = base.get_config(model="resnet18", loss="asl")
     config.model.name = "no_such_net"

@@ -26,7 +26,7 @@ def load_config_file(path: Path):
 SEED_RECIPE = {
     "data.image_size": 448, "train.batch_size": 32, "train.optimizer": "adam",
     "train.learning_rate": 1e-4, "train.schedule": "onecycle", "train.pct_start": 0.2,
-    "train.epochs": 80, "train.stop_epoch": 60, "loss.focal.gamma": 3.0,
+    "train.epochs": 60, "train.schedule_epochs": 80, "loss.focal.gamma": 3.0,
     "loss.asl.gamma_neg": 4.0, "loss.asl.gamma_pos": 0.0, "loss.asl.clip": 0.05,
     "model.head": "linear", "model.drop_rate": 0.3, "model.global_pool": "avg",
     "train.flip_horizontal": True, "train.flip_vertical": True, "model.pretrained": None,
@@ -53,7 +53,7 @@ def test_every_seed_combination_has_a_file():
 def test_smoke_config_loads():
     config = load_config_file(REPO / "configs" / "smoke.py")
     assert config.model.name in models.MODEL_NAMES
-    assert config.train.stop_epoch <= config.train.epochs
+    assert config.train.schedule_epochs == config.train.epochs == 2
 
 
 def test_unknown_names_list_the_valid_ones():

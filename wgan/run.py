@@ -17,19 +17,18 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_dict, config_flags
 from PIL import Image
 from tqdm import tqdm
 
 from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
                            read_split_index)
+from annotate import cli
 from annotate.config import COMPUTE_DTYPES
 from annotate.devices import enable_compilation_cache
 from wgan.train import WganSetup, augmented_views, image_keys, load_wgan_image, train_chunk
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/wgan.py",
-                                          "ML-WGAN config file (get_config()).")
 
 VIEW_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")  # the seed's file names, in save order
 
@@ -116,10 +115,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
-        run(_CONFIG.value)
+        run(flags.FLAGS.config)
     except DatasetError as error:  # the cause, named; finished images stay on disk
         sys.exit(f"error: {error}")
 
 
+def define_flags() -> None:
+    """Register --config; done only when run as a program, so importing this module is harmless."""
+    config_flags.DEFINE_config_file("config", "configs/wgan.py", "ML-WGAN config file (get_config()).")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

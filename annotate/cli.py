@@ -1,0 +1,80 @@
+"""What the command-line apps (annotate.main, annotate.predict, wgan.run) share: flags and config
+overrides parsed into one-line errors, and Ctrl-C as one line.
+
+A user error ends the app with `error: <cause>` on stderr and exit status 2, never a traceback:
+an unknown config key (with ml_collections' did-you-mean hint), a value of the wrong type, a
+missing config file, a bad flag.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+USER_ERROR = 2
+INTERRUPTED = 130
+
+
+def fail(message: object) -> None:
+    """End the app with `error: <message>` on one line and exit status 2."""
+    text = " ".join(str(message).split())
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(USER_ERROR)
+
+
+def _override_named(argv: Sequence[str], key: str) -> str | None:
+    """The --config.* argument whose dotted path contains `key` (the one an error is about)."""
+    for argument in argv:
+        path = argument.split("=", 1)[0]
+        if path.startswith("--config.") and key in path[len("--config."):].split("."):
+            return argument
+    return None
+
+
+def _explain(error: BaseException, argv: Sequence[str]) -> str:
+    """One readable line for a config or flag error."""
+    if isinstance(error, (AttributeError, KeyError)):
+        cause: object = error
+        while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
+            cause = cause.args[0]
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        key = lines[0].strip("'\"") if lines else "?"
+        hint = f"; {lines[1]}" if len(lines) > 1 else ""
+        flag = _override_named(argv, key)
+        return f"{flag + ': ' if flag else ''}the config has no key '{key}'{hint}"
+    text = str(error)
+    missing = re.search(r"Attempted \[[^]]*\]:\s*(\S+)", text)
+    if missing and "No such file" in text:
+        return f"config file {missing.group(1)} not found"
+    return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with every flag or config error as one line and exit status 2."""
+    try:
+        remaining = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            flags.FLAGS.config.get  # a config file that failed to load raises here, not mid-run
+        return remaining
+    except flags.Error as error:
+        fail(error)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        fail(_explain(error, argv))
+
+
+def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
+    """Define the app's flags and `app.run(main)`, with one-line flag and config errors (a config
+    flag with a default file applies the command line's overrides while being defined) and
+    Ctrl-C as one line."""
+    try:
+        define_flags()
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        fail(_explain(error, sys.argv))
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        print("interrupted; what was completed is kept (a rerun of the same command resumes)",
+              file=sys.stderr)
+        sys.exit(INTERRUPTED)
