@@ -1,44 +1,50 @@
 """Annotate new images with a trained model and its MCC thresholds.
 
-    python -m annotate.predict --workdir=runs/tresnet_asl photo.jpg holiday/ [--output out.json]
+    python -m annotate.predict --workdir=runs/tresnet_asl photo.jpg holiday/ [--output tags.csv]
 
 Folders are searched (not recursively) for image files. For every image the labels whose
 probability exceeds the label's threshold (thresholds.json, written by the evaluation) are
-printed with their probabilities, most probable first; --output also writes them as JSON.
+printed with their probabilities, most probable first; --output also writes them, as JSON
+(`.json`) or CSV (`.csv`: image, label, probability). Files that are not images, or do not
+decode, are skipped and listed at the end; the exit status is non-zero only when nothing could be
+annotated. User errors are one line, `error: ...`, with exit status 2.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
-from annotate import data, train
+from annotate import cli, data, train
 from annotate.config import validate_config
 from annotate.devices import enable_compilation_cache, make_mesh, put
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def image_paths(paths: Sequence[Path | str]) -> list[Path]:
-    """The image files named by `paths`: files as given, folders expanded to their image files
-    (sorted). Raises FileNotFoundError for a missing path or a folder without images."""
-    found = []
+def image_paths(paths: Sequence[Path | str]) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) named by `paths`: files as given (an image file as far as the
+    decoder is concerned), folders expanded to their image files (sorted), their other files
+    listed apart. FileNotFoundError for a missing path."""
+    found, others = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not images:
-                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            found += images
+            entries = sorted(p for p in path.iterdir() if p.is_file())
+            found += [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+            others += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
         elif path.is_file():
             found.append(path)
         else:
             raise FileNotFoundError(f"image path {path} does not exist")
-    return found
+    return found, others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +63,27 @@ class Annotator:
         on_device = put(images, self.experiment.replicated)
         return train.predict(self.experiment, self.params, self.batch_stats, on_device)
 
-    def annotate(self, paths: Sequence[Path | str]) -> list[dict]:
-        """[{"image": path, "labels": [{"label", "probability"}, ...]}] for the image files and
-        folders in `paths`; labels above their threshold, most probable first."""
-        files = image_paths(paths)
-        images = np.stack([data.decode_image(path, self.image_size) for path in files])
-        probs = self.probabilities(images)
+    def annotate(self, files: Sequence[Path | str]) -> tuple[list[dict], list[tuple[str, str]]]:
+        """([{"image": path, "labels": [{"label", "probability"}, ...]}], [(path, why skipped)])
+        for image files: labels above their threshold, most probable first; files that do not
+        decode are skipped with the reason."""
+        decoded, skipped = [], []
+        for path in files:
+            try:
+                decoded.append((path, data.decode_image(path, self.image_size)))
+            except data.DatasetError as error:
+                skipped.append((str(path), str(error)))
+        if not decoded:
+            return [], skipped
+        probs = self.probabilities(np.stack([image for _, image in decoded]))
         annotations = []
-        for path, image_probs in zip(files, probs):
+        for (path, _), image_probs in zip(decoded, probs):
             chosen = np.flatnonzero(image_probs > self.thresholds)
             chosen = chosen[np.argsort(-image_probs[chosen], kind="stable")]
             annotations.append({"image": str(path), "labels": [
                 {"label": self.vocabulary[j], "probability": round(float(image_probs[j]), 4)}
                 for j in chosen]})
-        return annotations
+        return annotations, skipped
 
 
 def load_annotator(workdir: Path | str) -> Annotator:
@@ -83,7 +96,12 @@ def load_annotator(workdir: Path | str) -> Annotator:
     if not thresholds_path.is_file():
         raise FileNotFoundError(f"{thresholds_path} not found: evaluate the run first "
                                 f"(python -m annotate.main --config=... --workdir={workdir} --evaluate)")
-    config = validate_config(ml_collections.ConfigDict(json.loads(config_path.read_text())))
+    try:
+        config = validate_config(ml_collections.ConfigDict(json.loads(config_path.read_text())))
+    except (KeyError, AttributeError, ValueError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} does not hold a config of this version of annotate "
+                         f"({type(error).__name__}: {error}); retrain, or annotate with the "
+                         f"version that trained it") from error
     stored = json.loads(thresholds_path.read_text())
     vocabulary, thresholds = stored["vocabulary"], np.asarray(stored["thresholds"], np.float32)
     if len(vocabulary) != len(thresholds):
@@ -95,30 +113,68 @@ def load_annotator(workdir: Path | str) -> Annotator:
                      thresholds, config.data.image_size)
 
 
+OUTPUT_FORMATS = (".json", ".csv")
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """Register the flags; done only when run as a program, so importing this module is harmless."""
     flags.DEFINE_string("workdir", None, "Training workdir (best checkpoint + thresholds.json).")
-    flags.DEFINE_string("output", None, "Also write the annotations to this JSON file.")
+    flags.DEFINE_string("output", None, "Also write the annotations here: .json or .csv.")
     flags.mark_flags_as_required(["workdir"])
+
+
+def write_annotations(path: Path, annotations: list[dict]) -> None:
+    """The annotations as JSON, or as CSV rows (image, label, probability; an image without a
+    label above its threshold gets one row with an empty label)."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(annotations, indent=2) + "\n")
+        return
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "label", "probability"])
+        for item in annotations:
+            rows = [[item["image"], x["label"], x["probability"]] for x in item["labels"]]
+            writer.writerows(rows or [[item["image"], "", ""]])
+
+
+def check_output(output: str | None) -> Path | None:
+    """The --output path, refused before any prediction when its folder or format is wrong."""
+    if output is None:
+        return None
+    path = Path(output)
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise ValueError(f"--output {path}: use a .json or .csv file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--output {path}: folder {path.parent} does not exist")
+    return path
 
 
 def main(argv: list[str]) -> None:
     """Annotate the image files and folders given as arguments."""
     if len(argv) < 2:
         raise app.UsageError("give image files or folders to annotate")
-    files = image_paths(argv[1:])  # a bad path fails before the model is loaded
-    enable_compilation_cache()
-    annotations = load_annotator(FLAGS.workdir).annotate(files)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax stay quiet
+    try:
+        output = check_output(FLAGS.output)
+        files, others = image_paths(argv[1:])  # a bad path fails before the model is loaded
+        enable_compilation_cache()
+        annotations, skipped = load_annotator(FLAGS.workdir).annotate(files)
+    except (FileNotFoundError, ValueError, data.DatasetError) as error:
+        cli.fail(error)
     for item in annotations:
         labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])
         print(f"{item['image']}: {labels or '(no label above its threshold)'}")
-    if FLAGS.output:
-        Path(FLAGS.output).write_text(json.dumps(annotations, indent=2) + "\n")
+    skipped += [(str(path), "not an image file") for path in others]
+    if skipped:
+        print(f"skipped {len(skipped)} file(s):", file=sys.stderr)
+        for path, why in skipped:
+            print(f"  {path}: {why}", file=sys.stderr)
+    if output is not None and annotations:
+        write_annotations(output, annotations)
+    if not annotations:
+        cli.fail("no image could be annotated")
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

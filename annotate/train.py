@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -313,6 +314,7 @@ def eval_params(state: TrainState) -> Variables:
 
 # --------------------------------------------------------------------------- checkpoints
 
+CPU_WARNING_SECONDS = 3600.0  # a CPU run estimated longer than this gets a one-line warning
 SELECTION_METRIC = "per_class_f1"  # chooses the checkpoint under protocols "seed", "validation"
 
 
@@ -351,6 +353,8 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
     """The best checkpoint of `workdir` (laid out like `like`) and its epoch; FileNotFoundError
     when the workdir holds none."""
+    if not (workdir / "checkpoints").is_dir():  # the manager would create the folder
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
     manager = checkpoint_manager(workdir)
     best_epoch = manager.best_step()
     if best_epoch is None:
@@ -483,11 +487,13 @@ def steps_per_call(steps_per_epoch: int, log_every: int, platform: str) -> int:
 
 
 def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSplit, epoch: int,
-                order_key: jax.Array, step_key: jax.Array, *, show_progress: bool
+                order_key: jax.Array, step_key: jax.Array, *, show_progress: bool,
+                on_step_time: Callable[[float], None] | None = None
                 ) -> tuple[TrainState, float, float]:
     """Run epoch `epoch` (1-based) over the permutation fold_in(order_key, epoch), K steps per
     dispatch (steps_per_call), showing loss and images/s; returns (state, mean loss, seconds).
-    A non-finite loss raises FloatingPointError."""
+    `on_step_time(seconds per step)` is called once, measured over the steps after the first
+    call (which may compile). A non-finite loss raises FloatingPointError."""
     batch_size, num_images = experiment.config.train.batch_size, train_split.images.shape[0]
     steps_per_epoch = num_images // batch_size
     chunk = steps_per_call(steps_per_epoch, experiment.config.train.log_every,
@@ -498,7 +504,8 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
     first_step = (epoch - 1) * steps_per_epoch + 1
     step_losses: list[np.ndarray] = []
     start_time = time.perf_counter()
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{experiment.config.train.stop_epoch}",
+    after_first: list[float] = []  # the time the first call's losses arrived
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{experiment.config.train.epochs}",
               disable=not show_progress, leave=False) as bar:
 
         def record(losses_of_chunk: jax.Array) -> None:
@@ -509,6 +516,14 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
             images_per_second = chunk * len(step_losses) * batch_size / (
                 time.perf_counter() - start_time)
             bar.set_postfix(loss=f"{recent[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+            nonlocal on_step_time
+            if on_step_time is not None and not after_first:
+                after_first.append(time.perf_counter())
+            elif on_step_time is not None and (len(step_losses) - 1) * chunk >= min(
+                    5, steps_per_epoch - chunk):
+                on_step_time((time.perf_counter() - after_first[0])
+                             / ((len(step_losses) - 1) * chunk))
+                on_step_time = None
 
         pending = None  # the previous call's losses, read while the device runs the next call
         for chunk_indices in batches:
@@ -551,7 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     checkpoints = checkpoint_manager(workdir)
     start_epoch = checkpoints.latest_step() or 0
     experiment, state = create_experiment(config, len(train_split.host.vocabulary),
-                                          config.train.epochs * steps_per_epoch, mesh,
+                                          config.train.schedule_epochs * steps_per_epoch, mesh,
                                           load_pretrained=not start_epoch)
     if start_epoch:
         state = restore_state(checkpoints, start_epoch, state)
@@ -566,10 +581,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     step_key = put(jax.random.key_data(step_key), experiment.replicated)
     step_key = jax.random.wrap_key_data(step_key)
     monitor_prefix, monitored = run_data.monitored
+
+    def warn_if_slow_on_cpu(seconds_per_step: float) -> None:
+        """No accelerator: say what the run will cost while it goes on (the user may mean it)."""
+        remaining = seconds_per_step * steps_per_epoch * (config.train.epochs - start_epoch)
+        if remaining > CPU_WARNING_SECONDS:
+            tqdm.write(f"warning: no accelerator found; training on the CPU at "
+                       f"{seconds_per_step:.2f} s/step, about {remaining / 3600:.1f} h for the "
+                       f"{config.train.epochs - start_epoch} epochs to go (for a quick CPU run: "
+                       f"make train CONFIG=configs/smoke.py)", file=sys.stderr)
+
+    on_cpu = is_writer and mesh.devices.flat[0].platform == "cpu"
     try:
-        for epoch in range(start_epoch + 1, config.train.stop_epoch + 1):
-            state, train_loss, seconds = train_epoch(experiment, state, train_split, epoch,
-                                                     order_key, step_key, show_progress=is_writer)
+        for epoch in range(start_epoch + 1, config.train.epochs + 1):
+            state, train_loss, seconds = train_epoch(
+                experiment, state, train_split, epoch, order_key, step_key,
+                show_progress=is_writer,
+                on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None)
             probs = predict(experiment, eval_params(state), state.batch_stats, monitored.images)
             epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
             hyper = state.opt_state.hyperparams

@@ -1,6 +1,7 @@
 """annotate.predict: paths, the trained smoke model on Corel-5k test images, and the command line."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -24,16 +25,33 @@ def test_image_paths(tmp_path):
         (folder / name).write_bytes(b"x")
     single = tmp_path / "single.jpeg"
     single.write_bytes(b"x")
-    assert predict.image_paths([folder, single]) == [folder / "a.png", folder / "b.JPG", single]
+    assert predict.image_paths([folder, single]) == ([folder / "a.png", folder / "b.JPG", single],
+                                                     [folder / "notes.txt"])
     with pytest.raises(FileNotFoundError, match="missing.jpg does not exist"):
         predict.image_paths([tmp_path / "missing.jpg"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no image files"):
-        predict.image_paths([tmp_path / "empty"])
+    assert predict.image_paths([tmp_path / "empty"]) == ([], [])
 
 
 def test_untrained_workdir_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training workdir"):
+        predict.load_annotator(tmp_path)
+
+
+def test_workdir_without_checkpoints_is_refused_and_left_alone(smoke_workdir, tmp_path):
+    for name in ("config.json", "thresholds.json"):
+        (tmp_path / name).write_bytes((smoke_workdir / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints; train first"):
+        predict.load_annotator(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "thresholds.json"]
+
+
+def test_config_of_another_version_is_named(smoke_workdir, tmp_path):
+    config = json.loads((smoke_workdir / "config.json").read_text())
+    del config["model"]["head"]  # as a config.json written before heads existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "thresholds.json").write_bytes((smoke_workdir / "thresholds.json").read_bytes())
+    with pytest.raises(ValueError, match="does not hold a config of this version of annotate"):
         predict.load_annotator(tmp_path)
 
 
@@ -43,7 +61,8 @@ def test_annotations_reproduce_test_metrics(smoke_workdir, corel5k_dir):
     index = json.loads((corel5k_dir / "test.json").read_text())
     vocabulary = index["labels"]
     paths = [corel5k_dir / "images" / s["image_name"] for s in index["samples"]]
-    annotations = predict.load_annotator(smoke_workdir).annotate(paths)
+    annotations, skipped = predict.load_annotator(smoke_workdir).annotate(paths)
+    assert skipped == []
     assert [a["image"] for a in annotations] == [str(p) for p in paths]
     truth = np.zeros((len(paths), len(vocabulary)), int)
     predicted = np.zeros_like(truth)
@@ -58,20 +77,46 @@ def test_annotations_reproduce_test_metrics(smoke_workdir, corel5k_dir):
 
 
 def test_command_line(smoke_workdir, corel5k_dir, tmp_path):
+    """Images of a folder (png) and a file annotated; a text file and a broken jpeg in the folder
+    skipped and listed; JSON and CSV outputs; user errors are one line with status 2, found
+    before the model is loaded."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("1000.jpeg", "10001.jpeg"):
         Image.open(corel5k_dir / "images" / name).save(folder / name.replace(".jpeg", ".png"))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpeg").write_bytes((corel5k_dir / "images" / "1000.jpeg").read_bytes()[:300])
     output = tmp_path / "out.json"
     command = [sys.executable, "-m", "annotate.predict", f"--workdir={smoke_workdir}",
                f"--output={output}", str(folder), str(corel5k_dir / "images" / "1001.jpeg")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ)
+
+    def run(arguments):
+        return subprocess.run(arguments, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=os.environ)
+
+    done = run(command)
     assert done.returncode == 0, done.stderr[-3000:]
     annotations = json.loads(output.read_text())
     assert [Path(a["image"]).name for a in annotations] == ["1000.png", "10001.png", "1001.jpeg"]
     for annotation in annotations:
         assert f"{annotation['image']}:" in done.stdout
+    assert "skipped 2 file(s)" in done.stderr
+    assert "broken.jpeg: " in done.stderr and "notes.txt: not an image file" in done.stderr
+    assert "Traceback" not in done.stderr and " I1" not in done.stderr  # no library log lines
 
-    bad = subprocess.run(command[:-2] + [str(tmp_path / "missing.jpg")], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env=os.environ)
-    assert bad.returncode != 0 and "missing.jpg does not exist" in bad.stderr
+    csv_output = tmp_path / "out.csv"
+    assert run([*command[:4], f"--output={csv_output}", *command[5:]]).returncode == 0
+    rows = list(csv.reader(csv_output.open()))
+    assert rows[0] == ["image", "label", "probability"]
+    assert {row[0] for row in rows[1:]} == {a["image"] for a in annotations}
+    assert len(rows) - 1 == sum(max(1, len(a["labels"])) for a in annotations)
+
+    for arguments, message in (
+            (command[:-2] + [str(tmp_path / "missing.jpg")], "missing.jpg does not exist"),
+            ([*command[:4], f"--output={tmp_path / 'no' / 'out.json'}", *command[5:]],
+             "folder " + str(tmp_path / "no") + " does not exist"),
+            (command[:-2] + [str(folder / "notes.txt")], "no image could be annotated")):
+        bad = run(arguments)
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert message in bad.stderr and "Traceback" not in bad.stderr

@@ -63,7 +63,7 @@ def tiny_config(root: Path, cache_dir: Path, model: str = "tiny"):
     config.data.root, config.data.cache_dir = str(root), str(cache_dir)
     config.data.image_size = 16
     config.train.batch_size = 4
-    config.train.epochs = config.train.stop_epoch = 3
+    config.train.epochs = config.train.schedule_epochs = 3
     config.train.learning_rate = 1e-2
     config.train.log_every = 1
     return config
@@ -470,4 +470,18 @@ def test_smoke_run_beats_top3_baseline(smoke_workdir, corel5k_dir):
     assert results["mcc"]["n_plus"] >= 10
     assert len(results["thresholds"]) == 260 and len(results["per_label"]) == 260
     records = [json.loads(line) for line in (smoke_workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(1, smoke.get_config().train.stop_epoch + 1))
+    assert [r["epoch"] for r in records] == list(range(1, smoke.get_config().train.epochs + 1))
+
+
+def test_a_long_cpu_run_says_what_it_will_cost(tiny_dataset, tiny_backbone, tmp_path, capsys,
+                                               monkeypatch):
+    """On the CPU, once the first steps are timed: one line with s/step, the estimate and the
+    smoke command, when the estimate exceeds train.CPU_WARNING_SECONDS (here 0); training goes on."""
+    monkeypatch.setattr(train, "CPU_WARNING_SECONDS", 0.0)
+    train.train_and_evaluate(tiny_config(tiny_dataset, tmp_path / "cache"), tmp_path / "run")
+    warnings = [line[line.index("warning: "):] for line in capsys.readouterr().err.splitlines()
+                if "warning: no accelerator" in line]
+    assert len(warnings) == 1
+    assert "s/step" in warnings[0] and "3 epochs to go" in warnings[0]
+    assert "make train CONFIG=configs/smoke.py" in warnings[0]
+    assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2, 3]
