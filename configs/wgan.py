@@ -20,4 +20,7 @@ def get_config() -> config_dict.ConfigDict:
     config.seed = 1  # the seed's torch.manual_seed(1); each image's stream is fold_in(seed, index)
     config.model_width = 64  # the seed's hidden_dim; smaller only for quick tests
     config.compute_dtype = "float32"  # matrix-product inputs: "float32" or "bfloat16"
+    # A rerun continues what out_dir holds only with the same seed, iterations, model_width and
+    # compute_dtype (recorded in wgan_run.json); force=True makes every image again instead.
+    config.force = False
     return config

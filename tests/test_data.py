@@ -329,3 +329,21 @@ def test_validation_subset_is_stratified_on_the_real_training_labels(corel5k_dir
     assert set(annotate.data.validation_indices(targets, 500, seed=1).tolist()) != set(held_out.tolist())
     with pytest.raises(ValueError, match="validation size 4500"):
         annotate.data.validation_indices(targets, 4500, seed=0)
+
+
+def test_empty_samples_and_missing_augmentation_index_name_the_fix(tiny_dataset, tmp_path):
+    edit_json(tiny_dataset / "train.json", lambda c: c.update(samples=[]))
+    with pytest.raises(DatasetError, match="train.json: 'samples' is empty"):
+        read_split_index(tiny_dataset, "train")
+    with pytest.raises(DatasetError, match="train_aug.json: file is missing; write it with "
+                                           "`python -m wgan.run"):
+        annotate.data.read_augmentation_index(tmp_path)
+
+
+def test_a_truncated_cache_file_is_rebuilt(tiny_dataset, cache_dir):
+    first = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    (cached,) = [cache_dir / name for name in cache_files(cache_dir)]
+    cached.write_bytes(cached.read_bytes()[:200])  # a killed write or a full disk
+    again = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    np.testing.assert_array_equal(again.images, first.images)
+    assert cached.stat().st_size > 200

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -284,3 +286,44 @@ def test_cli_writes_jpegs_and_index_then_resumes(tmp_path, monkeypatch):
     wgan_run.run(config)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "aug-images").iterdir()} == mtimes
     assert json.loads((out / "train_aug.json").read_text()) == json.loads(first_index)
+    # a rerun with other settings over these images is refused, naming them
+    with pytest.raises(ValueError, match=r"made with seed=1, iterations=3, not seed=2, "
+                                         r"iterations=4; use another --config.out_dir"):
+        wgan_run.run(wgan_config(data__root=str(root), out_dir=str(out), limit=2, iterations=4,
+                                 pairs=2, model_width=WIDTH, seed=2))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"iterations": 2}, "config.iterations = 2: must be >= 3"),
+    ({"pairs": 0}, "config.pairs = 0: must be >= 1"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    config = wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"), model_width=WIDTH,
+                         **overrides)
+    with pytest.raises(ValueError, match=message):
+        wgan_run.run(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_image_is_one_line_and_keeps_finished_images(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    train_index = read_split_index(root, "train")
+    (root / "images" / train_index.image_names[2]).write_bytes(b"not a jpeg")
+    fakes = np.random.default_rng(0).uniform(-1, 1, (2, 3, 128, 192, 3)).astype(np.float32)
+    monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: fakes)  # no compile on the CPU
+    config = wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"), iterations=3,
+                         pairs=2, model_width=WIDTH)
+    with pytest.raises(ValueError, match=f"cannot read image .*{train_index.image_names[2]}"):
+        wgan_run.run(config)
+    assert len(list((tmp_path / "out" / "aug-images").iterdir())) == 6  # the first chunk's
+    assert len(read_augmentation_index(tmp_path / "out").image_names) == 6
+
+    (root / "images" / train_index.image_names[0]).write_bytes(b"not a jpeg either")
+    command = [sys.executable, "-m", "wgan.run", f"--config.data.root={root}",
+               f"--config.out_dir={tmp_path / 'out2'}", "--config.iterations=3",
+               "--config.pairs=2", f"--config.model_width={WIDTH}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
+    assert "Traceback" not in done.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,7 +26,8 @@ from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError
 from annotate import cli
 from annotate.config import COMPUTE_DTYPES
 from annotate.devices import enable_compilation_cache
-from wgan.train import WganSetup, augmented_views, image_keys, load_wgan_image, train_chunk
+from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
+                        train_chunk)
 
 
 VIEW_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")  # the seed's file names, in save order
@@ -73,21 +73,46 @@ def write_augmentation_index(out_dir: Path, index: SplitIndex) -> int:
     return len(samples)
 
 
+RUN_KEYS = ("seed", "iterations", "model_width", "compute_dtype")  # what the images depend on
+
+
+def record_run(out_dir: Path, config: config_dict.ConfigDict) -> None:
+    """Write out_dir/wgan_run.json (the settings the images depend on); a rerun with other
+    settings over finished images is refused, unless config.force (every image made again)."""
+    path = out_dir / "wgan_run.json"
+    settings = {key: config[key] for key in RUN_KEYS}
+    if path.is_file() and not config.force:
+        stored = json.loads(path.read_text())
+        changed = [key for key in RUN_KEYS if stored.get(key) != settings[key]]
+        if changed:
+            raise ValueError(
+                f"{out_dir} holds images made with " + ", ".join(
+                    f"{key}={stored.get(key)!r}" for key in changed) + ", not " + ", ".join(
+                    f"{key}={settings[key]!r}" for key in changed) +
+                "; use another --config.out_dir, or --config.force=True to make them all again")
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n"))
+
+
 def run(config: config_dict.ConfigDict) -> Path:
     """Train one WGAN-GP per (pending) training image, K at once; returns the output folder."""
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype must be one of {list(COMPUTE_DTYPES)}, "
                          f"got {config.compute_dtype!r}")
     if config.pairs < 1:
-        raise ValueError(f"config.pairs must be >= 1, got {config.pairs}")
+        raise ValueError(f"config.pairs = {config.pairs}: must be >= 1")
+    if config.iterations < SAVED_PER_IMAGE:
+        raise ValueError(f"config.iterations = {config.iterations}: must be >= {SAVED_PER_IMAGE} "
+                         f"(the images are the fakes of the last {SAVED_PER_IMAGE} iterations)")
     root = data_root(config.data.root)
     index = read_split_index(root, "train")
     out_dir = Path(config.out_dir).expanduser() if config.out_dir else root
     image_dir = out_dir / AUGMENTATION_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
+    record_run(out_dir, config)
     count = len(index.image_names) if config.limit is None else min(config.limit,
                                                                      len(index.image_names))
-    pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
+    pending = [i for i in range(count)
+               if config.force or not is_done(image_dir, index.image_names[i])]
     setup = WganSetup(width=config.model_width,
                       compute_dtype=jnp.dtype(config.compute_dtype))
     with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
@@ -116,8 +141,8 @@ def main(argv: list[str]) -> None:
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
         run(flags.FLAGS.config)
-    except DatasetError as error:  # the cause, named; finished images stay on disk
-        sys.exit(f"error: {error}")
+    except (DatasetError, ValueError, OSError) as error:  # the cause; finished images stay
+        cli.fail(error)
 
 
 def define_flags() -> None:

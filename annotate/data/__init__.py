@@ -56,7 +56,9 @@ class Split:
 def read_augmentation_index(augmentation_dir: Path | str) -> SplitIndex:
     """Read `<augmentation_dir>/train_aug.json` (images in `<augmentation_dir>/aug-images/`)."""
     index_path = Path(augmentation_dir).expanduser() / AUGMENTATION_INDEX
-    return read_index_file(index_path, AUGMENTATION_IMAGES)
+    return read_index_file(index_path, AUGMENTATION_IMAGES, missing_hint=(
+        "write it with `python -m wgan.run --config=configs/wgan.py` (into the data root, or set "
+        "--config.data.augmentation_dir to its --config.out_dir)"))
 
 
 def tfds_data_dir(root: Path | str, cache_dir: Path | str) -> Path:

@@ -70,7 +70,10 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     """
     final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
     if final_path.is_file():
-        return np.load(final_path)
+        try:
+            return np.load(final_path)
+        except (ValueError, OSError, EOFError):  # truncated or damaged: build it again
+            final_path.unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{final_path.name}.", suffix=".tmp")
     os.close(handle)

@@ -67,11 +67,13 @@ def check_dataset_root(root: Path | str) -> Path:
     return path
 
 
-def read_index_file(json_path: Path | str, image_folder: str = "images") -> SplitIndex:
-    """Read and validate one JSON index (structure, vocabulary, labels, unique image names)."""
+def read_index_file(json_path: Path | str, image_folder: str = "images", *,
+                    missing_hint: str = FETCH_HINT) -> SplitIndex:
+    """Read and validate one JSON index (structure, vocabulary, labels, unique image names; at
+    least one sample); `missing_hint` says how to get a missing file."""
     json_path = Path(json_path).absolute()
     if not json_path.is_file():
-        raise DatasetError(f"{json_path}: file is missing; {FETCH_HINT}")
+        raise DatasetError(f"{json_path}: file is missing; {missing_hint}")
     try:
         content = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -111,6 +113,8 @@ def read_index_file(json_path: Path | str, image_folder: str = "images") -> Spli
         first_seen[name] = i
         image_names.append(name)
         image_labels.append(list(labels))
+    if not image_names:
+        raise DatasetError(f"{json_path}: 'samples' is empty")
     return SplitIndex(image_names, image_labels, list(vocabulary), json_path.parent, json_path,
                       image_folder)
 
