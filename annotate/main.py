@@ -23,6 +23,7 @@ from annotate import cli, data, reports, train
 from annotate.config import DEFAULT_DATA_ROOT, validate_config
 from annotate.data import fetch
 from annotate.devices import enable_compilation_cache
+from annotate.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
 
@@ -56,9 +57,12 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> None:
 
 
 def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:
-    """results.json, results.md, thresholds.json and the pictures of `evaluation` (annotate.reports)."""
+    """results.json, results.md, thresholds.json and the pictures of `evaluation`
+    (annotate.reports); the prediction picture shows the original test image files."""
     test = evaluation.test
-    reports.write_reports(workdir, evaluation.results, evaluation.config, test.images, test.targets,
+    files = [Path(evaluation.config.data.root) / "images" / name for name in test.image_names]
+    images = files if all(path.is_file() for path in files[:16]) else test.images  # originals
+    reports.write_reports(workdir, evaluation.results, evaluation.config, images, test.targets,
                           evaluation.test_probs, test.vocabulary, evaluation.num_train_images)
 
 
@@ -85,9 +89,11 @@ def main(argv: list[str]) -> None:
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
         evaluation = run(config, workdir)
-    except (data.DatasetError, FileNotFoundError, FloatingPointError, ValueError) as error:
+    except (data.DatasetError, FloatingPointError, ValueError, WorkdirError) as error:
         # the cause, named, without a traceback; checkpoints already written stay in the workdir
         cli.fail(error)
+    except OSError as error:  # a missing file, a read-only workdir, a workdir under a file
+        cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
     if jax.process_index() == 0:
         write_reports(workdir, evaluation)
     mcc = evaluation.results["mcc"]

@@ -13,9 +13,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from annotate import summary  # noqa: E402
 
@@ -79,30 +81,57 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
     return "\n".join(lines) + "\n"
 
 
-def _label_text(prefix: str, labels: list[str], per_line: int = 4) -> str:
-    rows = [" - ".join(labels[i:i + per_line]) for i in range(0, len(labels), per_line)] or [""]
-    return prefix + "\n".join(rows)
+LABEL_COLOURS = {"correct": "#1a9641", "wrong": "#d7191c", "missed": "#8c8c8c"}
+LABEL_MARKS = {"correct": "+", "wrong": "x", "missed": "o"}
 
 
-def plot_predictions(path: Path | str, images: np.ndarray, targets: np.ndarray,
+def label_statuses(true_row: np.ndarray, predicted_row: np.ndarray,
+                   vocabulary: Sequence[str]) -> list[tuple[str, str]]:
+    """(label, status) for one image: "correct" (predicted and true), "wrong" (predicted, not
+    true), then "missed" (true, not predicted), each in vocabulary order."""
+    true_row, predicted_row = np.asarray(true_row) > 0, np.asarray(predicted_row) > 0
+    order = (("correct", true_row & predicted_row), ("wrong", ~true_row & predicted_row),
+             ("missed", true_row & ~predicted_row))
+    return [(vocabulary[j], status) for status, mask in order for j in np.flatnonzero(mask)]
+
+
+def _picture(image: np.ndarray | Path, size: int) -> np.ndarray:
+    """An image (an array, or a file read at its own resolution) fitted into size x size."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            opened = opened.convert("RGB")
+            opened.thumbnail((size, size))
+            return np.asarray(opened)
+    return np.asarray(image)
+
+
+def plot_predictions(path: Path | str, images: Sequence[np.ndarray | Path], targets: np.ndarray,
                      probs: np.ndarray, thresholds: Sequence[float], vocabulary: Sequence[str],
-                     *, count: int = 16, columns: int = 4) -> Path:
-    """The seed's `predicted_batch_plot`: the first `count` images titled with their true labels
-    (GT) and the labels predicted above the per-label thresholds (Pre)."""
+                     *, count: int = 16, columns: int = 4, size: int = 384) -> Path:
+    """The seed's `predicted_batch_plot`, readable: the first `count` test images (the original
+    files where given, fitted into `size` px) with their labels below, one per line:
+    predicted and true in green (+), predicted but not true in red (x), true but missed in grey
+    (o), under the per-label thresholds."""
     count = min(count, len(images))
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
-    predicted = np.asarray(probs) > np.asarray(thresholds)[None, :]
+    statuses = [label_statuses(targets[i], np.asarray(probs[i]) > np.asarray(thresholds),
+                               vocabulary) for i in range(count)]
+    lines = max((len(s) for s in statuses), default=1)
+    figure, axes = plt.subplots(rows, columns, squeeze=False,
+                                figsize=(4 * columns, rows * (4 + 0.25 * lines)))
     for i, axis in enumerate(axes.flat):
         axis.axis("off")
         if i >= count:
             continue
-        axis.imshow(images[i])
-        true_labels = [vocabulary[j] for j in np.flatnonzero(targets[i])]
-        predicted_labels = [vocabulary[j] for j in np.flatnonzero(predicted[i])]
-        axis.set_title(_label_text("GT: ", true_labels) + "\n" + _label_text("Pre: ", predicted_labels),
-                       fontsize=8)
-    figure.tight_layout()
+        axis.imshow(_picture(images[i], size))
+        for line, (label, status) in enumerate(statuses[i]):
+            axis.text(0.0, -0.03 - line * 0.075, f"{LABEL_MARKS[status]} {label}",
+                      color=LABEL_COLOURS[status], fontsize=12, fontweight="bold",
+                      transform=axis.transAxes, va="top")
+    figure.legend(handles=[matplotlib.patches.Patch(color=colour, label=status)
+                           for status, colour in LABEL_COLOURS.items()],
+                  loc="upper center", ncol=3, fontsize=12)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return Path(path)
@@ -127,8 +156,9 @@ def plot_f1_vs_frequency(path: Path | str, per_label: Sequence[dict]) -> Path:
 
 
 def write_reports(workdir: Path | str, results: dict, config: ml_collections.ConfigDict,
-                  test_images: np.ndarray, test_targets: np.ndarray, test_probs: np.ndarray,
-                  vocabulary: Sequence[str], num_train_images: int) -> None:
+                  test_images: Sequence[np.ndarray | Path], test_targets: np.ndarray,
+                  test_probs: np.ndarray, vocabulary: Sequence[str],
+                  num_train_images: int) -> None:
     """Write results.json, results.md, thresholds.json (vocabulary + thresholds, read by
     annotate.predict) and the two pictures into `workdir`."""
     workdir = Path(workdir)

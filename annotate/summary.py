@@ -6,7 +6,9 @@ TensorFlow needed), one file per run segment in workdir/tensorboard.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+log = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
@@ -53,8 +57,27 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: Path | str) -> list[dict]:
-    """All records of `workdir/metrics.jsonl` (empty list when the file does not exist)."""
+    """All records of `workdir/metrics.jsonl` (empty list when the file does not exist). A torn
+    last line (a kill or a full disk during the append) is dropped with a warning; a damaged
+    line before it is an error naming the file and the line."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from error
+            log.warning("%s: dropping its torn last line %d (%r)", path, number, line[:80])
+    return records
+
+
+def rewrite_metrics(workdir: Path | str, records: list[dict]) -> None:
+    """Replace `workdir/metrics.jsonl` by `records`, atomically (a rename of a written file)."""
+    path = Path(workdir) / "metrics.jsonl"
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(temporary, path)

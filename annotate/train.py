@@ -12,6 +12,7 @@ and the best epoch); the apps write the reports of the evaluation beside them (a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,6 +37,8 @@ from annotate import data, losses, metrics, models, summary
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
 from annotate.devices import make_mesh, put
+from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
+                              write_config)
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +347,16 @@ def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
 
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
-    """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`."""
+    """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`;
+    WorkdirError when it does not fit (another dataset's label count, a damaged file)."""
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
-    return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    try:
+        return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this run's "
+                           f"model ({type(error).__name__}: {first_line[:300]})") from error
 
 
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
@@ -467,14 +476,6 @@ def _check_finite(losses_so_far: np.ndarray, first_step: int, epoch: int, steps_
             f"checkpoints of the last completed epoch are intact")
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    path = workdir / "config.json"
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if path.exists() and json.loads(path.read_text()) != json.loads(text):
-        log.warning("config differs from the one in %s; the run continues with the new one", path)
-    path.write_text(text)
-
-
 def steps_per_call(steps_per_epoch: int, log_every: int, platform: str) -> int:
     """Train steps per dispatch on `platform` ("cpu", "gpu", "tpu"): on an accelerator the largest
     divisor of `steps_per_epoch` not above `log_every` (the loop reads the losses back once per
@@ -488,12 +489,14 @@ def steps_per_call(steps_per_epoch: int, log_every: int, platform: str) -> int:
 
 def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSplit, epoch: int,
                 order_key: jax.Array, step_key: jax.Array, *, show_progress: bool,
-                on_step_time: Callable[[float], None] | None = None
+                on_step_time: Callable[[float], None] | None = None,
+                check_saves: Callable[[], None] | None = None
                 ) -> tuple[TrainState, float, float]:
     """Run epoch `epoch` (1-based) over the permutation fold_in(order_key, epoch), K steps per
     dispatch (steps_per_call), showing loss and images/s; returns (state, mean loss, seconds).
     `on_step_time(seconds per step)` is called once, measured over the steps after the first
-    call (which may compile). A non-finite loss raises FloatingPointError."""
+    call (which may compile); `check_saves()` after every call's losses arrive. A non-finite
+    loss raises FloatingPointError."""
     batch_size, num_images = experiment.config.train.batch_size, train_split.images.shape[0]
     steps_per_epoch = num_images // batch_size
     chunk = steps_per_call(steps_per_epoch, experiment.config.train.log_every,
@@ -516,6 +519,8 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
             images_per_second = chunk * len(step_losses) * batch_size / (
                 time.perf_counter() - start_time)
             bar.set_postfix(loss=f"{recent[-1]:.4f}", img_s=f"{images_per_second:.1f}")
+            if check_saves is not None:
+                check_saves()
             nonlocal on_step_time
             if on_step_time is not None and not after_first:
                 after_first.append(time.perf_counter())
@@ -541,19 +546,28 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluation:
     """Train as configured (resuming from workdir's latest checkpoint), scoring the monitored
     split (RunData.monitored) after each epoch, then evaluate the checkpoint that
-    config.eval.protocol selects."""
+    config.eval.protocol selects. The workdir is locked for the run (workdir.WorkdirLock); a
+    resume with a config that does not fit its checkpoints is refused (workdir.check_config)."""
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_writer = jax.process_index() == 0
-    if is_writer:
-        _write_config(config, workdir)
+    with WorkdirLock(workdir) if is_writer else contextlib.nullcontext():
+        check_config(workdir, config)
+        return _train_and_evaluate(config, workdir, is_writer)
 
+
+def _checkpoint_error(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointSaveError:
+    return CheckpointSaveError(f"saving a checkpoint in {manager.directory} failed "
+                               f"({type(error).__name__}: {error}); the run stopped, the "
+                               f"checkpoints saved before are intact")
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+                        is_writer: bool) -> Evaluation:
     mesh = make_mesh()
     run_data = load_data(config, mesh)
-    if is_writer and run_data.validation is not None:
-        _record_validation_images(run_data, config, workdir)
     train_split = run_data.train
     num_images, batch_size = train_split.images.shape[0], config.train.batch_size
     if batch_size % mesh.size:
@@ -571,10 +585,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     if start_epoch:
         state = restore_state(checkpoints, start_epoch, state)
         log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
-    history = [r for r in summary.read_metrics(workdir) if r["epoch"] <= start_epoch]
-    if is_writer:  # drop records of an epoch that was interrupted before its checkpoint
-        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    writer = summary.MetricsWriter(workdir) if is_writer else None
+    writer = None
+    if is_writer:  # the data load and the model fit: training starts, the workdir records it
+        write_config(workdir, config)
+        if run_data.validation is not None:
+            _record_validation_images(run_data, config, workdir)
+        # drop records of an epoch that was interrupted before its checkpoint
+        summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)
+                                          if r["epoch"] <= start_epoch])
+        writer = summary.MetricsWriter(workdir)
+
+    def check_saves() -> None:
+        """Stop at once when the background save of a checkpoint failed (e.g. a full disk)."""
+        try:
+            checkpoints.check_for_errors()
+        except Exception as error:  # orbax re-raises whatever its writer thread met
+            raise _checkpoint_error(checkpoints, error) from error
 
     root_key = jax.random.key(config.seed)
     order_key, step_key = jax.random.split(root_key)
@@ -597,7 +623,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
             state, train_loss, seconds = train_epoch(
                 experiment, state, train_split, epoch, order_key, step_key,
                 show_progress=is_writer,
-                on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None)
+                on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None,
+                check_saves=check_saves)
             probs = predict(experiment, eval_params(state), state.batch_stats, monitored.images)
             epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
             hyper = state.opt_state.hyperparams
@@ -612,8 +639,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
             selection = selection_value(config.eval.protocol, epoch, epoch_metrics)
             checkpoints.save(epoch, args=ocp.args.StandardSave(state),
                              metrics={"selection": selection, "epoch": epoch})
-    finally:  # an interrupted or failed run still completes the checkpoint already begun
-        checkpoints.wait_until_finished()
+    except BaseException:  # an interrupted or failed run still completes the save already begun
+        try:
+            checkpoints.wait_until_finished()
+        except Exception:  # the error in flight is the one to report
+            log.exception("a checkpoint save failed too")
+        raise
+    else:
+        try:
+            checkpoints.wait_until_finished()
+        except Exception as error:
+            raise _checkpoint_error(checkpoints, error) from error
+    finally:
         if writer:
             writer.close()
     return evaluate_best(experiment, state, run_data, workdir)
@@ -658,8 +695,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluati
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
-    mesh = make_mesh()
-    run_data = load_data(config, mesh)
-    experiment, state = create_experiment(config, len(run_data.train.host.vocabulary), 1, mesh,
-                                          load_pretrained=False)
-    return evaluate_best(experiment, state, run_data, workdir)
+    check_config(workdir, config)  # evaluating never writes config.json
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        mesh = make_mesh()
+        run_data = load_data(config, mesh)
+        experiment, state = create_experiment(config, len(run_data.train.host.vocabulary), 1,
+                                              mesh, load_pretrained=False)
+        return evaluate_best(experiment, state, run_data, workdir)

@@ -42,6 +42,15 @@ def test_user_errors_are_one_line_with_status_2(module, args, message):
     assert "Traceback" not in done.stderr
 
 
+def test_a_workdir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    done = run_app("annotate.main", "--config=configs/smoke.py",
+                   f"--workdir={tmp_path / 'file' / 'run'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: Not a directory: {tmp_path / 'file' / 'run'}")
+
+
 def _readme_commands() -> list[list[str]]:
     """Every `python -m annotate.main ...` and `make train ...` command of the README's code
     blocks, as argument lists without the optional [..] parts."""

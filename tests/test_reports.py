@@ -101,3 +101,27 @@ def test_write_reports(tmp_path, predictions, results):
     for name in (reports.PREDICTIONS_PICTURE, reports.F1_PICTURE):
         with Image.open(tmp_path / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 200
+
+
+def test_label_statuses_mark_correct_wrong_and_missed():
+    statuses = reports.label_statuses(np.array([1, 0, 1, 0, 1]), np.array([1, 1, 0, 0, 1]),
+                                      ["a", "b", "c", "d", "e"])
+    assert statuses == [("a", "correct"), ("e", "correct"), ("b", "wrong"), ("c", "missed")]
+
+
+def test_prediction_picture_shows_the_original_files_and_the_three_colours(tmp_path):
+    rng = np.random.default_rng(2)
+    files = []
+    for i in range(3):  # original files of 300 x 200 px, not training-size arrays
+        files.append(tmp_path / f"{i}.jpeg")
+        Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(files[-1])
+    targets = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0]])
+    probs = np.array([[0.9, 0.8, 0.1], [0.2, 0.9, 0.1], [0.1, 0.2, 0.3]])
+    path = reports.plot_predictions(tmp_path / "picture.png", files, targets, probs,
+                                    [0.5, 0.5, 0.5], ["sky", "tree", "water"], columns=3)
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3).astype(int)
+        assert picture.size[0] >= 3 * 300  # each image drawn at a readable width
+    for colour in reports.LABEL_COLOURS.values():
+        rgb = np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)])
+        assert (np.abs(pixels - rgb).sum(axis=1) < 30).sum() > 20, colour

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -16,57 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
-from flax import nnx
 
-from annotate import data, devices, models, summary, train
-from annotate.models.layers import BatchNorm2d, conv2d
+from annotate import data, devices, summary, train
 
 REPO = Path(__file__).resolve().parents[1]
 from configs import base, smoke  # noqa: E402
-
-
-class TinyNet(nnx.Module):
-    """A few-thousand-parameter backbone with the real BatchNorm (fast to compile), registered
-    as "tiny" by the `tiny_backbone` fixture; create_model gives it the seed's linear head."""
-
-    def __init__(self, *, dtype, rngs):
-        self.conv = conv2d(3, 8, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
-        self.bn = BatchNorm2d(8)
-        self.num_features = 8
-
-    def forward_features(self, x):
-        return nnx.relu(self.bn(self.conv(x)))
-
-
-def register_tiny_backbone() -> str:
-    """Register TinyNet as model "tiny" (in this process only)."""
-    module = types.ModuleType("annotate.models.tiny_test_backbone")
-    module.tiny = TinyNet
-    sys.modules[module.__name__] = module
-    models._REGISTRY["tiny"] = models.ModelInfo("tiny_test_backbone:tiny", "tiny", 16,
-                                                models.IMAGENET_MEAN, models.IMAGENET_STD, "fc")
-    return "tiny"
-
-
-@pytest.fixture
-def tiny_backbone():
-    name = register_tiny_backbone()
-    yield name
-    models._REGISTRY.pop(name)
-    sys.modules.pop("annotate.models.tiny_test_backbone")
-
-
-def tiny_config(root: Path, cache_dir: Path, model: str = "tiny"):
-    """12 training images at 16 px, batch 4: 3 steps per epoch, 3 epochs, dropout and flips on."""
-    config = base.get_config(model="resnet18", loss="asl")
-    config.model.name = model
-    config.data.root, config.data.cache_dir = str(root), str(cache_dir)
-    config.data.image_size = 16
-    config.train.batch_size = 4
-    config.train.epochs = config.train.schedule_epochs = 3
-    config.train.learning_rate = 1e-2
-    config.train.log_every = 1
-    return config
+from conftest import tiny_config  # noqa: E402
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -156,7 +110,7 @@ SHARDED_SCRIPT = r"""
 import sys, json
 import jax, jax.numpy as jnp, numpy as np
 sys.path[:0] = [{repo!r}, {tests!r}]
-from test_train import register_tiny_backbone
+from conftest import register_tiny_backbone
 from configs import base
 from annotate import devices, train
 assert jax.device_count() == 8, jax.devices()

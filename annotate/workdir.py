@@ -1,0 +1,129 @@
+"""A training workdir's bookkeeping: one run at a time (a lock), the config it was trained with,
+and the checkpoints' fit to a config.
+
+A run takes `<workdir>/.lock` (process id, host, start time) for its whole length; a second run on
+the same workdir stops with one line, and a lock left by a dead process on this host is taken
+over. config.json is written once training starts and never by an evaluation; a resume or an
+evaluation whose config differs from it where the checkpoints' shapes or meaning depend on it
+(SHAPE_KEYS) is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+# what a checkpoint of the workdir only fits: the network, its head, the input size
+SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
+
+
+class WorkdirError(Exception):
+    """A workdir that cannot be used as asked: busy, trained with another config, or its
+    checkpoints do not fit."""
+
+
+class CheckpointSaveError(WorkdirError):
+    """A checkpoint could not be written (a full disk, a read-only folder)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class WorkdirLock:
+    """Exclusive use of a workdir for the length of a `with` block (process 0 of a run only)."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / LOCK_NAME
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def __enter__(self) -> "WorkdirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(self.record, file)
+            return self
+        raise WorkdirError(f"{self.path.parent}: could not take its lock {self.path}")
+
+    def _take_over_or_refuse(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # a torn lock file: its writer died while writing it
+            holder = {"host": self.record["host"], "pid": -1}
+        if holder.get("host") == self.record["host"] and not _alive(int(holder.get("pid", -1))):
+            log.warning("taking over %s, left by process %s, which is no longer running",
+                        self.path, holder.get("pid"))
+            self.path.unlink(missing_ok=True)
+            return
+        raise WorkdirError(
+            f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
+            f"since {holder.get('started')}; wait for it to end or use another --workdir (a lock "
+            f"left by a run that died on another machine: delete {self.path})")
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.record["pid"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _value(config: ml_collections.ConfigDict | dict, dotted_key: str) -> Any:
+    node: Any = config
+    for part in dotted_key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node
+
+
+def check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuse to resume or evaluate `workdir` with a config that differs from its config.json
+    in SHAPE_KEYS (or in the options of a head other than the linear one); nothing to check
+    before the first run."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    keys = list(SHAPE_KEYS)
+    head = _value(config, "model.head")
+    if head not in (None, "linear"):
+        keys += [f"model.{head}.{option}" for option in config.model[head]]
+    changed = [key for key in keys if _value(saved, key) != _value(config, key)]
+    if changed:
+        raise WorkdirError(
+            f"{workdir} was trained with " + ", ".join(f"{key}={_value(saved, key)!r}"
+                                                      for key in changed)
+            + ", not " + ", ".join(f"{key}={_value(config, key)!r}" for key in changed)
+            + "; use another --workdir, or the same values to resume or evaluate it")
+
+
+def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Write config.json atomically when training starts; a resumed run with other settings
+    (check_config allowed them) says so and records the new ones."""
+    path = Path(workdir) / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if path.exists() and json.loads(path.read_text()) != json.loads(text):
+        log.warning("config differs from the one in %s; the run continues with the new one", path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,130 @@
+"""annotate.workdir and how the loop uses it: one run per workdir, config.json written only when
+training starts and never by an evaluation, refusals that name the keys, a failed checkpoint save
+stopping the run at once, and a torn metrics.jsonl line dropped on resume."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from annotate import summary, train
+from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
+                              write_config)
+from conftest import tiny_config
+
+
+def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, caplog):
+    with WorkdirLock(tmp_path):
+        holder = json.loads((tmp_path / ".lock").read_text())
+        assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
+        with pytest.raises(WorkdirError, match=f"in use by process {os.getpid()} on "):
+            with WorkdirLock(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()  # released
+
+    dead = {"pid": 2 ** 22 + 12345, "host": socket.gethostname(), "started": "yesterday"}
+    (tmp_path / ".lock").write_text(json.dumps(dead))
+    with WorkdirLock(tmp_path):  # taken over, with a warning
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert "no longer running" in caplog.text
+
+    (tmp_path / ".lock").write_text(json.dumps(dict(dead, host="another-machine")))
+    with pytest.raises(WorkdirError, match="on another-machine since yesterday.*delete"):
+        with WorkdirLock(tmp_path):
+            pass
+
+
+def test_busy_workdir_is_refused_before_any_work(tiny_dataset, tiny_backbone, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    with WorkdirLock(tmp_path / "run"):
+        with pytest.raises(WorkdirError, match="in use by process"):
+            train.train_and_evaluate(config, tmp_path / "run")
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+
+def test_config_json_only_when_training_starts_and_refusals_name_the_keys(
+        tiny_dataset, tiny_backbone, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    broken = tiny_config(tmp_path / "nowhere", tmp_path / "cache")
+    with pytest.raises(Exception):  # no data: nothing recorded as trained
+        train.train_and_evaluate(broken, workdir)
+    assert not (workdir / "config.json").exists()
+
+    train.train_and_evaluate(config, workdir)
+    saved = (workdir / "config.json").read_text()
+    results = (workdir / "checkpoints").stat().st_mtime_ns
+    bigger = tiny_config(tiny_dataset, tmp_path / "cache")
+    bigger.data.image_size = 32
+    for run in (train.train_and_evaluate, train.evaluate):
+        with pytest.raises(WorkdirError, match="trained with data.image_size=16, not "
+                                               "data.image_size=32; use another --workdir"):
+            run(bigger, workdir)
+    other_lr = tiny_config(tmp_path / "nowhere", tmp_path / "cache")
+    other_lr.train.learning_rate = 0.5
+    with pytest.raises(Exception):  # a failing rerun leaves the finished run's config alone
+        train.train_and_evaluate(other_lr, workdir)
+    assert (workdir / "config.json").read_text() == saved
+    assert (workdir / "checkpoints").stat().st_mtime_ns == results
+    check_config(workdir, config)  # the same config passes
+
+
+def test_write_config_is_atomic_and_warns_on_a_change(tiny_dataset, tmp_path, caplog):
+    config = tiny_config(tiny_dataset, tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    config.train.learning_rate = 0.5
+    write_config(workdir, config)
+    assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 0.5
+    assert "config differs" in caplog.text
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]  # no temporary left
+
+
+class _FailingSaves:
+    """Stands in for the orbax manager: saves succeed until `fail_after`, then the background
+    write 'fails' (as a full disk does) and check_for_errors raises."""
+
+    def __init__(self, manager, fail_after: int):
+        self.manager, self.fail_after, self.saved = manager, fail_after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.manager, name)
+
+    def save(self, *args, **kwargs):
+        self.saved += 1
+        return self.manager.save(*args, **kwargs)
+
+    def check_for_errors(self):
+        if self.saved > self.fail_after:
+            raise OSError(28, "No space left on device")
+
+
+def test_a_failed_checkpoint_save_stops_the_run_at_once(tiny_dataset, tiny_backbone, tmp_path,
+                                                        monkeypatch):
+    real = train.checkpoint_manager
+    monkeypatch.setattr(train, "checkpoint_manager", lambda workdir: _FailingSaves(real(workdir), 1))
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    with pytest.raises(CheckpointSaveError, match=r"saving a checkpoint in .*checkpoints failed "
+                                                  r"\(OSError: \[Errno 28\] No space left"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    # epoch 2's save failed: seen on the first step of epoch 3, which never finished
+    assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dataset, tiny_backbone, tmp_path,
+                                                       caplog):
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.train.epochs = 1  # of a 3-epoch schedule
+    train.train_and_evaluate(config, tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as file:
+        file.write('{"epoch": 2, "train/lo')  # a kill during the append
+    config.train.epochs = 2
+    train.train_and_evaluate(config, tmp_path / "run")
+    assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2]
+    assert "dropping its torn last line" in caplog.text
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
+        summary.read_metrics(tmp_path / "run")
