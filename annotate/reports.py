@@ -83,6 +83,7 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
 
 LABEL_COLOURS = {"correct": "#1a9641", "wrong": "#d7191c", "missed": "#8c8c8c"}
 LABEL_MARKS = {"correct": "+", "wrong": "x", "missed": "o"}
+OVERFLOW_COLOUR = "#404040"
 
 
 def label_statuses(true_row: np.ndarray, predicted_row: np.ndarray,
@@ -107,31 +108,46 @@ def _picture(image: np.ndarray | Path, size: int) -> np.ndarray:
 
 def plot_predictions(path: Path | str, images: Sequence[np.ndarray | Path], targets: np.ndarray,
                      probs: np.ndarray, thresholds: Sequence[float], vocabulary: Sequence[str],
-                     *, count: int = 16, columns: int = 4, size: int = 384) -> Path:
+                     *, count: int = 16, columns: int = 4, size: int = 384,
+                     max_labels: int = 12) -> Path:
     """The seed's `predicted_batch_plot`, readable: the first `count` test images (the original
     files where given, fitted into `size` px) with their labels below, one per line:
     predicted and true in green (+), predicted but not true in red (x), true but missed in grey
-    (o), under the per-label thresholds."""
+    (o), under the per-label thresholds; past `max_labels` lines, the rest are counted."""
     count = min(count, len(images))
     rows = -(-count // columns)
     statuses = [label_statuses(targets[i], np.asarray(probs[i]) > np.asarray(thresholds),
                                vocabulary) for i in range(count)]
+    for i, image_statuses in enumerate(statuses):  # at most max_labels lines per image
+        if len(image_statuses) > max_labels:
+            rest = image_statuses[max_labels - 1:]
+            counts = ", ".join(f"{sum(s == kind for _, s in rest)} {kind}" for kind in LABEL_MARKS
+                               if any(s == kind for _, s in rest))
+            statuses[i] = image_statuses[:max_labels - 1] + [(f"... {counts}", "more")]
     lines = max((len(s) for s in statuses), default=1)
-    figure, axes = plt.subplots(rows, columns, squeeze=False,
-                                figsize=(4 * columns, rows * (4 + 0.25 * lines)))
-    for i, axis in enumerate(axes.flat):
+    line_points = 15  # one label per line, 12 pt type
+    text_inches = (lines + 1) * line_points / 72
+    figure = plt.figure(figsize=(4 * columns, rows * (4 + text_inches) + 0.4))
+    grid = figure.add_gridspec(rows, columns, height_ratios=[1] * rows, hspace=0,
+                               top=1 - 0.4 / figure.get_figheight(), bottom=0.0)
+    for i in range(count):
+        cell = grid[i // columns, i % columns].subgridspec(
+            2, 1, height_ratios=[4, text_inches], hspace=0)
+        axis = figure.add_subplot(cell[0])
         axis.axis("off")
-        if i >= count:
-            continue
         axis.imshow(_picture(images[i], size))
+        axis.set_anchor("S")  # the image sits on its labels
+        text = figure.add_subplot(cell[1])
+        text.axis("off")
         for line, (label, status) in enumerate(statuses[i]):
-            axis.text(0.0, -0.03 - line * 0.075, f"{LABEL_MARKS[status]} {label}",
-                      color=LABEL_COLOURS[status], fontsize=12, fontweight="bold",
-                      transform=axis.transAxes, va="top")
+            mark = f"{LABEL_MARKS[status]} " if status in LABEL_MARKS else ""
+            text.annotate(f"{mark}{label}", xy=(0.02, 1.0), xycoords="axes fraction",
+                          xytext=(0, -line_points * (line + 1)), textcoords="offset points",
+                          color=LABEL_COLOURS.get(status, OVERFLOW_COLOUR), fontsize=12,
+                          fontweight="bold")
     figure.legend(handles=[matplotlib.patches.Patch(color=colour, label=status)
                            for status, colour in LABEL_COLOURS.items()],
                   loc="upper center", ncol=3, fontsize=12)
-    figure.tight_layout(rect=(0, 0, 1, 0.97))
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return Path(path)

@@ -475,6 +475,77 @@ def wgan_throughput(pairs: int, iterations: int = 5, *, width: int = 64,
             "images_per_hour": images_per_hour, "hours_for_4500_images": 4500 / images_per_hour}
 
 
+# Operations that pass a tensor on unchanged in content (a view of the same weights).
+_SAME_WEIGHTS = {"reshape", "transpose", "convert_element_type", "broadcast_in_dim", "copy",
+                 "squeeze", "expand_dims", "rev"}
+_READS = {"dot_general", "conv_general_dilated"}
+
+
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+    """The jaxprs an equation calls (jit, custom_jvp/vjp, remat, cond branches...)."""
+    subs = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            jaxpr = getattr(item, "jaxpr", item)
+            if hasattr(jaxpr, "eqns") and hasattr(jaxpr, "invars"):
+                subs.append(jaxpr)
+    return subs
+
+
+def count_weight_reads(jaxpr: Any, tracked: set[Any]) -> int:
+    """How many matrix products of `jaxpr` read the weights `tracked` (jaxpr variables), through
+    views of them (reshape, transpose, casts), into called jaxprs and scan bodies (times their
+    length); a scan's carry that starts as the weights stays them (the updated weights)."""
+    derived, reads = set(tracked), 0
+    for eqn in jaxpr.eqns:
+        uses = [not hasattr(v, "val") and v in derived for v in eqn.invars]
+        name = eqn.primitive.name
+        if name in _READS and any(uses):
+            reads += 1
+        elif name == "scan":
+            body, consts = eqn.params["jaxpr"].jaxpr, eqn.params["num_consts"]
+            reads += eqn.params["length"] * count_weight_reads(
+                body, {body.invars[i] for i, used in enumerate(uses) if used})
+            derived.update(eqn.outvars[i] for i in range(eqn.params["num_carry"])
+                           if uses[consts + i])
+        elif _sub_jaxprs(eqn):
+            for sub in _sub_jaxprs(eqn):
+                if len(sub.invars) == len(eqn.invars):
+                    reads += count_weight_reads(
+                        sub, {sub.invars[i] for i, used in enumerate(uses) if used})
+        elif name in _SAME_WEIGHTS and any(uses):
+            derived.update(eqn.outvars)
+    return reads
+
+
+def wgan_weight_reads(width: int = 4) -> dict[str, Any]:
+    """Reads of one pair's weights per pair-iteration, counted on the traced (lowered) program
+    of `pair_iteration` for a middle layer of each network, beside the fewest the recipe
+    allows: 4 per critic step (forward; the penalty's input-gradient pass; that pass's own
+    derivative; the final backward), 2 more for the generator step's critic (forward, input
+    gradient), and 2 of the generator (one batch-6 forward, its backward)."""
+    from wgan import train as wgan_train
+
+    setup = wgan_train.WganSetup(width=width)
+    state = wgan_train.init_pair(setup, jax.random.key(0))
+    closed = jax.make_jaxpr(lambda s, image, key: wgan_train.pair_iteration(setup, s, image, key))(
+        state, jnp.zeros((128, 192, 3)), jax.random.key(1))
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    invar = {path: closed.jaxpr.invars[i] for i, path in enumerate(paths)}
+
+    def reads(path: str) -> int:
+        return count_weight_reads(closed.jaxpr, {invar[path]})
+
+    critic = reads(".critic['downs'][2]['kernel'].value")
+    steps = setup.critic_steps
+    return {"what": "wgan_weight_reads", "width": width,
+            "critic_reads_per_iteration": critic,
+            "critic_reads_per_critic_step": (critic - 2) / steps,
+            "generator_reads_per_iteration": reads(".generator['ups'][1]['kernel'].value"),
+            "bound": {"critic_reads_per_iteration": 4 * steps + 2,
+                      "critic_reads_per_critic_step": 4, "generator_reads_per_iteration": 2}}
+
+
 def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
                     width: int) -> dict[tuple[int, str], float]:
     """Compile the WGAN steps of all (K, dtype) concurrently into JAX's persistent compilation
@@ -547,7 +618,9 @@ def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
         compile_seconds = {}
         compile_record["error"] = f"precompile skipped: {type(error).__name__}: {error}"
     emit({**compile_record, "wall_s": time.perf_counter() - start, **device_info()})
-    records = []
+    reads = wgan_weight_reads()
+    emit(reads)
+    records = [reads]
     for pairs, dtype in variants:
         record = {"what": "wgan_throughput", "pairs": pairs, "dtype": dtype,
                   "width": args.width, "timed_iterations": args.iterations,

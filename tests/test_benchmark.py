@@ -131,7 +131,9 @@ def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
     monkeypatch.setattr(benchmark, "wgan_throughput", lambda *args, **kwargs: dict(measured))
     monkeypatch.setattr(benchmark, "precompile_wgan",
                         lambda variants, iterations, width: {v: 2.0 for v in variants})
-    (record,) = benchmark.main(["wgan", "--pairs", "8", "--dtypes", "float32", "--width", "4"])
+    reads, record = benchmark.main(["wgan", "--pairs", "8", "--dtypes", "float32", "--width",
+                                    "4"])
+    assert reads["what"] == "wgan_weight_reads"
     assert record["speedup_vs_seed"] == pytest.approx(0.077 / 0.5 * 8)
     assert record["precompile_s"] == 2.0 and record["dtype"] == "float32"
 
@@ -187,3 +189,14 @@ def test_flops_command_counts_the_timed_step(benchmark, train_record):
                                 "--res", "32", "--batch", "2"])
     assert record["what"] == "train_flops" and record["res"] == 32
     assert record["train_flops_per_img"] == pytest.approx(train_record["train_flops_per_img"])
+
+
+def test_wgan_weight_reads_are_the_recipes_fewest(benchmark):
+    """Counted on the traced pair iteration: a critic step reads the critic's weights 4 times
+    (one batch-3 call and its gradient-penalty derivatives), the generator step's critic twice
+    more, and the generator is read twice (one batch-6 forward, its backward); the seed's
+    separate calls read them 6 times per critic step and the generator 7 times."""
+    reads = benchmark.wgan_weight_reads()
+    assert reads["critic_reads_per_critic_step"] == reads["bound"]["critic_reads_per_critic_step"] == 4
+    assert reads["critic_reads_per_iteration"] == reads["bound"]["critic_reads_per_iteration"] == 22
+    assert reads["generator_reads_per_iteration"] == 2

@@ -21,8 +21,8 @@ from conftest import write_dataset
 from modules import load_module
 from wgan import run as wgan_run
 from wgan.models import BatchNorm2d, Conv2d, Critic, Generator
-from wgan.train import (WganSetup, augmented_views, critic_loss, generator_loss,
-                        gradient_penalty, image_keys, init_pairs, load_wgan_image, train_pairs)
+from wgan.train import (WganSetup, augmented_views, critic_loss, image_keys, init_pairs,
+                        load_wgan_image, scores_and_penalty, train_pairs)
 
 WIDTH = 4  # the seed's architecture at hidden width 4 instead of 64: same code paths, fast on CPU
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,8 @@ def test_gradient_penalty_matches_finite_differences():
     minus = small_critic(jnp.asarray((flat - basis).reshape(-1, 6, 8, 3), jnp.float32))
     grad_fd = (np.asarray(plus, np.float64) - np.asarray(minus, np.float64)) / (2 * step)
     expected = (np.linalg.norm(grad_fd) - 1.0) ** 2
-    np.testing.assert_allclose(float(gradient_penalty(small_critic, image)), expected, rtol=1e-3)
+    _, penalty = scores_and_penalty(small_critic, image[None], 0)
+    np.testing.assert_allclose(float(penalty), expected, rtol=1e-3)
 
 
 def test_losses_and_gradients_match_torch(torch_pair):
@@ -169,9 +170,65 @@ def test_losses_and_gradients_match_torch(torch_pair):
     # The generator loss -critic(generator(z)) (its gradient is plain autodiff of this).
     noise = rng.standard_normal(100).astype(np.float32)
     t_gen_loss = -t_crit(t_gen(torch.from_numpy(noise)[None, :, None, None])).sum()
-    gen_loss = jax.jit(generator_loss, static_argnums=2)(nnx.state(gen, nnx.Param), params,
-                                                         setup, jnp.asarray(noise))
+    gen_loss = jax.jit(lambda g, c, z: -nnx.merge(setup.graphs[1], c)(
+        nnx.merge(setup.graphs[0], g)(z[None]))[0])(nnx.state(gen, nnx.Param), params,
+                                                   jnp.asarray(noise))
     np.testing.assert_allclose(float(gen_loss), t_gen_loss.item(), rtol=1e-4)
+
+
+def assert_same_gradients(ours, theirs) -> None:
+    """Equal to float32 reassociation: 1e-4 relative, and 2e-5 of the largest gradient absolute
+    (the conv biases before BatchNorm have an exact gradient of 0: what they get is noise)."""
+    scale = max(float(np.abs(np.asarray(leaf)).max()) for leaf in jax.tree.leaves(theirs))
+    for mine, reference in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(reference), rtol=1e-4,
+                                   atol=2e-5 * scale)
+
+
+def test_batched_critic_call_equals_the_seeds_separate_calls(torch_pair):
+    """critic_loss's one batch-3 call (fake, real, interpolate) against three batch-1 calls and
+    the penalty's own jax.grad, loss and weight gradients to float32 precision."""
+    _, _, _, crit = torch_pair
+    setup = WganSetup(width=WIDTH)
+    params = nnx.state(crit, nnx.Param)
+    rng = np.random.default_rng(5)
+    fake, real = (jnp.asarray(rng.uniform(-1, 1, (128, 192, 3)), jnp.float32) for _ in range(2))
+
+    def separate_calls(params, fake, real, eps):
+        critic = nnx.merge(setup.graphs[1], params)
+        mixed = eps * real + (1 - eps) * fake
+        input_grad = jax.grad(lambda x: critic(x[None])[0])(mixed)
+        penalty = jnp.square(jnp.sqrt(jnp.sum(jnp.square(input_grad))) - 1.0)
+        return critic(fake[None])[0] - critic(real[None])[0] + 10.0 * penalty
+
+    batched = jax.jit(jax.value_and_grad(critic_loss), static_argnums=1)(
+        params, setup, fake, real, jnp.float32(0.3))
+    separate = jax.jit(jax.value_and_grad(separate_calls))(params, fake, real, jnp.float32(0.3))
+    np.testing.assert_allclose(float(batched[0]), float(separate[0]), rtol=1e-5)
+    assert_same_gradients(batched[1], separate[1])
+
+
+def test_batch_6_generator_forward_and_its_vjp_equal_the_separate_calls(torch_pair):
+    """The six fakes of one batch-6 forward equal six batch-1 forwards, and the generator step's
+    gradient through that forward's vjp equals jax.grad of its own batch-1 call."""
+    _, _, gen, crit = torch_pair
+    setup = WganSetup(width=WIDTH)
+    generator, critic = nnx.state(gen, nnx.Param), nnx.state(crit, nnx.Param)
+    noise = jnp.asarray(np.random.default_rng(6).standard_normal((6, 100)), jnp.float32)
+
+    @jax.jit
+    def compare(generator, critic, noise):
+        forward = lambda params, z: nnx.merge(setup.graphs[0], params)(z)
+        fakes, vjp = jax.vjp(lambda params: forward(params, noise), generator)
+        separate = jnp.stack([forward(generator, noise[i:i + 1])[0] for i in range(6)])
+        score = lambda fake: -nnx.merge(setup.graphs[1], critic)(fake[None])[0]
+        (via_vjp,) = vjp(jnp.zeros_like(fakes).at[5].set(jax.grad(score)(fakes[5])))
+        direct = jax.grad(lambda params: score(forward(params, noise[5:6])[0]))(generator)
+        return fakes, separate, via_vjp, direct
+
+    fakes, separate, via_vjp, direct = compare(generator, critic, noise)
+    np.testing.assert_allclose(np.asarray(fakes), np.asarray(separate), atol=2e-6)
+    assert_same_gradients(via_vjp, direct)
 
 
 @pytest.fixture(scope="module")

@@ -77,65 +77,68 @@ def init_pair(setup: WganSetup, key: jax.Array) -> PairState:
                      setup.optimizer.init(critic))
 
 
-def gradient_penalty(critic_fn: Callable[[jax.Array], jax.Array], image: jax.Array) -> jax.Array:
-    """(||d critic(x) / dx||_2 - 1)^2 at one image x [H, W, 3]: WGAN-GP's penalty, as the seed."""
-    input_grad = jax.grad(lambda x: critic_fn(x[None])[0])(image)
-    return jnp.square(jnp.sqrt(jnp.sum(jnp.square(input_grad))) - 1.0)
+def scores_and_penalty(critic_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
+                       index: int) -> tuple[jax.Array, jax.Array]:
+    """critic_fn(images) [B] and WGAN-GP's penalty (||d score_index / d image_index||_2 - 1)^2
+    from ONE call over the batch: the penalty's input gradient is the call's vjp with a one-hot
+    cotangent (per-image BatchNorm: score i depends on image i alone, as in the seed's batch-1
+    calls)."""
+    scores, input_vjp = jax.vjp(critic_fn, images)
+    (input_grads,) = input_vjp(jax.nn.one_hot(index, images.shape[0], dtype=scores.dtype))
+    return scores, jnp.square(jnp.sqrt(jnp.sum(jnp.square(input_grads[index]))) - 1.0)
 
 
 def critic_loss(critic_params: nnx.State, setup: WganSetup, fake: jax.Array, real: jax.Array,
                 mix_weight: jax.Array) -> jax.Array:
-    """critic(fake) - critic(real) + 10 * GP(eps * real + (1 - eps) * fake) for one pair.
-
-    fake and real go through one batch-2 call (one pass over the weights); per-image BatchNorm
-    makes it equal to the seed's two batch-1 calls. The interpolate is its own call.
-    """
+    """critic(fake) - critic(real) + 10 * GP(eps * real + (1 - eps) * fake) for one pair, from
+    one batch-3 critic call (fake, real, interpolate): its gradient reads the critic's weights
+    four times (forward, the penalty's input-gradient pass, that pass's own derivative, the
+    final backward) instead of the seed's separate calls' six."""
     critic = nnx.merge(setup.graphs[1], critic_params)
-    scores = critic(jnp.stack([fake, real]))
     mixed = mix_weight * real + (1.0 - mix_weight) * fake
-    return scores[0] - scores[1] + setup.gradient_penalty_weight * gradient_penalty(critic, mixed)
-
-
-def generator_loss(generator_params: nnx.State, critic_params: nnx.State, setup: WganSetup,
-                   noise: jax.Array) -> jax.Array:
-    """-critic(generator(noise)) for one noise vector: the seed's generator objective."""
-    generator_graph, critic_graph = setup.graphs
-    fake = nnx.merge(generator_graph, generator_params)(noise[None])
-    return -nnx.merge(critic_graph, critic_params)(fake)[0]
-
-
-def generate(generator_params: nnx.State, setup: WganSetup, noise: jax.Array) -> jax.Array:
-    """One generated image [128, 192, 3] in (-1, 1) (train-mode BatchNorm, batch of one)."""
-    return nnx.merge(setup.graphs[0], generator_params)(noise[None])[0]
+    scores, penalty = scores_and_penalty(critic, jnp.stack([fake, real, mixed]), 2)
+    return scores[0] - scores[1] + setup.gradient_penalty_weight * penalty
 
 
 def pair_iteration(setup: WganSetup, state: PairState, real: jax.Array,
                    key: jax.Array) -> tuple[PairState, jax.Array]:
     """One seed iteration for one pair: 5 critic steps, then 1 generator step (Adam each).
 
-    `real` [128, 192, 3] in [-1, 1] is flipped vertically with probability 0.1 first. Returns the
+    `real` [128, 192, 3] in [-1, 1] is flipped vertically with probability 0.1 first. The six
+    fakes come from one batch-6 generator forward, each critic step is one batch-3 critic call
+    (critic_loss): per-image BatchNorm makes both the seed's batch-1 computations. Returns the
     new state and the fake of the last critic step (the image the seed saves).
     """
     flip_key, critic_key, generator_key = jax.random.split(key, 3)
     real = jnp.where(jax.random.uniform(flip_key) < setup.flip_probability, real[::-1], real)
+    step_keys = jax.vmap(jax.random.split)(jax.random.split(critic_key, setup.critic_steps))
+    noise = jnp.concatenate([  # the 5 critic steps' noise, then the generator step's
+        jax.vmap(lambda k: jax.random.normal(k, (setup.noise_dim,)))(step_keys[:, 0]),
+        jax.random.normal(generator_key, (setup.noise_dim,))[None]])
+    # The generator is fixed during the critic steps: all six fakes come from one batch-6
+    # forward (per-image BatchNorm: each equals the seed's batch-1 call), whose vjp later gives
+    # the generator step's gradient.
+    generator_graph, critic_graph = setup.graphs
+    fakes, generator_vjp = jax.vjp(lambda params: nnx.merge(generator_graph, params)(noise),
+                                   state.generator)
 
-    def critic_step(carry, step_key):
-        critic_params, critic_opt, _ = carry
-        noise_key, mix_key = jax.random.split(step_key)
-        fake = generate(state.generator, setup,
-                        jax.random.normal(noise_key, (setup.noise_dim,)))
-        mix_weight = jax.random.uniform(mix_key)
-        grads = jax.grad(critic_loss)(critic_params, setup, fake, real, mix_weight)
+    def critic_step(carry, inputs):
+        critic_params, critic_opt = carry
+        fake, mix_key = inputs
+        grads = jax.grad(critic_loss)(critic_params, setup, fake, real,
+                                      jax.random.uniform(mix_key))
         updates, critic_opt = setup.optimizer.update(grads, critic_opt, critic_params)
-        return (optax.apply_updates(critic_params, updates), critic_opt, fake), None
+        return (optax.apply_updates(critic_params, updates), critic_opt), None
 
-    (critic_params, critic_opt, last_fake), _ = jax.lax.scan(
-        critic_step, (state.critic, state.critic_opt, jnp.zeros_like(real)),
-        jax.random.split(critic_key, setup.critic_steps))
-    noise = jax.random.normal(generator_key, (setup.noise_dim,))
-    grads = jax.grad(generator_loss)(state.generator, critic_params, setup, noise)
+    (critic_params, critic_opt), _ = jax.lax.scan(
+        critic_step, (state.critic, state.critic_opt),
+        (fakes[:setup.critic_steps], step_keys[:, 1]))
+    critic = nnx.merge(critic_graph, critic_params)  # the generator step: -critic(fake)
+    fake_grad = jax.grad(lambda fake: -critic(fake[None])[0])(fakes[setup.critic_steps])
+    (grads,) = generator_vjp(jnp.zeros_like(fakes).at[setup.critic_steps].set(fake_grad))
     updates, generator_opt = setup.optimizer.update(grads, state.generator_opt, state.generator)
     generator_params = optax.apply_updates(state.generator, updates)
+    last_fake = fakes[setup.critic_steps - 1]
     return PairState(generator_params, critic_params, generator_opt, critic_opt), last_fake
 
 
