@@ -5,6 +5,7 @@
         [--warmup 3] [--steps 20] [--repeats 3]
     python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
+    python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
@@ -518,32 +519,57 @@ def count_weight_reads(jaxpr: Any, tracked: set[Any]) -> int:
     return reads
 
 
-def wgan_weight_reads(width: int = 4) -> dict[str, Any]:
-    """Reads of one pair's weights per pair-iteration, counted on the traced (lowered) program
-    of `pair_iteration` for a middle layer of each network, beside the fewest the recipe
-    allows: 4 per critic step (forward; the penalty's input-gradient pass; that pass's own
-    derivative; the final backward), 2 more for the generator step's critic (forward, input
-    gradient), and 2 of the generator (one batch-6 forward, its backward)."""
+# Memory bandwidth by card (datasheet leads: H100 SXM 3.35 TB/s, H200 4.8 TB/s) for the bound.
+CARD_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+ADAM_BYTES_PER_PARAMETER = 24  # float32 parameter and both moments, each read and written
+
+
+def wgan_bound(width: int = 64) -> dict[str, Any]:
+    """What one pair-iteration of the recipe must do, from the traced (lowered) program of
+    `pair_iteration`: reads of each network's weights (counted for a middle layer: per critic
+    step, forward; the penalty's input-gradient pass; that pass's own derivative; the final
+    backward; the generator step's critic, forward and input gradient; the generator, one
+    batch-6 forward and its backward), the float32 bytes those reads and Adam's updates move,
+    the FLOPs (XLA's count of the lowered step; the critic scan's body counted once per step),
+    and the minutes for 4,500 images x 1,001 iterations at each card's bandwidth."""
     from wgan import train as wgan_train
 
     setup = wgan_train.WganSetup(width=width)
-    state = wgan_train.init_pair(setup, jax.random.key(0))
-    closed = jax.make_jaxpr(lambda s, image, key: wgan_train.pair_iteration(setup, s, image, key))(
-        state, jnp.zeros((128, 192, 3)), jax.random.key(1))
-    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    state = jax.eval_shape(lambda: wgan_train.init_pair(setup, jax.random.key(0)))
+    image = jax.ShapeDtypeStruct((128, 192, 3), jnp.float32)
+    iteration = lambda s, real, key: wgan_train.pair_iteration(setup, s, real, key)  # noqa: E731
+    closed = jax.make_jaxpr(iteration)(state, image, jax.random.key(1))
+    paths = [jax.tree_util.keystr(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     invar = {path: closed.jaxpr.invars[i] for i, path in enumerate(paths)}
 
     def reads(path: str) -> int:
         return count_weight_reads(closed.jaxpr, {invar[path]})
 
-    critic = reads(".critic['downs'][2]['kernel'].value")
     steps = setup.critic_steps
-    return {"what": "wgan_weight_reads", "width": width,
-            "critic_reads_per_iteration": critic,
-            "critic_reads_per_critic_step": (critic - 2) / steps,
-            "generator_reads_per_iteration": reads(".generator['ups'][1]['kernel'].value"),
-            "bound": {"critic_reads_per_iteration": 4 * steps + 2,
-                      "critic_reads_per_critic_step": 4, "generator_reads_per_iteration": 2}}
+    critic_reads = reads(".critic['downs'][2]['kernel'].value")
+    generator_reads = reads(".generator['ups'][1]['kernel'].value")
+    count = lambda tree: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))  # noqa: E731
+    critic_params, generator_params = count(state.critic), count(state.generator)
+    bytes_per_iteration = (critic_params * (ADAM_BYTES_PER_PARAMETER * steps + 4 * critic_reads)
+                           + generator_params * (ADAM_BYTES_PER_PARAMETER + 4 * generator_reads))
+    step_flops = first_cost(jax.jit(lambda c, f, r, w: jax.grad(wgan_train.critic_loss)(
+        c, setup, f, r, w)).lower(state.critic, image, image,
+                                  jax.ShapeDtypeStruct((), jnp.float32)).cost_analysis())["flops"]
+    flops = (first_cost(jax.jit(iteration).lower(state, image, jax.random.key(1))
+                        .cost_analysis())["flops"] + (steps - 1) * step_flops)
+    total = WGAN_RECIPE_ITERATIONS * 4500
+    return {"what": "wgan_bound", "width": width, "critic_params": critic_params,
+            "generator_params": generator_params,
+            "critic_reads_per_iteration": critic_reads,
+            "critic_reads_per_critic_step": (critic_reads - 2) / steps,
+            "generator_reads_per_iteration": generator_reads,
+            "fewest": {"critic_reads_per_iteration": 4 * steps + 2,
+                       "critic_reads_per_critic_step": 4, "generator_reads_per_iteration": 2},
+            "bytes_per_pair_iteration": bytes_per_iteration,
+            "flops_per_pair_iteration": float(flops),
+            "bound_minutes_4500_images": {card: bytes_per_iteration * total / bandwidth / 60
+                                          for card, bandwidth in CARD_BANDWIDTH.items()}}
 
 
 def precompile_wgan(variants: Sequence[tuple[int, str]], iterations: int,
@@ -618,9 +644,9 @@ def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
         compile_seconds = {}
         compile_record["error"] = f"precompile skipped: {type(error).__name__}: {error}"
     emit({**compile_record, "wall_s": time.perf_counter() - start, **device_info()})
-    reads = wgan_weight_reads()
-    emit(reads)
-    records = [reads]
+    bound = wgan_bound(args.width)
+    emit(bound)
+    records = [bound]
     for pairs, dtype in variants:
         record = {"what": "wgan_throughput", "pairs": pairs, "dtype": dtype,
                   "width": args.width, "timed_iterations": args.iterations,
@@ -790,6 +816,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flops.add_argument("--res", default="448,224", help="comma-separated image sizes in pixels")
     flops.add_argument("--batch", type=int, default=32, help="global batch size")
     flops.add_argument("--heads", default="linear", help="comma-separated heads")
+    bound = commands.add_parser("wgan-bound",
+                                help="the ML-WGAN recipe's weight reads, bytes, FLOPs, bound")
+    bound.add_argument("--width", type=int, default=64, help="network width (seed: 64)")
     wgan = commands.add_parser("wgan", help="images/hour of the 1001-iteration ML-WGAN recipe")
     wgan.add_argument("--pairs", default="32,96", help="comma-separated K (pairs per chunk)")
     wgan.add_argument("--dtypes", default="bfloat16,float32",
@@ -814,6 +843,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         records = run_train(args)
     elif args.command == "flops":
         return run_flops(args)
+    elif args.command == "wgan-bound":
+        record = wgan_bound(args.width)
+        emit(record)
+        return [record]
     else:
         records = run_wgan(args)
     print("\n" + report_table(records), flush=True)

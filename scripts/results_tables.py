@@ -234,9 +234,41 @@ def head_cost_table() -> str:
                   "train GFLOP/img", "vs linear"], rows, "llrrrrr")
 
 
+# Dense float32 and TF32 matrix rates of an H100/H200 SXM (datasheet leads, the same for both).
+FP32_FLOPS, TF32_FLOPS = 67e12, 495e12
+
+
+def wgan_bound_table() -> str:
+    """The ML-WGAN recipe's weight reads (counted on the traced step, beside the fewest), the
+    bytes and FLOPs of one pair-iteration, and what they take for 4,500 images x 1,001
+    iterations at each card's bandwidth and at float32 / TF32 matrix rates."""
+    rows = []
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        for record in read_lines(path):
+            if record.get("what") != "wgan_bound":
+                continue
+            total = 4500 * 1001 * record["flops_per_pair_iteration"]
+            fewest = record["fewest"]
+            rows.append([
+                f"{record['critic_reads_per_critic_step']:g} ({fewest['critic_reads_per_critic_step']})",
+                f"{record['critic_reads_per_iteration']} ({fewest['critic_reads_per_iteration']})",
+                f"{record['generator_reads_per_iteration']} "
+                f"({fewest['generator_reads_per_iteration']})",
+                f"{record['bytes_per_pair_iteration'] / 1e9:.3f}",
+                f"{record['flops_per_pair_iteration'] / 1e9:.0f}",
+                *(f"{minutes:.1f}" for minutes in record["bound_minutes_4500_images"].values()),
+                f"{total / FP32_FLOPS / 3600:.1f}", f"{total / TF32_FLOPS / 60:.0f}",
+                f"`{path.name}`"])
+    return table(["critic reads per critic step (fewest)", "critic reads per iteration (fewest)",
+                  "generator reads per iteration (fewest)", "GB per pair-iteration",
+                  "GFLOP per pair-iteration", "bound min, H100", "bound min, H200",
+                  "float32 compute h", "TF32 compute min", "file"], rows, "rrrrrrrrrl")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
-    "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table}
+    "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table,
+    "wgan-bound": wgan_bound_table}
 
 
 def render(page: str) -> str:

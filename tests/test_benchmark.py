@@ -129,11 +129,12 @@ def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
                 "images_per_hour": 8 * 3600 / (0.5 * 1001),
                 "hours_for_4500_images": 4500 / (8 * 3600 / (0.5 * 1001))}
     monkeypatch.setattr(benchmark, "wgan_throughput", lambda *args, **kwargs: dict(measured))
+    monkeypatch.setattr(benchmark, "wgan_bound", lambda width: {"what": "wgan_bound"})
     monkeypatch.setattr(benchmark, "precompile_wgan",
                         lambda variants, iterations, width: {v: 2.0 for v in variants})
     reads, record = benchmark.main(["wgan", "--pairs", "8", "--dtypes", "float32", "--width",
                                     "4"])
-    assert reads["what"] == "wgan_weight_reads"
+    assert reads["what"] == "wgan_bound"
     assert record["speedup_vs_seed"] == pytest.approx(0.077 / 0.5 * 8)
     assert record["precompile_s"] == 2.0 and record["dtype"] == "float32"
 
@@ -191,12 +192,16 @@ def test_flops_command_counts_the_timed_step(benchmark, train_record):
     assert record["train_flops_per_img"] == pytest.approx(train_record["train_flops_per_img"])
 
 
-def test_wgan_weight_reads_are_the_recipes_fewest(benchmark):
+def test_wgan_bound_counts_the_fewest_weight_reads(benchmark):
     """Counted on the traced pair iteration: a critic step reads the critic's weights 4 times
     (one batch-3 call and its gradient-penalty derivatives), the generator step's critic twice
-    more, and the generator is read twice (one batch-6 forward, its backward); the seed's
-    separate calls read them 6 times per critic step and the generator 7 times."""
-    reads = benchmark.wgan_weight_reads()
-    assert reads["critic_reads_per_critic_step"] == reads["bound"]["critic_reads_per_critic_step"] == 4
-    assert reads["critic_reads_per_iteration"] == reads["bound"]["critic_reads_per_iteration"] == 22
-    assert reads["generator_reads_per_iteration"] == 2
+    more, and the generator is read twice (one batch-6 forward, its backward); the seed-style
+    separate calls read them 6 times per critic step and the generator 7 times. The bytes follow
+    from the parameter counts: 24 for Adam, 4 per read."""
+    bound = benchmark.wgan_bound(width=4)
+    assert bound["critic_reads_per_critic_step"] == bound["fewest"]["critic_reads_per_critic_step"] == 4
+    assert bound["critic_reads_per_iteration"] == bound["fewest"]["critic_reads_per_iteration"] == 22
+    assert bound["generator_reads_per_iteration"] == 2
+    assert bound["bytes_per_pair_iteration"] == (bound["critic_params"] * (24 * 5 + 4 * 22)
+                                                 + bound["generator_params"] * (24 + 4 * 2))
+    assert bound["flops_per_pair_iteration"] > 0
