@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from annotate import cli, data, reports, train
 from annotate.config import DEFAULT_DATA_ROOT, validate_config
 from annotate.data import fetch
-from annotate.devices import enable_compilation_cache
+from annotate.devices import enable_compilation_cache, initialize_distributed
 from annotate.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
@@ -34,6 +34,10 @@ def define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config file name>).")
     flags.DEFINE_bool("evaluate", False, "Evaluate the best checkpoint of --workdir, do not train.")
+    # a multi-process run (--config.distributed=True); unset: detected (SLURM, Open MPI, ...)
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
     flags.mark_flags_as_required(["config"])
 
 
@@ -82,7 +86,7 @@ def main(argv: list[str]) -> None:
     except data.DatasetError as error:
         cli.fail(error)
     if config.distributed:
-        jax.distributed.initialize()
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     enable_compilation_cache()
     config_file = config_flags.get_config_filename(FLAGS["config"])
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
@@ -94,11 +98,12 @@ def main(argv: list[str]) -> None:
         cli.fail(error)
     except OSError as error:  # a missing file, a read-only workdir, a workdir under a file
         cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # one set of reports in a multi-process run
         write_reports(workdir, evaluation)
-    mcc = evaluation.results["mcc"]
-    print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
-          f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see {workdir}/results.md")
+        mcc = evaluation.results["mcc"]
+        print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
+              f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see "
+              f"{workdir}/results.md")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from annotate import data, losses, metrics, models, summary
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
-from annotate.devices import make_mesh, put
+from annotate.devices import make_mesh, put, to_host
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
                               write_config)
 
@@ -307,7 +307,7 @@ def predict(experiment: Experiment, params: Variables, batch_stats: Variables,
         indices = np.minimum(np.arange(start, start + chunk), num_images - 1).astype(np.int32)
         probs.append(experiment.predict_step(params, batch_stats, images,
                                              put(indices, experiment.batch_sharding)))
-    return np.concatenate([np.asarray(p) for p in probs])[:num_images]
+    return np.concatenate([to_host(p) for p in probs])[:num_images]
 
 
 def eval_params(state: TrainState) -> Variables:
@@ -512,7 +512,7 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
               disable=not show_progress, leave=False) as bar:
 
         def record(losses_of_chunk: jax.Array) -> None:
-            recent = np.asarray(jax.device_get(losses_of_chunk), np.float32)
+            recent = to_host(losses_of_chunk).astype(np.float32)
             _check_finite(recent, first_step + chunk * len(step_losses), epoch, steps_per_epoch)
             step_losses.append(recent)
             bar.update(len(recent))
@@ -629,12 +629,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
             epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
             hyper = state.opt_state.hyperparams
             record = {"epoch": epoch, "train/loss": train_loss,
-                      "train/learning_rate": float(hyper["learning_rate"]),
-                      "train/beta1": float(hyper["b1"]), "train/epoch_seconds": seconds,
+                      "train/learning_rate": float(to_host(hyper["learning_rate"])),
+                      "train/beta1": float(to_host(hyper["b1"])), "train/epoch_seconds": seconds,
                       "train/images_per_second": steps_per_epoch * batch_size / seconds,
                       **{f"{monitor_prefix}/{k}": v for k, v in epoch_metrics.items()}}
             if writer:
-                writer.write(int(state.step), record)
+                writer.write(int(to_host(state.step)), record)
                 log.info("epoch %d: %s", epoch, json.dumps(record))
             selection = selection_value(config.eval.protocol, epoch, epoch_metrics)
             checkpoints.save(epoch, args=ocp.args.StandardSave(state),

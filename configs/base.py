@@ -16,7 +16,8 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     stopped after 60, flips h+v, dropout 0.3, avg pool; validated before it is returned."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.distributed = False  # True: jax.distributed.initialize() (multi-host)
+    # True: one process of a multi-process run (jax.distributed; README "More devices")
+    config.distributed = False
 
     config.model = ml_collections.ConfigDict()
     config.model.name = model

@@ -1,0 +1,92 @@
+"""A multi-process run through `python -m annotate.main --config.distributed=True`: two CPU
+processes of one device each, joined by a coordinator on 127.0.0.1, end with the parameters of
+one process with two devices, write one set of files, and resume."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from annotate import summary
+from conftest import write_dataset
+from modules import REPO
+
+TIMEOUT_S = 300  # every wait is bounded: a hung coordinator fails the test, not CI
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _command(workdir: Path, root: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py",
+            f"--workdir={workdir}", f"--config.data.root={root}",
+            f"--config.data.cache_dir={root.parent / 'cache'}", "--config.data.image_size=16",
+            "--config.train.batch_size=4", f"--config.train.epochs={epochs}",
+            "--config.train.schedule_epochs=2", "--config.eval.bootstrap_resamples=100", *extra]
+
+
+def _environment(devices: int) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _two_processes(workdir: Path, root: Path, epochs: int) -> list[subprocess.CompletedProcess]:
+    address = f"127.0.0.1:{_free_port()}"
+    launched = [subprocess.Popen(
+        _command(workdir, root, epochs, "--config.distributed=True",
+                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"),
+        cwd=REPO, env=_environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    finished = []
+    try:
+        for process in launched:
+            out, err = process.communicate(timeout=TIMEOUT_S)
+            finished.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        for process in launched:
+            process.kill()
+    return finished
+
+
+def _latest_arrays(workdir: Path) -> list[np.ndarray]:
+    directory = workdir / "checkpoints"
+    latest = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    path = directory / str(latest) / "default"
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved over 2 devices
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(metadata, "item_metadata", metadata))
+    return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target))]
+
+
+def test_two_processes_train_as_one_process_with_two_devices_and_resume(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    single = subprocess.run(_command(tmp_path / "single", root, 2), cwd=REPO,
+                            env=_environment(2), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    workdir = tmp_path / "two"
+    for epochs in (1, 2):  # one epoch, then the same command resumes for the second
+        runs = _two_processes(workdir, root, epochs)
+        for run in runs:
+            assert run.returncode == 0, run.stderr[-3000:]
+        assert "see " in runs[0].stdout and "see " not in runs[1].stdout  # process 0 reports
+
+    ours, theirs = _latest_arrays(workdir), _latest_arrays(tmp_path / "single")
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert [r["epoch"] for r in summary.read_metrics(workdir)] == [1, 2]  # written once
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # per start
+    assert (workdir / "results.json").is_file() and not (workdir / ".lock").exists()
