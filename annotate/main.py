@@ -28,17 +28,22 @@ from annotate.workdir import WorkdirError
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """Register the flags; done only when run as a program, so importing this module is harmless."""
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tresnet_asl.py.",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config file name>).")
-    flags.DEFINE_bool("evaluate", False, "Evaluate the best checkpoint of --workdir, do not train.")
+                                    lock_config=True, flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config file name>).",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("evaluate", False, "Evaluate the best checkpoint of --workdir, do not train.",
+                      flag_values=flag_values)
     # a multi-process run (--config.distributed=True); unset: detected (SLURM, Open MPI, ...)
-    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-    flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Number of processes of the run.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
+                         flag_values=flag_values)
+    flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 def default_workdir(config_path: str) -> Path:

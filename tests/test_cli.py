@@ -9,8 +9,8 @@ import sys
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
+from annotate import main
 from annotate.config import validate_config
 from modules import REPO
 
@@ -80,9 +80,7 @@ def test_every_readme_training_command_parses_and_validates(monkeypatch):
         full_argv = ["main", *[arg.replace("configs/", f"{REPO}/configs/", 1) for arg in argv]]
         monkeypatch.setattr(sys, "argv", full_argv)  # config_flags reads overrides from sys.argv
         values = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", None, "config", flag_values=values)
-        flags.DEFINE_string("workdir", None, "", flag_values=values)
-        flags.DEFINE_bool("evaluate", False, "", flag_values=values)
+        main.define_flags(values)  # the app's own flags
         values(full_argv)
         config = validate_config(values.config)
         for arg in argv:  # each override took effect
