@@ -17,6 +17,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")  # names for jnp.dtype(); the one dtype
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("onecycle", "constant")
 PROTOCOLS = ("seed", "validation", "final")  # see configs/base.py
+PIPELINES = ("device", "stream")
 DEFAULT_DATA_ROOT = "data/corel5k"
 
 
@@ -52,6 +53,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     require(config.model.dtype in COMPUTE_DTYPES, "model.dtype",
             f"use one of {list(COMPUTE_DTYPES)}")
     require(config.data.source in data.SOURCES, "data.source", f"use one of {list(data.SOURCES)}")
+    require(config.data.pipeline in PIPELINES, "data.pipeline", f"use one of {list(PIPELINES)}")
     require(config.data.image_size > 0, "data.image_size", "must be positive")
     for key in ("mean", "std"):
         value = config.data[key]

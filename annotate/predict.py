@@ -61,7 +61,8 @@ class Annotator:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Sigmoid probabilities [N, C] of uint8 images [N, S, S, 3] (S = the training size)."""
         on_device = put(images, self.experiment.replicated)
-        return train.predict(self.experiment, self.params, self.batch_stats, on_device)
+        split = train.DeviceSplit(on_device, targets=None, host=None)  # predict reads the images
+        return train.predict(self.experiment, self.params, self.batch_stats, split)
 
     def annotate(self, files: Sequence[Path | str]) -> tuple[list[dict], list[tuple[str, str]]]:
         """([{"image": path, "labels": [{"label", "probability"}, ...]}], [(path, why skipped)])
@@ -106,6 +107,7 @@ def load_annotator(workdir: Path | str) -> Annotator:
     vocabulary, thresholds = stored["vocabulary"], np.asarray(stored["thresholds"], np.float32)
     if len(vocabulary) != len(thresholds):
         raise ValueError(f"{thresholds_path}: {len(vocabulary)} labels but {len(thresholds)} thresholds")
+    config.data.pipeline = "device"  # the images to annotate are put on the device at once
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
     state, _ = train.restore_best(workdir, state)

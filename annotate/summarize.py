@@ -51,6 +51,19 @@ def read_run(workdir: Path | str) -> dict[str, Any]:
             "results": found["results.json"]}
 
 
+def run_record(run: dict[str, Any]) -> dict[str, Any]:
+    """One run as a JSON line: what it trained (model, loss, head, size, epochs, protocol, seed)
+    and its test metrics at 0.5 and with MCC thresholds, with their intervals when recorded."""
+    config, results = run["config"], run["results"]
+    return {"what": "annotate_run", "workdir": run["workdir"], "label": _label(config),
+            "seed": config.get("seed"), "model": config["model"]["name"],
+            "head": config["model"].get("head", "linear"), "loss": config["loss"]["name"],
+            "image_size": config["data"]["image_size"], "epochs": config["train"]["epochs"],
+            "protocol": config.get("eval", {}).get("protocol", "seed"),
+            **{key: results[key] for key in ("fixed_0.5", "mcc", "ci95", "best_epoch")
+               if key in results}}
+
+
 def _label(config: dict[str, Any]) -> str:
     model, train, data = config["model"], config["train"], config["data"]
     protocol = config.get("eval", {}).get("protocol", "seed")
@@ -113,15 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", help="training workdirs (config.json, results.json)")
     parser.add_argument("--json", help="also write the summary (with every run's value) here")
+    parser.add_argument("--runs-jsonl",
+                        help="also write one JSON line per run here: its config essentials and "
+                             "the test metrics (for docs/measurements/)")
     args = parser.parse_args(argv)
     try:
         summary = summarise(args.workdirs)
+        runs = [run_record(read_run(workdir)) for workdir in args.workdirs]
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.runs_jsonl:
+        Path(args.runs_jsonl).write_text("".join(json.dumps(run) + "\n" for run in runs))
     return 0
 
 

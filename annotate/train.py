@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,13 @@ class Experiment:
         """Layout of train_steps' [K, B] batch indices: each step's batch split over "data"."""
         return NamedSharding(self.mesh, PartitionSpec(None, "data"))
 
+    @property
+    def local_positions(self) -> list[int]:
+        """Positions in the mesh of this process's devices (contiguous: jax orders the devices
+        by process)."""
+        return [i for i, device in enumerate(self.mesh.devices.flat)
+                if device.process_index == jax.process_index()]
+
 
 def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
                       mesh: Mesh, *, load_pretrained: bool = True) -> tuple[Experiment, TrainState]:
@@ -275,6 +282,9 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
                        ema_params=params if config.train.ema_decay > 0 else None)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    # "device": the whole split on every device; "stream": each call's images only, split over
+    # "data" in the layout of stream_chunk (every device gathers from its own rows)
+    images_sharding = batch_sharding if config.data.pipeline == "stream" else replicated
     mean, std = normalisation(config)
     preprocess = Preprocess(mean, std, config.train.flip_horizontal, config.train.flip_vertical,
                             jnp.dtype(config.model.dtype))
@@ -283,30 +293,70 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
                           loss_fn=losses.make_loss(config.loss.name, **loss_hyper(config)),
                           preprocess=preprocess, ema_decay=config.train.ema_decay,
                           batch_sharding=batch_sharding),
-        in_shardings=(replicated, replicated, replicated,
+        in_shardings=(replicated, images_sharding, images_sharding,
                       NamedSharding(mesh, PartitionSpec(None, "data")), replicated),
         out_shardings=(replicated, replicated), donate_argnums=0)
     jitted_predict = jax.jit(
         functools.partial(predict_step, model_def=model_def, preprocess=preprocess,
                           batch_sharding=batch_sharding),
-        in_shardings=(replicated, replicated, replicated, batch_sharding),
+        in_shardings=(replicated, replicated, images_sharding, batch_sharding),
         out_shardings=replicated)
     state = jax.tree.map(lambda leaf: put(np.asarray(leaf), replicated), state)
     return Experiment(config, mesh, jitted_train, jitted_predict), state
 
 
+def stream_chunk(experiment: Experiment, split: "StreamSplit", local_images: np.ndarray,
+                 rows: np.ndarray) -> tuple[jax.Array, jax.Array, np.ndarray]:
+    """A call's images, targets and [K, B] gather indices in the "stream" layout: each device's
+    rows of K batches, device after device, so that the gather stays on the device.
+    `local_images` [K, L * b, S, S, 3] are this process's rows of the K batches (L local devices,
+    b = B / devices each), `rows` [K, B] the image indices of the K whole batches."""
+    steps, batch = rows.shape
+    devices, local = experiment.mesh.size, len(experiment.local_positions)
+    per_device = batch // devices
+
+    def device_major(values: np.ndarray) -> np.ndarray:  # [K, L*b, ...] -> [L*K*b, ...]
+        values = values.reshape(steps, local, per_device, *values.shape[2:])
+        return np.swapaxes(values, 0, 1).reshape(local * steps * per_device, *values.shape[3:])
+
+    local_rows = rows.reshape(steps, devices, per_device)[:, experiment.local_positions]
+    local_targets = split.sources.targets[local_rows.reshape(steps, -1)]
+    global_shape = lambda v: (devices * steps * per_device, *v.shape[1:])  # noqa: E731
+    images, targets = (jax.make_array_from_process_local_data(
+        experiment.batch_sharding, values, global_shape(values))
+        for values in (device_major(local_images), device_major(local_targets)))
+    position = np.arange(steps * batch).reshape(devices, steps, per_device)  # row of each entry
+    return images, targets, np.swapaxes(position, 0, 1).reshape(steps, batch).astype(np.int32)
+
+
 def predict(experiment: Experiment, params: Variables, batch_stats: Variables,
-            images: jax.Array) -> np.ndarray:
-    """Sigmoid probabilities [N, C] of all on-device `images`, in chunks of eval_batch_size
-    (rounded to the device count; the last chunk is padded by repeating the last image)."""
-    num_images, devices = images.shape[0], experiment.mesh.size
+            split: "DeviceSplit | StreamSplit") -> np.ndarray:
+    """Sigmoid probabilities [N, C] of all images of `split`, in chunks of eval_batch_size
+    (rounded to the device count; the last chunk is padded by repeating the last image);
+    a streamed split is decoded chunk by chunk."""
+    num_images, devices = split.num_images, experiment.mesh.size
     chunk = min(experiment.config.train.eval_batch_size, num_images)
     chunk = -(-chunk // devices) * devices
+    starts = range(0, num_images, chunk)
+    padded = [np.minimum(np.arange(start, start + chunk), num_images - 1) for start in starts]
+    if isinstance(split, StreamSplit):
+        from annotate.data import stream  # grain: only for the "stream" pipeline
+
+        local = len(experiment.local_positions) * (chunk // devices)
+        rows = np.concatenate([stream.local_rows(indices, chunk, experiment.local_positions,
+                                                 devices) for indices in padded])
+        decoded = stream.decoded_batches(split.sources, rows, local, split.image_size)
     probs = []
-    for start in range(0, num_images, chunk):
-        indices = np.minimum(np.arange(start, start + chunk), num_images - 1).astype(np.int32)
-        probs.append(experiment.predict_step(params, batch_stats, images,
-                                             put(indices, experiment.batch_sharding)))
+    for indices in padded:
+        if isinstance(split, StreamSplit):
+            images, _, positions = stream_chunk(experiment, split, next(decoded)[None],
+                                                indices[None])
+            probs.append(experiment.predict_step(params, batch_stats, images,
+                                                 put(positions[0], experiment.batch_sharding)))
+        else:
+            probs.append(experiment.predict_step(params, batch_stats, split.images,
+                                                 put(indices.astype(np.int32),
+                                                     experiment.batch_sharding)))
     return np.concatenate([to_host(p) for p in probs])[:num_images]
 
 
@@ -375,11 +425,47 @@ def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
-    """A split on the accelerators (uint8 images, float32 targets, replicated) plus host copies."""
+    """A split on the accelerators (uint8 images, float32 targets, replicated) plus host copies
+    (config.data.pipeline = "device")."""
 
     images: jax.Array
     targets: jax.Array
     host: data.Split
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
+
+class DecodedOnDemand(Sequence):
+    """A streamed split's images as a sequence, each decoded when read (for the reports)."""
+
+    def __init__(self, sources: data.SplitSources, image_size: int):
+        self.sources, self.image_size = sources, image_size
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.sources.decode(i, self.image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSplit:
+    """A split decoded batch by batch while it is used (config.data.pipeline = "stream"): its
+    encoded sources, and host data (targets, names; images decoded on demand)."""
+
+    sources: data.SplitSources
+    image_size: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.sources)
+
+    @property
+    def host(self) -> data.Split:
+        return data.Split(DecodedOnDemand(self.sources, self.image_size), self.sources.targets,
+                          self.sources.image_names, self.sources.vocabulary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,18 +473,18 @@ class RunData:
     """The run's splits on the devices: `train` is trained on, `test` is the test set, and
     `validation` (protocol "validation" only) is held out of the training images."""
 
-    train: DeviceSplit
-    test: DeviceSplit
-    validation: DeviceSplit | None = None
+    train: DeviceSplit | StreamSplit
+    test: DeviceSplit | StreamSplit
+    validation: DeviceSplit | StreamSplit | None = None
 
     @property
-    def monitored(self) -> tuple[str, DeviceSplit]:
+    def monitored(self) -> tuple[str, DeviceSplit | StreamSplit]:
         """The split scored after every epoch and its prefix in metrics.jsonl: the validation
         images when held out, else the test set (which chooses the checkpoint under "seed" only)."""
         return ("val", self.validation) if self.validation is not None else ("test", self.test)
 
     @property
-    def threshold_split(self) -> DeviceSplit:
+    def threshold_split(self) -> DeviceSplit | StreamSplit:
         """Where the per-label MCC thresholds are chosen: the validation images, else train."""
         return self.validation if self.validation is not None else self.train
 
@@ -416,16 +502,23 @@ def _held_out_rows(train: data.Split, num_originals: int, held_out: np.ndarray) 
 
 
 def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
-    """Decode (or read from cache) train and test at config.data.image_size and put them on
-    every device of `mesh`; with data.augmentation the WGAN samples join the train split; under
-    protocol "validation" config.eval.validation_size of the training images (data.
-    validation_indices, seeded by config.seed) are held out, with the WGAN images made from them."""
+    """Train and test at config.data.image_size: with data.pipeline "device", decoded (or read
+    from the cache) and put on every device of `mesh`; with "stream", indexed only, decoded
+    batch by batch when used. With data.augmentation the WGAN samples join the train split;
+    under protocol "validation" config.eval.validation_size of the training images
+    (data.validation_indices, seeded by config.seed) are held out, with the WGAN images made
+    from them."""
     root = data_root(config)
     common = dict(cache_dir=config.data.cache_dir, source=config.data.source)
     augmentation_dir = (config.data.augmentation_dir or root) if config.data.augmentation else None
-    train = data.load_split(root, "train", config.data.image_size,
-                            augmentation_dir=augmentation_dir, **common)
-    test = data.load_split(root, "test", config.data.image_size, **common)
+    stream = config.data.pipeline == "stream"
+    if stream:
+        train = data.split_sources(root, "train", augmentation_dir=augmentation_dir, **common)
+        test = data.split_sources(root, "test", **common)
+    else:
+        train = data.load_split(root, "train", config.data.image_size,
+                                augmentation_dir=augmentation_dir, **common)
+        test = data.load_split(root, "test", config.data.image_size, **common)
     validation = None
     if config.eval.protocol == "validation":
         num_originals = len(train.image_names)
@@ -437,12 +530,14 @@ def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
         train = train.take(_held_out_rows(train, num_originals, held_out))
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def on_device(split: data.Split | None) -> DeviceSplit | None:
+    def prepared(split: data.Split | data.SplitSources | None) -> DeviceSplit | StreamSplit | None:
         if split is None:
             return None
+        if stream:
+            return StreamSplit(split, config.data.image_size)
         return DeviceSplit(put(split.images, replicated), put(split.targets, replicated), split)
 
-    return RunData(on_device(train), on_device(test), on_device(validation))
+    return RunData(prepared(train), prepared(test), prepared(validation))
 
 
 def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDict,
@@ -487,7 +582,8 @@ def steps_per_call(steps_per_epoch: int, log_every: int, platform: str) -> int:
     return max(k for k in range(1, min(log_every, steps_per_epoch) + 1) if steps_per_epoch % k == 0)
 
 
-def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSplit, epoch: int,
+def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSplit | StreamSplit,
+                epoch: int,
                 order_key: jax.Array, step_key: jax.Array, *, show_progress: bool,
                 on_step_time: Callable[[float], None] | None = None,
                 check_saves: Callable[[], None] | None = None
@@ -497,13 +593,21 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
     `on_step_time(seconds per step)` is called once, measured over the steps after the first
     call (which may compile); `check_saves()` after every call's losses arrive. A non-finite
     loss raises FloatingPointError."""
-    batch_size, num_images = experiment.config.train.batch_size, train_split.images.shape[0]
+    batch_size, num_images = experiment.config.train.batch_size, train_split.num_images
     steps_per_epoch = num_images // batch_size
     chunk = steps_per_call(steps_per_epoch, experiment.config.train.log_every,
                            experiment.mesh.devices.flat[0].platform)
     permutation = _epoch_permutation(order_key, epoch, num_images)
-    batches = permutation[:steps_per_epoch * batch_size].astype(np.int32)
-    batches = batches.reshape(steps_per_epoch // chunk, chunk, batch_size)
+    rows = permutation[:steps_per_epoch * batch_size].astype(np.int32)
+    rows = rows.reshape(steps_per_epoch // chunk, chunk, batch_size)
+    if isinstance(train_split, StreamSplit):  # this process's rows, decoded ahead by grain
+        from annotate.data import stream
+
+        devices, local_devices = experiment.mesh.size, len(experiment.local_positions)
+        decoded = stream.decoded_batches(
+            train_split.sources, stream.local_rows(permutation, batch_size,
+                                                   experiment.local_positions, devices),
+            local_devices * batch_size // devices, train_split.image_size)
     first_step = (epoch - 1) * steps_per_epoch + 1
     step_losses: list[np.ndarray] = []
     start_time = time.perf_counter()
@@ -531,10 +635,15 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
                 on_step_time = None
 
         pending = None  # the previous call's losses, read while the device runs the next call
-        for chunk_indices in batches:
+        for chunk_rows in rows:
+            if isinstance(train_split, StreamSplit):
+                local = np.stack([next(decoded) for _ in range(chunk)])
+                images, targets, indices = stream_chunk(experiment, train_split, local,
+                                                        chunk_rows)
+            else:
+                images, targets, indices = train_split.images, train_split.targets, chunk_rows
             state, losses_of_chunk = experiment.train_steps(
-                state, train_split.images, train_split.targets,
-                put(chunk_indices, experiment.steps_sharding), step_key)
+                state, images, targets, put(indices, experiment.steps_sharding), step_key)
             if pending is not None:
                 record(pending)
             pending = losses_of_chunk
@@ -569,7 +678,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     mesh = make_mesh()
     run_data = load_data(config, mesh)
     train_split = run_data.train
-    num_images, batch_size = train_split.images.shape[0], config.train.batch_size
+    num_images, batch_size = train_split.num_images, config.train.batch_size
     if batch_size % mesh.size:
         raise ValueError(f"config.train.batch_size = {batch_size} must be a multiple of the "
                          f"device count {mesh.size}")
@@ -625,7 +734,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 show_progress=is_writer,
                 on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None,
                 check_saves=check_saves)
-            probs = predict(experiment, eval_params(state), state.batch_stats, monitored.images)
+            probs = predict(experiment, eval_params(state), state.batch_stats, monitored)
             epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
             hyper = state.opt_state.hyperparams
             record = {"epoch": epoch, "train/loss": train_loss,
@@ -678,8 +787,8 @@ def evaluate_best(experiment: Experiment, like: TrainState, run_data: RunData,
     state, best_epoch = restore_best(workdir, like)
     params = eval_params(state)
     threshold_split, test = run_data.threshold_split, run_data.test
-    threshold_probs = predict(experiment, params, state.batch_stats, threshold_split.images)
-    test_probs = predict(experiment, params, state.batch_stats, test.images)
+    threshold_probs = predict(experiment, params, state.batch_stats, threshold_split)
+    test_probs = predict(experiment, params, state.batch_stats, test)
     config = experiment.config
     results = metrics.evaluation_results(
         threshold_split.host.targets, threshold_probs, test.host.targets, test_probs,
@@ -687,7 +796,7 @@ def evaluate_best(experiment: Experiment, like: TrainState, run_data: RunData,
         resamples=config.eval.bootstrap_resamples, seed=config.seed)
     results["protocol"] = config.eval.protocol
     results["best_epoch"] = best_epoch
-    return Evaluation(config, results, test.host, test_probs, len(run_data.train.host.images))
+    return Evaluation(config, results, test.host, test_probs, run_data.train.num_images)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluation:

@@ -6,6 +6,7 @@
     python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
     python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
+    python scripts/benchmark.py stream --data DIR [--res 448,224] [--threads 2,16]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
@@ -26,6 +27,7 @@ import collections
 import gc
 import gzip
 import json
+import os
 import re
 import sys
 import tempfile
@@ -113,12 +115,15 @@ def _covered_us(spans: list[tuple[float, float]]) -> float:
     return covered
 
 
-def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str, Any]:
+def trace_summary(trace_file: str | Path, calls: int, top: int = 15,
+                  wall_ms: float | None = None) -> dict[str, Any]:
     """What a jax.profiler trace (its perfetto JSON) says about `calls` calls of one function:
     per device thread (CUDA stream, "XLA Ops", ...) the busy milliseconds per call and the `top`
     kernels and kernel families by time (on the CPU backend the executing host threads stand in
     for the device); for the Python thread, the dispatch time of jitted calls. Busy time far
-    below the wall time means launches or the host bound the step, not the kernels."""
+    below the wall time means launches or the host bound the step, not the kernels. With
+    `wall_ms` (the timed loop's length) the busy time counts only the `wall_ms` after the first
+    dispatch, not the profiler's own work while the trace starts and stops."""
     with gzip.open(trace_file, "rt") as handle:
         trace = json.load(handle)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -131,6 +136,7 @@ def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str
     counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
         collections.Counter)
     spans: dict[tuple[str, str], list[tuple[float, float]]] = collections.defaultdict(list)
+    dispatch_starts = []
     for event in events:
         if event.get("ph") != "X":
             continue
@@ -140,6 +146,13 @@ def trace_summary(trace_file: str | Path, calls: int, top: int = 15) -> dict[str
         by_name[where][event["name"]] += duration / 1000.0  # microseconds -> ms
         counts[where][event["name"]] += 1
         spans[where].append((event["ts"], event["ts"] + duration))
+        if where[1].startswith("python") and event["name"].startswith("PjitFunction"):
+            dispatch_starts.append(event["ts"])
+    if wall_ms is not None and dispatch_starts:
+        first, last = min(dispatch_starts), min(dispatch_starts) + 1000.0 * wall_ms
+        spans = {where: [(max(start, first), min(end, last)) for start, end in thread_spans
+                         if end > first and start < last]
+                 for where, thread_spans in spans.items()}
     summary: dict[str, Any] = {"calls": calls, "device_threads": {},
                                "host_dispatch_ms_per_call": None}
     for (process, thread), durations in by_name.items():
@@ -175,7 +188,7 @@ def profile_calls(call: Callable[[], Any], calls: int, directory: Path) -> dict[
         jax.profiler.stop_trace()
     trace_file, = set(directory.rglob("perfetto_trace.json.gz")) - before
     return {"wall_ms_per_call": 1000 * wall_s / calls, "trace": str(trace_file),
-            **trace_summary(trace_file, calls)}
+            **trace_summary(trace_file, calls, wall_ms=1000 * wall_s)}
 
 
 # --------------------------------------------------------------------------- train step
@@ -430,6 +443,33 @@ def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
                               "lowered_on": device_info()["platform"], "jax": jax.__version__}
                     emit(record)
                     records.append(record)
+    return records
+
+
+def run_stream(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Images/s of the "stream" input pipeline (annotate.data.stream: grain threads decoding and
+    resizing the encoded images) over `batches` batches of a random order, per thread count."""
+    from annotate import data
+    from annotate.data import stream
+
+    sources = data.split_sources(args.data, "train", source=args.source)
+    order = np.random.default_rng(0).permutation(len(sources))
+    rows = stream.local_rows(order, args.batch, [0], 1)[:args.batches * args.batch]
+    records = []
+    for res in csv(args.res):
+        for threads in csv(args.threads):
+            batches = stream.decoded_batches(sources, rows, args.batch, int(res),
+                                             num_threads=int(threads))
+            next(batches)  # start-up: worker threads, the first decodes
+            start = time.perf_counter()
+            count = sum(1 for _ in batches)
+            seconds = time.perf_counter() - start
+            record = {"what": "stream_throughput", "res": int(res), "batch": args.batch,
+                      "threads": int(threads), "source": args.source,
+                      "img_per_s": count * args.batch / seconds, "batches": count,
+                      "cpu_count": os.cpu_count(), **device_info()}
+            emit(record)
+            records.append(record)
     return records
 
 
@@ -816,6 +856,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flops.add_argument("--res", default="448,224", help="comma-separated image sizes in pixels")
     flops.add_argument("--batch", type=int, default=32, help="global batch size")
     flops.add_argument("--heads", default="linear", help="comma-separated heads")
+    streaming = commands.add_parser("stream", help="images/s of the stream input pipeline")
+    streaming.add_argument("--data", default="data/corel5k", help="dataset folder")
+    streaming.add_argument("--source", default="folder", choices=("folder", "tfds"))
+    streaming.add_argument("--res", default="448,224", help="comma-separated image sizes")
+    streaming.add_argument("--batch", type=int, default=32, help="images per batch")
+    streaming.add_argument("--batches", type=int, default=20, help="batches timed")
+    streaming.add_argument("--threads", default="2,16", help="comma-separated decode threads")
     bound = commands.add_parser("wgan-bound",
                                 help="the ML-WGAN recipe's weight reads, bytes, FLOPs, bound")
     bound.add_argument("--width", type=int, default=64, help="network width (seed: 64)")
@@ -843,6 +890,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         records = run_train(args)
     elif args.command == "flops":
         return run_flops(args)
+    elif args.command == "stream":
+        return run_stream(args)
     elif args.command == "wgan-bound":
         record = wgan_bound(args.width)
         emit(record)

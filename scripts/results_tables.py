@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 MEASUREMENTS = REPO / "docs" / "measurements"
 RESULTS_PAGE = REPO / "docs" / "results.md"
@@ -265,10 +267,89 @@ def wgan_bound_table() -> str:
                   "float32 compute h", "TF32 compute min", "file"], rows, "rrrrrrrrrl")
 
 
+def stream_table() -> str:
+    """Images/s of the "stream" pipeline's decoding on the CPU beside the fastest JAX train step
+    measured at the same size (bf16, any card): the share of the step's demand it covers."""
+    steps: dict[int, tuple[float, str]] = {}
+    for path, records in step_files():
+        for record in records:
+            if record.get("what") == "train_throughput" and record.get("img_per_s"):
+                if record["img_per_s"] > steps.get(record["res"], (0.0, ""))[0]:
+                    steps[record["res"]] = (record["img_per_s"], path.name)
+    rows = []
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        for record in read_lines(path):
+            if record.get("what") != "stream_throughput":
+                continue
+            step, step_file = steps.get(record["res"], (None, ""))
+            rows.append([str(record["res"]), str(record["threads"]), str(record["cpu_count"]),
+                         number(record["img_per_s"]), number(step),
+                         f"{record['img_per_s'] / step:.0%}" if step else "-",
+                         f"`{path.name}`" + (f", `{step_file}`" if step_file else "")])
+    return table(["px", "decode threads", "CPU cores", "stream img/s", "fastest train step img/s",
+                  "stream / step", "files"], rows, "rrrrrrl")
+
+
+COMPARED = (("fixed_0.5", "per_class_f1"), ("fixed_0.5", "per_image_f1"), ("fixed_0.5", "n_plus"),
+            ("mcc", "per_class_f1"), ("mcc", "per_image_f1"), ("mcc", "n_plus"))
+COMPARED_HEADER = ["per-class F1 @0.5", "per-image F1 @0.5", "N+ @0.5", "per-class F1 MCC",
+                   "per-image F1 MCC", "N+ MCC"]
+
+
+def _metric_cells(values: list[dict[str, dict[str, float]]]) -> list[str]:
+    """mean ± sd over runs (sample sd) of each COMPARED metric; one run: its value."""
+    cells = []
+    for kind, metric in COMPARED:
+        column = np.array([v[kind][metric] for v in values], dtype=np.float64)
+        digits = 1 if metric == "n_plus" else 3
+        cell = f"{column.mean():.{digits}f}"
+        cells.append(cell if len(column) == 1 else f"{cell} ± {column.std(ddof=1):.{digits}f}")
+    return cells
+
+
+def _runs(pattern: str) -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, record) for path in sorted(MEASUREMENTS.glob(pattern))
+            for record in read_lines(path)]
+
+
+def cpu_parity_table() -> str:
+    """Ours (annotate_run lines) against the PyTorch reference (train_from_scratch lines), both
+    evaluated on their final model, per seed and as mean ± sd."""
+    ours, theirs = [], []
+    for path, record in _runs("*cpu-parity*.jsonl"):
+        if record.get("what") == "annotate_run":
+            ours.append((record["seed"], {k: record[k] for k in ("fixed_0.5", "mcc")}, path))
+        elif record.get("what") == "train_from_scratch":
+            theirs.append((record["seed"], {"fixed_0.5": record["test_at_0_5"],
+                                            "mcc": record["test_mcc"]}, path))
+    rows = []
+    for side, runs in (("annotate (JAX)", ours), ("PyTorch reference", theirs)):
+        for seed, values, path in sorted(runs, key=lambda run: run[0]):
+            rows.append([f"{side}, seed {seed}", *_metric_cells([values]), f"`{path.name}`"])
+        if runs:
+            rows.append([f"**{side}, mean ± sd of {len(runs)}**",
+                         *_metric_cells([values for _, values, _ in runs]), ""])
+    return table(["run", *COMPARED_HEADER, "file"], rows, "lrrrrrrl")
+
+
+def cpu_heads_table() -> str:
+    """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds."""
+    by_head: dict[str, list[dict[str, Any]]] = {}
+    files: dict[str, str] = {}
+    for path, record in _runs("*cpu-heads*.jsonl"):
+        if record.get("what") == "annotate_run":
+            by_head.setdefault(record["head"], []).append(record)
+            files[record["head"]] = path.name
+    rows = [[head, ", ".join(str(r["seed"]) for r in runs), *_metric_cells(runs),
+             f"`{files[head]}`"] for head, runs in by_head.items()]
+    return table(["head", "seeds", *COMPARED_HEADER, "file"], rows, "llrrrrrrl")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
     "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table,
-    "wgan-bound": wgan_bound_table}
+    "wgan-bound": wgan_bound_table, "stream": stream_table, "cpu-parity": cpu_parity_table,
+    "cpu-heads": cpu_heads_table}
 
 
 def render(page: str) -> str:

@@ -120,6 +120,11 @@ def test_trace_summary_sums_kernels_per_call(benchmark, tmp_path):
     assert summary["device_threads"]["/device:GPU:0: XLA Ops"]["busy_ms_per_call"] == (
         pytest.approx(4.0 / 2))
     assert summary["host_dispatch_ms_per_call"] == pytest.approx(0.2)
+    # with the timed loop's length, work outside [first dispatch, + wall] is not counted:
+    # the stream's kernels within [0, 3 ms) are 1 + 1 + 0.5 + 0.5 ms
+    clipped = benchmark.trace_summary(trace, calls=2, wall_ms=3.0)
+    assert clipped["device_threads"]["/device:GPU:0: Stream #7"]["busy_ms_per_call"] == (
+        pytest.approx(3.0 / 2))
 
 
 def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
@@ -205,3 +210,10 @@ def test_wgan_bound_counts_the_fewest_weight_reads(benchmark):
     assert bound["bytes_per_pair_iteration"] == (bound["critic_params"] * (24 * 5 + 4 * 22)
                                                  + bound["generator_params"] * (24 + 4 * 2))
     assert bound["flops_per_pair_iteration"] > 0
+
+
+def test_stream_command_times_the_decoding(benchmark, tiny_dataset):
+    (record,) = benchmark.main(["stream", "--data", str(tiny_dataset), "--res", "16",
+                                "--batch", "4", "--batches", "3", "--threads", "2"])
+    assert (record["what"], record["res"], record["threads"]) == ("stream_throughput", 16, 2)
+    assert record["img_per_s"] > 0 and record["batches"] == 2  # the first one warms up

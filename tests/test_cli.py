@@ -92,3 +92,18 @@ def test_every_readme_training_command_parses_and_validates(monkeypatch):
                 assert str(node) == value or node == type(node)(value), (arg, node)
         if "--config.train.epochs=5" in argv:
             assert (config.train.epochs, config.train.schedule_epochs) == (5, 6)
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during a run: one line saying the completed work is kept, status 130."""
+    from annotate import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["app"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(interrupted, lambda: None)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted; what was completed is kept (a rerun of the same command resumes)")

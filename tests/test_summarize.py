@@ -30,7 +30,12 @@ def test_groups_by_config_and_averages_over_seeds(tmp_path, capsys):
     _write_run(tmp_path / "bce0", loss="bce", seed=0, scale=0.5)
     out = tmp_path / "summary.json"
     workdirs = [str(tmp_path / name) for name in ("asl0", "bce0", "asl1", "asl2")]
-    assert summarize.main(workdirs + ["--json", str(out)]) == 0
+    runs_file = tmp_path / "runs.jsonl"
+    assert summarize.main(workdirs + ["--json", str(out), "--runs-jsonl", str(runs_file)]) == 0
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert [(r["loss"], r["seed"], r["protocol"]) for r in runs] == [
+        ("asl", 0, "seed"), ("bce", 0, "seed"), ("asl", 1, "seed"), ("asl", 2, "seed")]
+    assert runs[2]["mcc"] == asl[1]["mcc"]
     summary = json.loads(out.read_text())
     assert [group["seeds"] for group in summary] == [[0, 1, 2], [0]]
     assert summary[0]["label"].startswith("tresnet_m + asl (linear head, 448 px, 60 epochs")

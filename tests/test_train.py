@@ -134,7 +134,8 @@ for name, device_list in (("one", jax.devices()[:1]), ("eight", jax.devices())):
         state, loss = experiment.train_steps(state, on_device(images), on_device(targets),
                                              devices.put(batch[None], experiment.steps_sharding), key)
         losses.append(float(loss[0]))
-    probs = train.predict(experiment, state.params, state.batch_stats, on_device(images))
+    probs = train.predict(experiment, state.params, state.batch_stats,
+                          train.DeviceSplit(on_device(images), None, None))
     leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.batch_stats))]
     results[name] = dict(losses=losses, params=np.concatenate(leaves).tolist(), probs=probs.tolist(),
                          devices=len(state.step.sharding.device_set))

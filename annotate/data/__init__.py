@@ -33,8 +33,8 @@ AUGMENTATION_IMAGES = "aug-images"
 __all__ = [
     "COREL5K_MEAN", "COREL5K_STD", "DatasetError", "Split", "SplitIndex", "decode_image",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
-    "read_dataset_indices", "read_split_index", "tfds_data_dir", "validate_dataset",
-    "validation_indices",
+    "read_dataset_indices", "read_split_index", "split_sources", "SplitSources", "tfds_data_dir",
+    "validate_dataset", "validation_indices",
 ]
 
 
@@ -67,34 +67,54 @@ def tfds_data_dir(root: Path | str, cache_dir: Path | str) -> Path:
     return Path(cache_dir).expanduser() / "tfds" / f"{root.name}-{short_hash(str(root))}"
 
 
-def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path | str | None = None,
-               source: str = "folder", augmentation_dir: Path | str | None = None) -> Split:
-    """Load split "train"/"test" of dataset folder `root` decoded at `image_size`, via the cache.
+@dataclass(frozen=True)
+class SplitSources:
+    """A split's images still encoded (file paths, or the bytes of a TFDS build) with their names,
+    multi-hot targets and vocabulary: what load_split decodes into the cache and the "stream"
+    pipeline decodes batch by batch."""
 
-    source="folder" decodes `root/images`; source="tfds" decodes the encoded bytes of the `corel5k`
-    TFDS build in `tfds_data_dir(root, cache_dir)`, building it from `root` when missing or out
-    of date. `augmentation_dir` (train only) appends the samples of its train_aug.json (same
-    vocabulary required), as the seed's `--augmentation` does.
-    """
+    sources: list[Path | bytes]
+    error_names: list[str]
+    image_names: list[str]
+    targets: np.ndarray
+    vocabulary: list[str]
+    fingerprint: list[str | bytes]  # what the cache key of the decoded split hashes
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def decode(self, i: int, image_size: int) -> np.ndarray:
+        """Image i as uint8 [S, S, 3], exactly as the cached split holds it."""
+        return decode_image(self.sources[i], image_size, name=self.error_names[i])
+
+    def take(self, indices: np.ndarray) -> "SplitSources":
+        """The images at `indices` (in that order) as a split of their own."""
+        pick = lambda values: [values[i] for i in indices]  # noqa: E731
+        return SplitSources(pick(self.sources), pick(self.error_names), pick(self.image_names),
+                            self.targets[indices], self.vocabulary, self.fingerprint)
+
+
+def split_sources(root: Path | str, split: str, *, cache_dir: Path | str | None = None,
+                  source: str = "folder",
+                  augmentation_dir: Path | str | None = None) -> SplitSources:
+    """Split "train"/"test" of dataset folder `root`, not decoded: source="folder" reads
+    `root/images`; source="tfds" the `corel5k` TFDS build in `tfds_data_dir(root, cache_dir)`,
+    built from `root` when missing or out of date. `augmentation_dir` (train only) appends the
+    samples of its train_aug.json (same vocabulary required), as the seed's `--augmentation`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'; valid splits: {list(SPLITS)}")
     if source not in SOURCES:
         raise ValueError(f"unknown source '{source}'; valid sources: {list(SOURCES)}")
     if augmentation_dir is not None and split != "train":
         raise ValueError("augmentation_dir only applies to the train split")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
     root = Path(root).expanduser().absolute()
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
     if source == "folder":
-        indices = read_dataset_indices(root)
-        index = indices[split]
+        index = read_dataset_indices(root)[split]
         sources: list[Path | bytes] = list(index.image_paths)
         error_names = [str(path) for path in sources]
         names, labels = list(index.image_names), list(index.image_labels)
-        vocabulary = index.vocabulary
-        key_parts = index_fingerprint_parts(index)
+        fingerprint = index_fingerprint_parts(index)
     else:
         from annotate.data.tfds_corel5k import build_tfds, read_tfds_split
 
@@ -106,10 +126,8 @@ def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path
         names = [record["image_name"] for record in records]
         labels = [record["labels"] for record in records]
         error_names = [f"{name} in TFDS build {build_dir}" for name in names]
-        key_parts = directory_fingerprint_parts(build_dir)
+        fingerprint = directory_fingerprint_parts(build_dir)
         index = SplitIndex(names, labels, vocabulary, build_dir, build_dir / "metadata.json")
-
-    prefix = f"{root.name}-{short_hash(str(root))}-{split}-{image_size}px-{source}"
     if augmentation_dir is not None:
         augmentation = read_augmentation_index(augmentation_dir)
         check_same_vocabulary(index, augmentation)
@@ -117,16 +135,31 @@ def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path
         names += augmentation.image_names
         error_names += [str(path) for path in augmentation.image_paths]
         labels += augmentation.image_labels
-        key_parts += index_fingerprint_parts(augmentation)
-        prefix += f"-aug{short_hash(str(augmentation.root))}"
-    key = hash_parts([f"format {CACHE_FORMAT_VERSION}", source, split, str(image_size), *key_parts])
+        fingerprint += index_fingerprint_parts(augmentation)
+    return SplitSources(sources, error_names, names, multi_hot(labels, index.vocabulary),
+                        list(index.vocabulary), fingerprint)
 
-    def read_image(i: int) -> np.ndarray:
-        return decode_image(sources[i], image_size, name=error_names[i])
+
+def load_split(root: Path | str, split: str, image_size: int, *, cache_dir: Path | str | None = None,
+               source: str = "folder", augmentation_dir: Path | str | None = None) -> Split:
+    """Split "train"/"test" of dataset folder `root` (see split_sources) decoded at
+    `image_size`, through the cache: decoded once per (folder content, split, size, source)."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    sources = split_sources(root, split, cache_dir=cache_dir, source=source,
+                            augmentation_dir=augmentation_dir)
+    root = Path(root).expanduser().absolute()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    prefix = f"{root.name}-{short_hash(str(root))}-{split}-{image_size}px-{source}"
+    if augmentation_dir is not None:
+        prefix += f"-aug{short_hash(str(Path(augmentation_dir).expanduser().absolute()))}"
+    key = hash_parts([f"format {CACHE_FORMAT_VERSION}", source, split, str(image_size),
+                      *sources.fingerprint])
 
     def fill(out: np.ndarray) -> None:
-        decode_into(out, read_image, description=f"decoding {root.name} {split} at {image_size}px")
+        decode_into(out, lambda i: sources.decode(i, image_size),
+                    description=f"decoding {root.name} {split} at {image_size}px")
 
     images = cached_uint8_array(cache_dir, prefix, key, (len(sources), image_size, image_size, 3),
                                 fill)
-    return Split(images, multi_hot(labels, vocabulary), names, list(vocabulary))
+    return Split(images, sources.targets, sources.image_names, sources.vocabulary)
