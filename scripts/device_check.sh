@@ -77,7 +77,8 @@ else
   CAP_SCALE=1
 fi
 
-# DEVICE_CHECK_SECTIONS picks sections: train,torch,torch_small_compile,tests,torch_others,wgan
+# DEVICE_CHECK_SECTIONS picks sections: train,torch,torch_small_compile,tests,torch_others,
+# others,heads,wgan
 SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,torch_small_compile},"
 wanted() { [[ $SECTIONS == *",$1,"* ]]; }
 
@@ -127,7 +128,27 @@ done
 wanted tests && JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
   section 50 tests "$PY" -m pytest "${TESTS_ARGS[@]}" "${TESTS[@]}"
 
-# 5. If time is left: PyTorch bf16 for the other backbones (about 20 s each on an H100).
+# 5. The other three backbones at the seed's size: per backbone, JAX's train step in a process of
+#    its own (one compile, about 50 s), then PyTorch bf16 and bf16 + torch.compile of the same
+#    backbone, so that each ratio is measured in one call. DEVICE_CHECK_SECTIONS=others
+#    (BENCH_OTHERS picks the backbones; about 4 min for all three).
+IFS=, read -r -a OTHER_MODELS <<<"${BENCH_OTHERS:-resnet101,resnext50_32x4d,xception}"
+for model in "${OTHER_MODELS[@]}"; do
+  wanted others && section 80 "benchmark train $model ${RES_LARGE} px" "$PY" scripts/benchmark.py \
+    train "${TRAIN_ARGS[@]}" --models "$model" \
+    --res "$RES_LARGE" --steps-per-call 1
+  wanted others && section 90 "torch reference $model ${RES_LARGE} px" "$PY" \
+    .bench/torch_reference.py throughput --model "$model" --modes "$TORCH_MAIN_MODES" \
+    --res "$RES_LARGE" "${TORCH_ARGS[@]}"
+done
+
+# 6. The heads' cost in train-step time: TResNet-M at 224 px, 10 steps per call, the linear
+#    head beside ML-Decoder and CSRA in one process. DEVICE_CHECK_SECTIONS=heads
+wanted heads && section 150 "benchmark train heads ${RES_SMALL} px" "$PY" scripts/benchmark.py \
+  train "${TRAIN_ARGS[@]}" --res "$RES_SMALL" --steps-per-call "${HEADS_STEPS_PER_CALL:-10}" \
+  --heads linear,ml_decoder,csra
+
+# 7. If time is left: PyTorch bf16 for the other backbones (about 20 s each on an H100).
 for model in resnet101 resnext50_32x4d xception; do
   wanted torch_others && section 40 "torch reference $model" "$PY" .bench/torch_reference.py throughput \
     --model "$model" --modes bf16 "${TORCH_ARGS[@]}"
