@@ -63,7 +63,8 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
     if "protocol" in results:
         lines += ["", f"Protocol: {PROTOCOL_TEXT[results['protocol']]}."]
     if "ci95" in results:
-        lines += ["", "95% bootstrap intervals over the test images:", "",
+        lines += ["", "95% bootstrap intervals over the test images (value ± 1.96 bootstrap sd):",
+                  "",
                   "| data | per-class F1 | per-image F1 | N+ |", "| :---: | :---: | :---: | :---: |"]
         for name, key in (("*testset*", "fixed_0.5"), ("*testset* + MCC", "mcc")):
             interval = results["ci95"][key]

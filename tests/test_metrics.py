@@ -152,7 +152,8 @@ def test_mcc_thresholds_recover_separating_threshold():
 def test_bootstrap_interval_equals_a_direct_resampling_loop(predictions, thresholds):
     """The same index draws (default_rng(seed).integers(0, N, (R, N))), scored one resample at a
     time with sklearn's pooled F1, the seed's per-class F1 of mean P and R, and N+ counted
-    directly; percentiles 2.5 / 97.5 of each."""
+    directly; each interval the value on all images -+ 1.96 sd of the resampled values, which
+    contains the value even for N+, whose resamples lie below it (rare labels drop out)."""
     targets, probs = predictions
     cut = 0.5 if thresholds == "half" else np.linspace(0.3, 0.6, targets.shape[1])
     interval = bootstrap_ci(targets, probs, cut, resamples=200, seed=7)
@@ -168,8 +169,22 @@ def test_bootstrap_interval_equals_a_direct_resampling_loop(predictions, thresho
         n_plus.append(int((true_positives > 0).sum()))
     for name, values in (("per_image_f1", per_image_f1), ("per_class_f1", per_class_f1),
                          ("n_plus", n_plus)):
-        np.testing.assert_allclose(interval[name], np.percentile(values, [2.5, 97.5]), rtol=1e-5,
-                                   err_msg=name)
-    point = annotation_metrics(targets, probs, cut)
-    assert interval["per_image_f1"][0] < point["per_image_f1"] < interval["per_image_f1"][1]
+        point = annotation_metrics(targets, probs, cut)[name]
+        half_width = 1.959964 * np.std(values, ddof=1)
+        np.testing.assert_allclose(interval[name], [point - half_width, point + half_width],
+                                   rtol=1e-5, err_msg=name)
+        assert interval[name][0] <= point <= interval[name][1]
     assert bootstrap_ci(targets, probs, cut, resamples=200, seed=8) != interval
+
+
+def test_bootstrap_interval_of_n_plus_is_centred_on_the_value_with_rare_labels():
+    """50 labels with one test image each, all found: N+ = 50 on the test set, while a resample
+    holds about 63% of the images (N+ about 32, nearly never 50). The interval is centred on 50
+    and as wide as 1.96 sd of the resampled N+: at most the binomial sd (50 x 0.63 x 0.37)^0.5
+    = 3.4, as the images of one resample are drawn against each other (about 2.8 here)."""
+    targets = np.zeros((100, 50), np.float32)
+    targets[np.arange(50), np.arange(50)] = 1.0
+    probs = np.where(targets == 1, 0.9, 0.1).astype(np.float32)
+    low, high = bootstrap_ci(targets, probs, 0.5, resamples=400, seed=0)["n_plus"]
+    assert (low + high) / 2 == pytest.approx(50.0)
+    assert 2 * 1.96 * 2.0 < high - low < 2 * 1.96 * 3.45
