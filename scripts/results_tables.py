@@ -301,7 +301,7 @@ def _metric_cells(values: list[dict[str, dict[str, float]]]) -> list[str]:
     cells = []
     for kind, metric in COMPARED:
         column = np.array([v[kind][metric] for v in values], dtype=np.float64)
-        digits = 1 if metric == "n_plus" else 3
+        digits = (0 if len(column) == 1 else 1) if metric == "n_plus" else 3
         cell = f"{column.mean():.{digits}f}"
         cells.append(cell if len(column) == 1 else f"{cell} ± {column.std(ddof=1):.{digits}f}")
     return cells
@@ -313,20 +313,26 @@ def _runs(pattern: str) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def cpu_parity_table() -> str:
-    """Ours (annotate_run lines) against the PyTorch reference (train_from_scratch lines), both
-    evaluated on their final model, per seed and as mean ± sd."""
-    ours, theirs = [], []
+    """Ours (annotate_run lines) against the PyTorch reference (train_from_scratch lines; under
+    its bf16 autocast unless the line says "dtype": "float32"), each evaluated on its final
+    model, per seed and as mean ± sd over seeds."""
+    sides: dict[str, list[tuple[int, dict[str, Any], Path]]] = {}
     for path, record in _runs("*cpu-parity*.jsonl"):
         if record.get("what") == "annotate_run":
-            ours.append((record["seed"], {k: record[k] for k in ("fixed_0.5", "mcc")}, path))
+            side = f"annotate (JAX, {record.get('dtype', 'float32')})"
+            values = {k: record[k] for k in ("fixed_0.5", "mcc")}
         elif record.get("what") == "train_from_scratch":
-            theirs.append((record["seed"], {"fixed_0.5": record["test_at_0_5"],
-                                            "mcc": record["test_mcc"]}, path))
+            dtype = record.get("dtype", "bf16 autocast")
+            side = f"PyTorch reference ({dtype})"
+            values = {"fixed_0.5": record["test_at_0_5"], "mcc": record["test_mcc"]}
+        else:
+            continue
+        sides.setdefault(side, []).append((record["seed"], values, path))
     rows = []
-    for side, runs in (("annotate (JAX)", ours), ("PyTorch reference", theirs)):
+    for side, runs in sorted(sides.items(), key=lambda item: not item[0].startswith("annotate")):
         for seed, values, path in sorted(runs, key=lambda run: run[0]):
             rows.append([f"{side}, seed {seed}", *_metric_cells([values]), f"`{path.name}`"])
-        if runs:
+        if len(runs) > 1:
             rows.append([f"**{side}, mean ± sd of {len(runs)}**",
                          *_metric_cells([values for _, values, _ in runs]), ""])
     return table(["run", *COMPARED_HEADER, "file"], rows, "lrrrrrrl")

@@ -51,3 +51,26 @@ def test_unknown_generated_block_is_an_error(results_tables):
     page = "<!-- BEGIN generated:nope -->\nold\n<!-- END generated:nope -->\n"
     with pytest.raises(KeyError, match="unknown generated table 'nope'"):
         results_tables.render(page)
+
+
+def test_cpu_parity_rows_are_seeds_then_mean_and_sample_sd(results_tables, tmp_path, monkeypatch):
+    """Per side (ours, the reference under autocast, the reference in float32) one row per seed,
+    then mean ± sample sd: per-class F1 0.1, 0.2, 0.3 -> 0.200 ± 0.100; N+ 100, 110 -> 105.0 ± 7.1."""
+    metrics = lambda f1, n_plus: {"per_class_f1": f1, "per_image_f1": 0.4,  # noqa: E731
+                                  "n_plus": n_plus}
+    ours = [{"what": "annotate_run", "seed": seed, "dtype": "float32",
+             "fixed_0.5": metrics(f1, 100), "mcc": metrics(f1, 90)}
+            for seed, f1 in ((1, 0.1), (2, 0.2), (3, 0.3))]
+    theirs = [{"what": "train_from_scratch", "seed": seed, "test_at_0_5": metrics(0.2, n_plus),
+               "test_mcc": metrics(0.2, n_plus)} for seed, n_plus in ((1, 100), (2, 110))]
+    single = [{"what": "train_from_scratch", "seed": 1, "dtype": "float32",
+               "test_at_0_5": metrics(0.25, 120), "test_mcc": metrics(0.25, 121)}]
+    _write(tmp_path / "x-cpu-parity.jsonl", [{"what": "machine"}, *ours, *theirs, *single])
+    monkeypatch.setattr(results_tables, "MEASUREMENTS", tmp_path)
+    rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:]
+            for line in results_tables.cpu_parity_table().splitlines()[2:]}
+    assert rows["annotate (JAX, float32), mean ± sd of 3"][:3] == ["0.200 ± 0.100",
+                                                                 "0.400 ± 0.000", "100.0 ± 0.0"]
+    assert rows["PyTorch reference (bf16 autocast), mean ± sd of 2"][2] == "105.0 ± 7.1"
+    assert rows["PyTorch reference (float32), seed 1"][:3] == ["0.250", "0.400", "120"]
+    assert len(rows) == 3 + 1 + 2 + 1 + 1
