@@ -347,7 +347,8 @@ def cpu_heads_table() -> str:
             by_head.setdefault(record["head"], []).append(record)
             files[record["head"]] = path.name
     rows = [[head, ", ".join(str(r["seed"]) for r in runs), *_metric_cells(runs),
-             f"`{files[head]}`"] for head, runs in by_head.items()]
+             f"`{files[head]}`"]
+            for head, runs in sorted(by_head.items(), key=lambda item: item[0] != "linear")]
     return table(["head", "seeds", *COMPARED_HEADER, "file"], rows, "llrrrrrrl")
 
 
