@@ -311,6 +311,8 @@ def stream_chunk(experiment: Experiment, split: "StreamSplit", local_images: np.
     rows of K batches, device after device, so that the gather stays on the device.
     `local_images` [K, L * b, S, S, 3] are this process's rows of the K batches (L local devices,
     b = B / devices each), `rows` [K, B] the image indices of the K whole batches."""
+    from annotate.data import stream  # grain: only for the "stream" pipeline
+
     steps, batch = rows.shape
     devices, local = experiment.mesh.size, len(experiment.local_positions)
     per_device = batch // devices
@@ -319,8 +321,8 @@ def stream_chunk(experiment: Experiment, split: "StreamSplit", local_images: np.
         values = values.reshape(steps, local, per_device, *values.shape[2:])
         return np.swapaxes(values, 0, 1).reshape(local * steps * per_device, *values.shape[3:])
 
-    local_rows = rows.reshape(steps, devices, per_device)[:, experiment.local_positions]
-    local_targets = split.sources.targets[local_rows.reshape(steps, -1)]
+    this_process = stream.local_rows(rows.reshape(-1), batch, experiment.local_positions, devices)
+    local_targets = split.sources.targets[this_process.reshape(steps, -1)]
     global_shape = lambda v: (devices * steps * per_device, *v.shape[1:])  # noqa: E731
     images, targets = (jax.make_array_from_process_local_data(
         experiment.batch_sharding, values, global_shape(values))
