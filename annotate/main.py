@@ -8,6 +8,7 @@ latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sys
@@ -54,15 +55,24 @@ def default_workdir(config_path: str) -> Path:
 def ensure_dataset(config: ml_collections.ConfigDict) -> None:
     """The main job's first run: with no dataset configured (no --config.data.root, no
     $COREL5K_DIR) and none in data/corel5k, download Corel-5k there (annotate.data.fetch:
-    $COREL5K_URL if set, else the default GitHub sources, every file checked)."""
+    $COREL5K_URL if set, else the default GitHub sources, every file checked). Runs started
+    together (the processes of one machine) take turns on a lock file: one downloads, the
+    others wait and then find the data in place."""
     destination = Path(DEFAULT_DATA_ROOT)
-    if (config.data.source != "folder" or config.data.root or os.environ.get("COREL5K_DIR")
-            or (destination / "train.json").is_file()):
+    if config.data.source != "folder" or config.data.root or os.environ.get("COREL5K_DIR"):
         return
-    source = os.environ.get("COREL5K_URL") or f"GitHub, about {fetch.DOWNLOAD_MB} MB"
-    print(f"Corel-5k is not in {destination} and neither --config.data.root nor $COREL5K_DIR "
-          f"is set: downloading it into {destination} ({source}; 31 MB kept)", file=sys.stderr)
-    fetch.fetch_corel5k(destination)
+    if (destination / "train.json").is_file():
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with open(destination.parent / f".{destination.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (destination / "train.json").is_file():  # another run fetched it meanwhile
+            return
+        source = os.environ.get("COREL5K_URL") or f"GitHub, about {fetch.DOWNLOAD_MB} MB"
+        print(f"Corel-5k is not in {destination} and neither --config.data.root nor "
+              f"$COREL5K_DIR is set: downloading it into {destination} ({source}; 31 MB kept)",
+              file=sys.stderr)
+        fetch.fetch_corel5k(destination)
 
 
 def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:

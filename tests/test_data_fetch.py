@@ -9,6 +9,7 @@ import http.server
 import json
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -234,3 +235,33 @@ def test_the_main_job_fetches_corel5k_on_its_first_run(corel5k_archive, tmp_path
     config.data.root = str(tmp_path / "elsewhere")
     annotate_main.ensure_dataset(config)  # a configured root is never fetched into
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_first_runs_started_together_fetch_corel5k_once(tmp_path, monkeypatch):
+    """Two runs starting at once on a machine without the data (the processes of one host):
+    one downloads while the other waits on the lock, then finds data/corel5k in place."""
+    from configs import smoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    downloads, finished = [], []
+
+    def slow_fetch(destination):
+        downloads.append(destination)
+        time.sleep(0.5)  # the second run arrives while this one downloads
+        destination.mkdir(parents=True)
+        (destination / "train.json").write_text("[]")
+
+    def first_run():
+        annotate_main.ensure_dataset(smoke.get_config())
+        finished.append((destination / "train.json").is_file())
+
+    destination = tmp_path / "data" / "corel5k"
+    monkeypatch.setattr(fetch_module, "fetch_corel5k", slow_fetch)
+    runs = [threading.Thread(target=first_run) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(downloads) == 1
+    assert finished == [True, True]  # each run returned only with the data in place
