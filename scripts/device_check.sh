@@ -9,6 +9,7 @@
 # benchmark (DEVICE_CHECK_SECTIONS=wgan) need a call of their own.
 #
 #   device:  bash scripts/device_check.sh        (carry .whl and .bench; writes under $OUT)
+#   here, before: bash scripts/device_wheels.sh  (fills .whl/)
 #   CPU dry run of every section at tiny sizes:
 #            DEVICE_CHECK_DRY_RUN=1 OUT=/tmp/out bash scripts/device_check.sh
 #
@@ -62,6 +63,7 @@ if [[ $DRY_RUN == 1 ]]; then
   TORCH_MAIN_MODES=fp32,bf16
   PROFILE_MODELS=${BENCH_MODELS:-resnet18}
   TESTS_ARGS=(--collect-only -q)
+  STREAM_ARGS=(--data "${COREL5K_DIR:-.corel}" --threads 1,2 --batches 2)
   CAP_SCALE=4  # this CPU compiles the WGAN for minutes
   note "DRY RUN on the CPU at tiny sizes; wheels not installed"
 else
@@ -74,11 +76,12 @@ else
   TORCH_ARGS=()
   TORCH_MAIN_MODES=${TORCH_MODES:-bf16,bf16compile}
   TESTS_ARGS=(-q -x -p no:cacheprovider)
+  STREAM_ARGS=(--data .corel --threads 4,8,16)
   CAP_SCALE=1
 fi
 
 # DEVICE_CHECK_SECTIONS picks sections: train,torch,torch_small_compile,tests,torch_others,
-# others,heads,wgan
+# others,heads,wgan,stream
 SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,torch_small_compile},"
 wanted() { [[ $SECTIONS == *",$1,"* ]]; }
 
@@ -153,6 +156,12 @@ for model in resnet101 resnext50_32x4d xception; do
   wanted torch_others && section 40 "torch reference $model" "$PY" .bench/torch_reference.py throughput \
     --model "$model" --modes bf16 "${TORCH_ARGS[@]}"
 done
+
+# 8. The "stream" input pipeline's decoding on the device machine's CPU cores, to set beside the
+#    train step's images/s (carry .corel and a .whl with grain: scripts/device_wheels.sh).
+#    DEVICE_CHECK_SECTIONS=stream
+wanted stream && section 90 "benchmark stream" "$PY" scripts/benchmark.py stream \
+  "${STREAM_ARGS[@]}" --res "$RES_LARGE,$RES_SMALL"
 
 # at most 3 traces (of $OUT's 8 files), each under the 16 MiB a returned file may have
 find "$PROFILE_DIR" -name perfetto_trace.json.gz -size -15M 2>/dev/null | head -3 | while read -r trace; do
