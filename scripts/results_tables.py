@@ -97,7 +97,8 @@ def train_step_table() -> str:
     for path, records in step_files():
         torch = {(r["model"], r["res"], r["mode"]): r for r in records
                  if r.get("what") == "throughput" and r.get("img_per_s")}
-        ours = [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")]
+        ours = [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")
+                and r.get("platform") != "cpu"]  # CPU steps have a table of their own
         shapes = list(dict.fromkeys([(r["model"], r["res"]) for r in ours]
                                     + [(m, res) for m, res, _ in torch]))
         for model, res in shapes:
@@ -240,6 +241,33 @@ def head_cost_table() -> str:
 FP32_FLOPS, TF32_FLOPS = 67e12, 495e12
 
 
+def _step_shape(record: dict[str, Any]) -> tuple[str, int, str, int, int]:
+    """What a train step's time depends on besides the head."""
+    return (record["model"], record["res"], record["dtype"], record["batch"],
+            record["steps_per_call"])
+
+
+def head_step_table() -> str:
+    """Each head's train-step time against the linear head timed in the same file (same
+    machine, backbone, size, dtype and steps per call)."""
+    rows = []
+    for path, records in step_files():
+        timed = [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")]
+        linear = {_step_shape(r): r for r in timed if r.get("head", "linear") == "linear"}
+        for record in timed:
+            base = linear.get(_step_shape(record))
+            if base is None or not any(r.get("head", "linear") != "linear" for r in timed
+                                       if _step_shape(r) == _step_shape(record)):
+                continue
+            rows.append([record["model"], record.get("head", "linear"), str(record["res"]),
+                         record["dtype"], str(record["steps_per_call"]),
+                         number(record["step_ms"], 1), number(record["img_per_s"], 1),
+                         f"{record['step_ms'] / base['step_ms'] - 1:+.1%}",
+                         f"`{path.name}`", card(records)])
+    return table(["backbone", "head", "px", "dtype", "K", "ms/step", "img/s",
+                  "step time vs linear", "file", "machine"], rows, "llrlrrrrll")
+
+
 def wgan_bound_table() -> str:
     """The ML-WGAN recipe's weight reads (counted on the traced step, beside the fewest), the
     bytes and FLOPs of one pair-iteration, and what they take for 4,500 images x 1,001
@@ -341,13 +369,15 @@ def cpu_parity_table() -> str:
 def cpu_heads_table() -> str:
     """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds."""
     by_head: dict[str, list[dict[str, Any]]] = {}
-    files: dict[str, str] = {}
+    files: dict[str, list[str]] = {}
     for path, record in _runs("*cpu-heads*.jsonl"):
         if record.get("what") == "annotate_run":
             by_head.setdefault(record["head"], []).append(record)
-            files[record["head"]] = path.name
-    rows = [[head, ", ".join(str(r["seed"]) for r in runs), *_metric_cells(runs),
-             f"`{files[head]}`"]
+            files.setdefault(record["head"], [])
+            if path.name not in files[record["head"]]:
+                files[record["head"]].append(path.name)
+    rows = [[head, ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
+             *_metric_cells(runs), ", ".join(f"`{name}`" for name in files[head])]
             for head, runs in sorted(by_head.items(), key=lambda item: item[0] != "linear")]
     return table(["head", "seeds", *COMPARED_HEADER, "file"], rows, "llrrrrrrl")
 
@@ -355,6 +385,7 @@ def cpu_heads_table() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
     "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table,
+    "head-step": head_step_table,
     "wgan-bound": wgan_bound_table, "stream": stream_table, "cpu-parity": cpu_parity_table,
     "cpu-heads": cpu_heads_table}
 

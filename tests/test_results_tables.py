@@ -74,3 +74,22 @@ def test_cpu_parity_rows_are_seeds_then_mean_and_sample_sd(results_tables, tmp_p
     assert rows["PyTorch reference (bf16 autocast), mean ± sd of 2"][2] == "105.0 ± 7.1"
     assert rows["PyTorch reference (float32), seed 1"][:3] == ["0.250", "0.400", "120"]
     assert len(rows) == 3 + 1 + 2 + 1 + 1
+
+
+def test_head_step_time_is_against_the_linear_head_of_the_same_file(results_tables, tmp_path,
+                                                                    monkeypatch):
+    """ML-Decoder at 30 ms against the same file's linear head at 24 ms: +25.0%; a file with no
+    linear line of that shape gives no row; CPU lines stay out of the GPU train-step table."""
+    step = {"what": "train_throughput", "model": "resnet18", "dtype": "float32", "batch": 32,
+            "res": 40, "steps_per_call": 1, "platform": "cpu"}
+    lines = [dict(step, head=head, step_ms=ms, img_per_s=32_000 / ms)
+             for head, ms in (("linear", 24.0), ("ml_decoder", 30.0), ("csra", 24.6))]
+    _write(tmp_path / "a-cpu-head-step.jsonl", [{"what": "machine", "jax": "0.10.2"}, *lines])
+    _write(tmp_path / "b-no-linear.jsonl", [dict(lines[1], res=64)])
+    monkeypatch.setattr(results_tables, "MEASUREMENTS", tmp_path)
+    rows = {line.split(" | ")[1]: line for line in
+            results_tables.head_step_table().splitlines()[2:]}
+    assert set(rows) == {"linear", "ml_decoder", "csra"}
+    assert "| +25.0% |" in rows["ml_decoder"] and "| +2.5% |" in rows["csra"]
+    assert "| +0.0% |" in rows["linear"] and "| 1,333.3 |" in rows["linear"]
+    assert len(results_tables.train_step_table().splitlines()) == 2  # the header only
