@@ -297,11 +297,12 @@ def wgan_bound_table() -> str:
 
 def stream_table() -> str:
     """Images/s of the "stream" pipeline's decoding on the CPU beside the fastest JAX train step
-    measured at the same size (bf16, any card): the share of the step's demand it covers."""
+    measured at the same size (bf16, any GPU): the share of the step's demand it covers."""
     steps: dict[int, tuple[float, str]] = {}
     for path, records in step_files():
         for record in records:
-            if record.get("what") == "train_throughput" and record.get("img_per_s"):
+            if (record.get("what") == "train_throughput" and record.get("img_per_s")
+                    and record.get("platform") != "cpu"):
                 if record["img_per_s"] > steps.get(record["res"], (0.0, ""))[0]:
                     steps[record["res"]] = (record["img_per_s"], path.name)
     rows = []
