@@ -79,6 +79,13 @@ def lowered_flops() -> dict[tuple[str, str, str, int, int], float]:
             r["train_flops_per_img"] for r in flops_records()}
 
 
+def timed_steps(records: Iterable[dict[str, Any]], *, gpu_only: bool = False
+                ) -> list[dict[str, Any]]:
+    """The train_throughput lines that carry a time (optionally only those not from a CPU)."""
+    return [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")
+            and not (gpu_only and r.get("platform") == "cpu")]
+
+
 def step_files() -> list[tuple[Path, list[dict[str, Any]]]]:
     """Files with train-step throughput lines (ours or PyTorch's), oldest first."""
     files = []
@@ -97,8 +104,7 @@ def train_step_table() -> str:
     for path, records in step_files():
         torch = {(r["model"], r["res"], r["mode"]): r for r in records
                  if r.get("what") == "throughput" and r.get("img_per_s")}
-        ours = [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")
-                and r.get("platform") != "cpu"]  # CPU steps have a table of their own
+        ours = timed_steps(records, gpu_only=True)  # CPU steps have a table of their own
         shapes = list(dict.fromkeys([(r["model"], r["res"]) for r in ours]
                                     + [(m, res) for m, res, _ in torch]))
         for model, res in shapes:
@@ -252,12 +258,12 @@ def head_step_table() -> str:
     machine, backbone, size, dtype and steps per call)."""
     rows = []
     for path, records in step_files():
-        timed = [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")]
+        timed = timed_steps(records)
         linear = {_step_shape(r): r for r in timed if r.get("head", "linear") == "linear"}
+        with_other_heads = {_step_shape(r) for r in timed if r.get("head", "linear") != "linear"}
         for record in timed:
             base = linear.get(_step_shape(record))
-            if base is None or not any(r.get("head", "linear") != "linear" for r in timed
-                                       if _step_shape(r) == _step_shape(record)):
+            if base is None or _step_shape(record) not in with_other_heads:
                 continue
             rows.append([record["model"], record.get("head", "linear"), str(record["res"]),
                          record["dtype"], str(record["steps_per_call"]),
@@ -300,11 +306,9 @@ def stream_table() -> str:
     measured at the same size (bf16, any GPU): the share of the step's demand it covers."""
     steps: dict[int, tuple[float, str]] = {}
     for path, records in step_files():
-        for record in records:
-            if (record.get("what") == "train_throughput" and record.get("img_per_s")
-                    and record.get("platform") != "cpu"):
-                if record["img_per_s"] > steps.get(record["res"], (0.0, ""))[0]:
-                    steps[record["res"]] = (record["img_per_s"], path.name)
+        for record in timed_steps(records, gpu_only=True):
+            if record["img_per_s"] > steps.get(record["res"], (0.0, ""))[0]:
+                steps[record["res"]] = (record["img_per_s"], path.name)
     rows = []
     for path in sorted(MEASUREMENTS.glob("*.jsonl")):
         for record in read_lines(path):
@@ -370,13 +374,11 @@ def cpu_parity_table() -> str:
 def cpu_heads_table() -> str:
     """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds."""
     by_head: dict[str, list[dict[str, Any]]] = {}
-    files: dict[str, list[str]] = {}
+    files: dict[str, dict[str, None]] = {}  # per head, its files in order (an ordered set)
     for path, record in _runs("*cpu-heads*.jsonl"):
         if record.get("what") == "annotate_run":
             by_head.setdefault(record["head"], []).append(record)
-            files.setdefault(record["head"], [])
-            if path.name not in files[record["head"]]:
-                files[record["head"]].append(path.name)
+            files.setdefault(record["head"], {})[path.name] = None
     rows = [[head, ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
              *_metric_cells(runs), ", ".join(f"`{name}`" for name in files[head])]
             for head, runs in sorted(by_head.items(), key=lambda item: item[0] != "linear")]
