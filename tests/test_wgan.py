@@ -315,18 +315,27 @@ def test_cli_writes_jpegs_and_index_then_resumes(tmp_path, monkeypatch):
     # config_flags reads overrides from sys.argv at import, so the test calls run() itself).
     config = wgan_config(data__root=str(root), out_dir=str(out), limit=2, iterations=3, pairs=2,
                          model_width=WIDTH)
+    trained = []  # the fakes train_chunk returned, to compare with the files
+    real_train_chunk = wgan_run.train_chunk
+    monkeypatch.setattr(wgan_run, "train_chunk",
+                        lambda *args: trained.append(real_train_chunk(*args)) or trained[-1])
     assert wgan_run.run(config) == out
+    monkeypatch.undo()
     train = read_split_index(root, "train")
     files = sorted(p.name for p in (out / "aug-images").iterdir())
     stems = [name.split(".")[0] for name in train.image_names[:2]]
     assert files == sorted(f"{s}{suffix}.jpeg" for s in stems
                            for suffix in ("_aug", "_aug_hor_flip", "_aug_rot_90"))
-    for name in files:
-        with Image.open(out / "aug-images" / name) as image:
-            assert image.format == "JPEG"
-            assert image.size == ((128, 192) if "rot_90" in name else (192, 128))
-            pixels = np.asarray(image.convert("RGB"))
-            assert pixels.std() > 0  # a generated image, not a blank one
+    (fakes,) = trained
+    for position, stem in enumerate(stems):
+        for suffix, expected in zip(("_aug", "_aug_hor_flip", "_aug_rot_90"),
+                                    augmented_views(fakes[position])):
+            with Image.open(out / "aug-images" / f"{stem}{suffix}.jpeg") as image:
+                assert image.format == "JPEG"
+                assert image.size == ((128, 192) if "rot_90" in suffix else (192, 128))
+                pixels = np.asarray(image.convert("RGB"), np.float32)
+            # the pair's own generated view, up to JPEG's rounding (the views differ by far more)
+            assert np.abs(pixels - expected).mean() < 2.0
     index = read_augmentation_index(out)
     assert index.vocabulary == train.vocabulary
     assert len(index.image_names) == 6
@@ -348,6 +357,54 @@ def test_cli_writes_jpegs_and_index_then_resumes(tmp_path, monkeypatch):
                                          r"iterations=4; use another --config.out_dir"):
         wgan_run.run(wgan_config(data__root=str(root), out_dir=str(out), limit=2, iterations=4,
                                  pairs=2, model_width=WIDTH, seed=2))
+
+
+def _constant_fakes(value: float):
+    """A train_chunk stand-in whose fakes are all `value` (no compile on the CPU)."""
+    return lambda setup, keys, images, iterations: np.full(
+        (images.shape[0], 3, 128, 192, 3), value, np.float32)
+
+
+def test_a_killed_forced_run_never_mixes_two_settings(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "data", n_train=4, n_test=1)
+    out = tmp_path / "out"
+    settings = dict(data__root=str(root), out_dir=str(out), iterations=3, pairs=2,
+                    model_width=WIDTH)
+
+    def values_on_disk() -> dict[str, float]:  # each image's fake value, from its "_aug" view
+        return {path.name: round(float(np.asarray(Image.open(path)).mean()) / 255 * 2 - 1, 1)
+                for path in sorted((out / "aug-images").glob("*_aug.jpeg"))}
+
+    monkeypatch.setattr(wgan_run, "train_chunk", _constant_fakes(-0.6))
+    wgan_run.run(wgan_config(seed=1, **settings))
+    assert sorted(values_on_disk().values()) == [-0.6] * 4
+    calls = []
+
+    def killed_in_second_chunk(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _constant_fakes(0.6)(*args)
+
+    monkeypatch.setattr(wgan_run, "train_chunk", killed_in_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        wgan_run.run(wgan_config(seed=2, force=True, **settings))
+    # the seed-1 images are gone, the first chunk's seed-2 images are kept and indexed
+    assert sorted(values_on_disk().values()) == [0.6, 0.6]
+    assert len(read_augmentation_index(out).image_names) == 6
+    monkeypatch.setattr(wgan_run, "train_chunk", _constant_fakes(0.6))
+    wgan_run.run(wgan_config(seed=2, **settings))  # the same command without force resumes
+    assert sorted(values_on_disk().values()) == [0.6] * 4
+    assert len(read_augmentation_index(out).image_names) == 12
+
+
+def test_an_unwritable_image_folder_fails_before_any_training(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    (tmp_path / "out" / "aug-images" / ".write_probe").mkdir(parents=True)  # no file there
+    monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: pytest.fail("trained first"))
+    with pytest.raises(IsADirectoryError, match="write_probe"):
+        wgan_run.run(wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"),
+                                 iterations=3, pairs=2, model_width=WIDTH))
 
 
 @pytest.mark.parametrize("overrides,message", [

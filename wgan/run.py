@@ -76,9 +76,11 @@ def write_augmentation_index(out_dir: Path, index: SplitIndex) -> int:
 RUN_KEYS = ("seed", "iterations", "model_width", "compute_dtype")  # what the images depend on
 
 
-def record_run(out_dir: Path, config: config_dict.ConfigDict) -> None:
-    """Write out_dir/wgan_run.json (the settings the images depend on); a rerun with other
-    settings over finished images is refused, unless config.force (every image made again)."""
+def record_run(out_dir: Path, index: SplitIndex, config: config_dict.ConfigDict) -> None:
+    """Write out_dir/wgan_run.json (the settings the images depend on). A rerun with other
+    settings over finished images is refused, unless config.force: then every existing image is
+    deleted first, so that the folder never holds images of two settings (a killed forced run is
+    resumed by the same command without force)."""
     path = out_dir / "wgan_run.json"
     settings = {key: config[key] for key in RUN_KEYS}
     if path.is_file() and not config.force:
@@ -90,7 +92,20 @@ def record_run(out_dir: Path, config: config_dict.ConfigDict) -> None:
                     f"{key}={stored.get(key)!r}" for key in changed) + ", not " + ", ".join(
                     f"{key}={settings[key]!r}" for key in changed) +
                 "; use another --config.out_dir, or --config.force=True to make them all again")
+    if config.force:
+        image_dir = out_dir / AUGMENTATION_IMAGES
+        for image_name in index.image_names:
+            for name in augmented_names(image_name):
+                (image_dir / name).unlink(missing_ok=True)
+        write_augmentation_index(out_dir, index)
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n"))
+
+
+def check_writable(folder: Path) -> None:
+    """OSError now, before any training, when files cannot be created in `folder`."""
+    probe = folder / ".write_probe"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def run(config: config_dict.ConfigDict) -> Path:
@@ -108,11 +123,11 @@ def run(config: config_dict.ConfigDict) -> Path:
     out_dir = Path(config.out_dir).expanduser() if config.out_dir else root
     image_dir = out_dir / AUGMENTATION_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
-    record_run(out_dir, config)
+    check_writable(image_dir)
+    record_run(out_dir, index, config)
     count = len(index.image_names) if config.limit is None else min(config.limit,
                                                                      len(index.image_names))
-    pending = [i for i in range(count)
-               if config.force or not is_done(image_dir, index.image_names[i])]
+    pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
     setup = WganSetup(width=config.model_width,
                       compute_dtype=jnp.dtype(config.compute_dtype))
     with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
