@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +126,10 @@ def test_changed_json_or_image_invalidates_the_cache(tiny_dataset, cache_dir, mo
 
 
 def truncate_image(root: Path) -> str:
+    """Cut 5.jpeg in half: its header is whole, its scan data ends midway."""
     path = root / "images" / "5.jpeg"
-    path.write_bytes(path.read_bytes()[:200])
+    encoded = path.read_bytes()
+    path.write_bytes(encoded[:len(encoded) // 2])
     return "5.jpeg"
 
 
@@ -160,6 +163,11 @@ def missing_key(root: Path) -> str:
     return "train.json"
 
 
+def image_in_both_splits(root: Path) -> str:
+    edit_json(root / "test.json", lambda c: c["samples"][0].update(image_name="3.jpeg"))
+    return "test.json"
+
+
 def different_vocabulary(root: Path) -> str:
     edit_json(root / "test.json", lambda c: c.update(labels=c["labels"] + ["moon"]))
     return "test.json"
@@ -169,6 +177,7 @@ def different_vocabulary(root: Path) -> str:
     (truncate_image, "cannot decode"), (garble_image, "cannot decode"), (delete_image, "missing"),
     (unknown_label, "unicorn"), (duplicate_name, "duplicate image name"),
     (invalid_json, "invalid JSON"), (missing_key, "'labels'"), (different_vocabulary, "vocabulary"),
+    (image_in_both_splits, r"1 images are also in train.json \(first: \['3.jpeg'\]\)"),
 ])
 def test_bad_input_names_the_file_and_leaves_no_cache(tiny_dataset, cache_dir, spoil, reason):
     culprit = spoil(tiny_dataset)
@@ -338,6 +347,23 @@ def test_empty_samples_and_missing_augmentation_index_name_the_fix(tiny_dataset,
     with pytest.raises(DatasetError, match="train_aug.json: file is missing; write it with "
                                            "`python -m wgan.run"):
         annotate.data.read_augmentation_index(tmp_path)
+
+
+def test_a_killed_decodes_temp_file_is_deleted_by_the_next_write(tiny_dataset, cache_dir):
+    load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    (entry,) = cache_files(cache_dir)
+    prefix = entry.rsplit("-", 1)[0]  # <prefix>-<key>.npy
+    abandoned, in_progress = (cache_dir / f".{prefix}-{tag}.npy.x1y2z3.tmp" for tag in "ab")
+    for path in (abandoned, in_progress):
+        path.write_bytes(b"partial decode")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(abandoned, (hours_ago, hours_ago))
+    edit_json(tiny_dataset / "train.json", lambda c: c["samples"][0].update(image_labels=["sky"]))
+    load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)  # a new entry is written
+    files = cache_files(cache_dir)
+    assert abandoned.name not in files  # a killed decode's
+    assert in_progress.name in files  # maybe another process's, still being written
+    assert len(files) == 2
 
 
 def test_a_truncated_cache_file_is_rebuilt(tiny_dataset, cache_dir):

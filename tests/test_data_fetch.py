@@ -6,10 +6,12 @@ from __future__ import annotations
 import filecmp
 import functools
 import http.server
+import io
 import json
 import tarfile
 import threading
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -160,6 +162,49 @@ def corel5k_archive(server, corel5k_dir) -> str:
             if path.is_file():
                 bundle.write(path, f"Corel-5k/{path.relative_to(corel5k_dir)}")
     return f"{url}/corel5k.zip"
+
+
+class CutOffHandler(http.server.BaseHTTPRequestHandler):
+    """Announces 100,000 bytes, sends 5,000, then ends the connection."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"x" * 5000)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_off_midway_is_an_error_and_leaves_no_file(tmp_path):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOffHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/corel5k.zip"
+    try:
+        with pytest.raises(DatasetError, match=f"download of {url} failed .*after 5,000 of "
+                                               f"100,000 bytes"):
+            fetch_module.download(url, tmp_path / "corel5k.zip")
+    finally:
+        httpd.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_connection_reset_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    class ResetResponse(io.BytesIO):
+        headers = {"Content-Length": "100000"}
+
+        def read(self, size=-1):
+            if self.tell():
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().read(size)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: ResetResponse(b"x" * 5000))
+    with pytest.raises(DatasetError, match="download of http://corel5k.example/a.zip failed "
+                                           r"\(ConnectionResetError: .*reset by peer"):
+        fetch_module.download("http://corel5k.example/a.zip", tmp_path / "corel5k.zip")
+    assert list(tmp_path.iterdir()) == []
 
 
 def tiny_manifest(root: Path) -> dict[str, str]:

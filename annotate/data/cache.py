@@ -2,13 +2,15 @@
 
 One `.npy` file per (dataset folder, split, image size, source); it is written atomically (a temp
 file in the cache folder, then `os.replace`), so an interrupted or failed decode never leaves a
-half-written cache behind, and it is re-decoded whenever the JSON or any image file changes.
+half-written cache behind (a killed one's temp file is deleted by a later write), and it is
+re-decoded whenever the JSON or any image file changes.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from annotate.data.folder import SplitIndex, check_images_exist
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 1
+# A temp file older than this is a killed decode's, not a concurrent writer's; it is deleted.
+ABANDONED_TEMP_SECONDS = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -60,13 +64,22 @@ def directory_fingerprint_parts(directory: Path) -> list[str]:
     return parts
 
 
+def _mtime(path: Path) -> float:
+    """Last modification time of `path`, or now when it is already gone (a concurrent cleanup)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
 def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[int],
                        fill: Callable[[np.ndarray], None]) -> np.ndarray:
     """Return the cached array `<cache_dir>/<prefix>-<key>.npy`, creating it with `fill` on a miss.
 
     `fill` writes into a memory-mapped temp file in `cache_dir` (so large splits need not fit in
     RAM twice); only after it returns is the file moved into place. On any error the temp file is
-    removed. Older entries with the same prefix (stale versions of this split) are deleted.
+    removed. Older entries with the same prefix (stale versions of this split) are deleted, and so
+    are temp files of this prefix left for an hour by a decode that was killed.
     """
     final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
     if final_path.is_file():
@@ -90,6 +103,9 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     for stale in cache_dir.iterdir():
         is_same_entry = (stale.name.startswith(f"{prefix}-") and stale.suffix == ".npy"
                          and len(stale.name) == len(final_path.name))
-        if is_same_entry and stale != final_path:
+        # the temp file of a decode that was killed (no exception ran): untouched for an hour
+        is_abandoned_temp = (stale.name.startswith(f".{prefix}-") and stale.suffix == ".tmp"
+                             and time.time() - _mtime(stale) > ABANDONED_TEMP_SECONDS)
+        if (is_same_entry and stale != final_path) or is_abandoned_temp:
             stale.unlink(missing_ok=True)
     return np.load(final_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import lzma
 import os
 import shutil
@@ -53,21 +54,27 @@ ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.
 
 
 def download(url: str, destination: Path) -> Path:
-    """Stream `url` to `destination` (via a .part file renamed when complete), with progress bar."""
+    """Stream `url` to `destination` (via a .part file renamed when complete), with progress bar;
+    DatasetError when the connection fails or ends before the announced Content-Length."""
     partial = destination.with_name(destination.name + ".part")
     request = urllib.request.Request(url, headers={"User-Agent": "annotate-fetch-corel5k"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError) as error:
+            if total is not None and received < total:
+                raise ConnectionError(f"the connection ended after {received:,} of {total:,} bytes")
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut-offs
         partial.unlink(missing_ok=True)
-        raise DatasetError(f"download of {url} failed ({error}); get a Corel-5k archive by hand "
-                           f"(e.g. from {KAGGLE_PAGE}) and run `python -m annotate.data.fetch "
-                           f"--archive PATH`, or point $COREL5K_DIR at a copy") from error
+        raise DatasetError(f"download of {url} failed ({type(error).__name__}: {error}); get a "
+                           f"Corel-5k archive by hand (e.g. from {KAGGLE_PAGE}) and run `python -m "
+                           f"annotate.data.fetch --archive PATH`, or point $COREL5K_DIR at a "
+                           f"copy") from error
     partial.replace(destination)
     return destination
 

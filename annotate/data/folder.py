@@ -140,9 +140,16 @@ def check_same_vocabulary(reference: SplitIndex, other: SplitIndex) -> None:
 
 
 def read_dataset_indices(root: Path | str) -> dict[str, SplitIndex]:
-    """Read train.json and test.json of a dataset folder and check that their vocabularies agree."""
+    """Read train.json and test.json of a dataset folder and check that their vocabularies agree
+    and that no image is in both (test images seen in training would inflate every test score)."""
     indices = {split: read_split_index(root, split) for split in SPLITS}
-    check_same_vocabulary(indices["train"], indices["test"])
+    train, test = indices["train"], indices["test"]
+    check_same_vocabulary(train, test)
+    shared = sorted(set(train.image_names) & set(test.image_names))
+    if shared:
+        raise DatasetError(f"{test.json_path}: {len(shared)} images are also in "
+                           f"{train.json_path.name} (first: {shared[:5]}); a test image must not "
+                           f"be trained on")
     return indices
 
 
