@@ -72,8 +72,8 @@ class Annotator:
         for path in files:
             try:
                 decoded.append((path, data.decode_image(path, self.image_size)))
-            except data.DatasetError as error:
-                skipped.append((str(path), str(error)))
+            except data.DatasetError as error:  # its message starts with the path
+                skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
         if not decoded:
             return [], skipped
         probs = self.probabilities(np.stack([image for _, image in decoded]))
@@ -160,6 +160,9 @@ def main(argv: list[str]) -> None:
     try:
         output = check_output(FLAGS.output)
         files, others = image_paths(argv[1:])  # a bad path fails before the model is loaded
+        if not files:
+            raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in "
+                                    f"{', '.join(argv[1:])}")
         enable_compilation_cache()
         annotations, skipped = load_annotator(FLAGS.workdir).annotate(files)
     except (FileNotFoundError, ValueError, data.DatasetError) as error:

@@ -101,7 +101,8 @@ def test_command_line(smoke_workdir, corel5k_dir, tmp_path):
     for annotation in annotations:
         assert f"{annotation['image']}:" in done.stdout
     assert "skipped 2 file(s)" in done.stderr
-    assert "broken.jpeg: " in done.stderr and "notes.txt: not an image file" in done.stderr
+    assert f"  {folder / 'broken.jpeg'}: cannot decode image" in done.stderr  # the path once
+    assert "notes.txt: not an image file" in done.stderr
     assert "Traceback" not in done.stderr and " I1" not in done.stderr  # no library log lines
 
     csv_output = tmp_path / "out.csv"
@@ -111,11 +112,15 @@ def test_command_line(smoke_workdir, corel5k_dir, tmp_path):
     assert {row[0] for row in rows[1:]} == {a["image"] for a in annotations}
     assert len(rows) - 1 == sum(max(1, len(a["labels"])) for a in annotations)
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
     for arguments, message in (
             (command[:-2] + [str(tmp_path / "missing.jpg")], "missing.jpg does not exist"),
             ([*command[:4], f"--output={tmp_path / 'no' / 'out.json'}", *command[5:]],
              "folder " + str(tmp_path / "no") + " does not exist"),
-            (command[:-2] + [str(folder / "notes.txt")], "no image could be annotated")):
+            (command[:-2] + [str(folder / "notes.txt")], "no image could be annotated"),
+            (command[:-2] + [str(empty)], f"no image files (.bmp, .gif, .jpeg, .jpg, .png, "
+                                          f".tif, .tiff, .webp) in {empty}")):
         bad = run(arguments)
         assert bad.returncode == 2, bad.stderr[-2000:]
         assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
