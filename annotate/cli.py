@@ -3,12 +3,13 @@ overrides parsed into one-line errors, and Ctrl-C as one line.
 
 A user error ends the app with `error: <cause>` on stderr and exit status 2, never a traceback:
 an unknown config key (with ml_collections' did-you-mean hint), a value of the wrong type, a
-missing config file, a bad flag.
+missing config file, a config file that fails to run (its file and line named), a bad flag.
 """
 from __future__ import annotations
 
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -51,6 +52,20 @@ def _explain(error: BaseException, argv: Sequence[str]) -> str:
     return text
 
 
+def _config_file_failure(error: BaseException) -> str:
+    """One line for a config file that raised while it ran: the error, and the file and line in
+    the config file (the innermost frame outside the libraries that run it)."""
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}, line {error.lineno}"
+    else:
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+                  if "site-packages" not in frame.filename and "<frozen" not in frame.filename
+                  and not frame.filename.endswith("annotate/cli.py")]
+        where = f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else "?"
+    message = error.msg if isinstance(error, SyntaxError) else str(error)
+    return f"the config file failed to load ({where}): {type(error).__name__}: {message}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with every flag or config error as one line and exit status 2."""
     try:
@@ -62,6 +77,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(error)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         fail(_explain(error, argv))
+    except Exception as error:  # whatever the config file's own code raised
+        fail(_config_file_failure(error))
 
 
 def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
@@ -72,6 +89,8 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> 
         define_flags()
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         fail(_explain(error, sys.argv))
+    except Exception as error:
+        fail(_config_file_failure(error))
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:

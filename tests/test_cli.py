@@ -42,6 +42,23 @@ def test_user_errors_are_one_line_with_status_2(module, args, message):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("module", ["annotate.main", "wgan.run"])
+@pytest.mark.parametrize("source,message", [
+    ("import ml_collections\ndef get_config():\n    config = ml_collections.ConfigDict()\n"
+     "    config.seed = undefined_name\n    return config\n",
+     "(CONFIG, line 4): NameError: name 'undefined_name' is not defined"),
+    ("def get_config(:\n", "(CONFIG, line 1): SyntaxError: invalid syntax"),
+])
+def test_a_config_file_that_fails_is_one_line_naming_its_line(tmp_path, module, source, message):
+    config = tmp_path / "broken_config.py"
+    config.write_text(source)
+    done = run_app(module, f"--config={config}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: the config file failed to load " + message.replace("CONFIG", str(config)))
+    assert "Traceback" not in done.stderr
+
+
 def test_a_workdir_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     done = run_app("annotate.main", "--config=configs/smoke.py",
