@@ -75,8 +75,8 @@ def asymmetric_loss(logits: jax.Array, targets: jax.Array, gamma_neg: float = 4.
                      * _focusing_weight(not_p, gamma_pos))
     if clip > 0:
         shifted_p = jnp.maximum(p - clip, 0.0)
-        # 1 - p_m = min(1 - p + clip, 1) >= clip > eps, so the eps clamp is never active here.
-        log_not_shifted_p = jnp.log(jnp.minimum(not_p + clip, 1.0))
+        # 1 - p_m = min(1 - p + clip, 1) >= clip: the eps clamp acts only for a clip below eps
+        log_not_shifted_p = jnp.maximum(jnp.log(jnp.minimum(not_p + clip, 1.0)), log_eps)
     else:
         shifted_p = p
         log_not_shifted_p = jnp.maximum(jax.nn.log_sigmoid(-logits), log_eps)

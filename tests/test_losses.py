@@ -216,6 +216,15 @@ def test_large_logit_values_match_references():
                                seed_lsep_loss(logits.astype(np.float64), targets), rtol=1e-6)
 
 
+def test_asl_with_a_margin_below_eps_clamps_like_the_seed():
+    """clip < eps: confident negatives have 1 - p_m below eps, where the seed clamps the log."""
+    logits = np.array([[30.0, 25.0, -2.0]], np.float32)
+    targets = np.zeros_like(logits)
+    loss = functools.partial(asymmetric_loss, gamma_neg=4.0, gamma_pos=0.0, clip=1e-9)
+    np.testing.assert_allclose(value_of(loss, logits, targets), seed_multilabel_loss(
+        logits.astype(np.float64), targets, 4.0, 0.0, 1e-9), rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_bfloat16_logits_accepted(name, batch):
     logits, targets = batch

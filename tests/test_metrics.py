@@ -50,6 +50,16 @@ def test_hand_computed_example():
     assert per_label["per_image_precision"] == pytest.approx(3 / 5, abs=1e-6)
 
 
+def test_thresholds_are_compared_in_the_probabilities_dtype():
+    """float32 probabilities against a grid threshold, as the seed's float32 tensors: float32
+    0.55 is not above float32 0.55 (in float64 it is above 0.55, a false positive here)."""
+    targets = np.array([[0], [1]])
+    probs = np.array([[0.55], [0.9]], np.float32)
+    for thresholds in (0.55, np.array([0.55])):
+        assert annotation_metrics(targets, probs, thresholds)["per_class_precision"] == (
+            pytest.approx(1.0, abs=1e-6))
+
+
 def test_annotation_metrics_match_sklearn(predictions):
     targets, probs = predictions
     rng = np.random.default_rng(2)
