@@ -101,10 +101,16 @@ def head_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(config.model[head]) if head in config.model else {}
 
 
+def dataset_folder(configured: str | None) -> Path:
+    """The dataset folder, absolute: `configured`, else $COREL5K_DIR, else data/corel5k."""
+    root = Path(configured or os.environ.get("COREL5K_DIR") or DEFAULT_DATA_ROOT)
+    return root.expanduser().absolute()
+
+
 def data_root(config: ml_collections.ConfigDict) -> Path:
-    """The dataset folder: config.data.root, else $COREL5K_DIR, else data/corel5k."""
-    root = Path(config.data.root or os.environ.get("COREL5K_DIR") or DEFAULT_DATA_ROOT)
-    root = root.expanduser().absolute()
+    """The dataset folder of `config` (dataset_folder of config.data.root), checked to hold a
+    dataset when the source is a folder."""
+    root = dataset_folder(config.data.root)
     if config.data.source == "folder" and not (root / "train.json").is_file():
         raise data.DatasetError(
             f"no Corel-5k dataset at {root} (train.json missing): download it with "

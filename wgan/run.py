@@ -24,18 +24,13 @@ from tqdm import tqdm
 from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
                            read_split_index)
 from annotate import cli
-from annotate.config import COMPUTE_DTYPES
+from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.devices import enable_compilation_cache
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
                         train_chunk)
 
 
 VIEW_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")  # the seed's file names, in save order
-
-
-def data_root(configured: str | None) -> Path:
-    """The dataset folder: the config's, else $COREL5K_DIR, else data/corel5k."""
-    return Path(configured or os.environ.get("COREL5K_DIR") or "data/corel5k").expanduser()
 
 
 def augmented_names(image_name: str) -> list[str]:
@@ -118,7 +113,7 @@ def run(config: config_dict.ConfigDict) -> Path:
     if config.iterations < SAVED_PER_IMAGE:
         raise ValueError(f"config.iterations = {config.iterations}: must be >= {SAVED_PER_IMAGE} "
                          f"(the images are the fakes of the last {SAVED_PER_IMAGE} iterations)")
-    root = data_root(config.data.root)
+    root = dataset_folder(config.data.root)
     index = read_split_index(root, "train")
     out_dir = Path(config.out_dir).expanduser() if config.out_dir else root
     image_dir = out_dir / AUGMENTATION_IMAGES
