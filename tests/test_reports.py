@@ -52,12 +52,24 @@ def test_results_against_sklearn(predictions, results):
             recall_score(test_targets, predicted, average="macro", zero_division=0), abs=1e-5)
         assert metrics["n_plus"] == int(((test_targets == 1) & predicted).any(axis=0).sum())
     per_label_f1 = f1_score(test_targets, test_probs > thresholds, average=None, zero_division=0)
+    f1_at_half = f1_score(test_targets, test_probs > 0.5, average=None, zero_division=0)
     for i, row in enumerate(results["per_label"]):
         assert row["label"] == VOCABULARY[i]
         assert row["train_count"] == int(train_targets[:, i].sum())
         assert row["test_count"] == int(test_targets[:, i].sum())
         assert row["threshold"] == results["thresholds"][i]
         assert row["f1"] == pytest.approx(per_label_f1[i], abs=1e-5)
+        assert row["f1_at_0.5"] == pytest.approx(f1_at_half[i], abs=1e-5)
+
+
+def test_per_label_train_counts_are_the_given_ones(predictions):
+    """Under the "validation" protocol the thresholds come from the validation images, while the
+    per-label table reports the training counts passed in, not the threshold split's."""
+    (train_targets, train_probs), (test_targets, test_probs) = predictions
+    train_counts = np.arange(len(VOCABULARY)) * 7 + 3
+    results = metrics.evaluation_results(train_targets, train_probs, test_targets, test_probs,
+                                         VOCABULARY, train_counts=train_counts, resamples=100)
+    assert [row["train_count"] for row in results["per_label"]] == train_counts.tolist()
 
 
 def test_results_markdown_tables(results):
@@ -125,3 +137,16 @@ def test_prediction_picture_shows_the_original_files_and_the_three_colours(tmp_p
     for colour in reports.LABEL_COLOURS.values():
         rgb = np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)])
         assert (np.abs(pixels - rgb).sum(axis=1) < 30).sum() > 20, colour
+
+
+def test_prediction_picture_applies_the_per_label_thresholds(tmp_path, monkeypatch):
+    seen = []
+    real = reports.label_statuses
+    monkeypatch.setattr(reports, "label_statuses",
+                        lambda targets, predicted, vocabulary: seen.append(predicted.tolist())
+                        or real(targets, predicted, vocabulary))
+    images = [np.zeros((32, 32, 3), np.uint8)] * 2
+    probs = np.array([[0.9, 0.6, 0.3], [0.96, 0.2, 0.35]])
+    reports.plot_predictions(tmp_path / "picture.png", images, np.ones((2, 3), int), probs,
+                             [0.95, 0.5, 0.25], ["sky", "tree", "water"], columns=2)
+    assert seen == [[False, True, True], [True, False, True]]  # probs > each label's threshold

@@ -15,7 +15,10 @@ METRICS = summarize.METRICS
 def _write_run(workdir, *, loss: str, seed: int, scale: float) -> dict:
     config = base.get_config(model="tresnet_m", loss=loss)
     config.seed = seed
-    config.data.root = f"/data/copy{seed}"  # where the data lives does not split a group
+    # where the data, its cache and the WGAN images live does not split a group
+    config.data.root = f"/data/copy{seed}"
+    config.data.cache_dir = f"/cache/{seed}"
+    config.data.augmentation_dir = f"/wgan/{seed}"
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(config.to_json_best_effort())
     results = {kind: {metric: (100 + seed if metric == "n_plus" else scale * (seed + 1) / 10)
