@@ -340,6 +340,21 @@ def test_validation_subset_is_stratified_on_the_real_training_labels(corel5k_dir
         annotate.data.validation_indices(targets, 4500, seed=0)
 
 
+def test_a_large_validation_share_still_leaves_every_label_a_training_image():
+    """Random label sets with validation taking up to 3/4 of the images: a label of at least 2
+    images keeps one on the training side (step 2 no longer sends its last one to validation)."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        num_images, num_labels = int(rng.integers(10, 200)), int(rng.integers(2, 40))
+        targets = rng.random((num_images, num_labels)) < rng.choice([0.01, 0.03, 0.1, 0.4],
+                                                                    num_labels)
+        size = int(rng.integers(1, num_images * 3 // 4))
+        held_out = np.zeros(num_images, bool)
+        held_out[annotate.data.validation_indices(targets, size, seed=trial)] = True
+        assert held_out.sum() == size
+        assert np.all(targets[~held_out].sum(axis=0)[targets.sum(axis=0) >= 2] >= 1), trial
+
+
 def test_empty_samples_and_missing_augmentation_index_name_the_fix(tiny_dataset, tmp_path):
     edit_json(tiny_dataset / "train.json", lambda c: c.update(samples=[]))
     with pytest.raises(DatasetError, match="train.json: 'samples' is empty"):

@@ -16,7 +16,9 @@ def validation_indices(targets: np.ndarray, size: int, seed: int) -> np.ndarray:
     2. The rest by iterative stratification (Sechidis et al., ECML 2011): the label with the
        fewest unassigned images goes first; each of its images joins the side that still wants
        that label most (wanted = the label's count x the side's share, less what it holds), ties
-       broken by the side's remaining room, then at random; a full side takes no more.
+       broken by the side's remaining room, then at random; a full side takes no more. An image
+       that is the last unassigned one of a label (of at least 2 images) with no training image
+       yet goes to training while training has room, so step 1's promise holds.
     The same (targets, size, seed) always gives the same subset.
     """
     targets = np.asarray(targets) > 0
@@ -42,20 +44,28 @@ def validation_indices(targets: np.ndarray, size: int, seed: int) -> np.ndarray:
     wanted = {True: counts * share - targets[chosen].sum(axis=0), False: counts * (1 - share)}
     room = {True: size - int(chosen.sum()), False: num_images - size}
     unassigned = ~chosen
+    in_train = np.zeros_like(left_in_train)  # per label, the images assigned to training so far
+    unassigned_per_label = targets[unassigned].sum(axis=0)
+    needs_train = counts >= 2
     while unassigned.any():
         left_per_label = targets[unassigned].sum(axis=0)
         labels = np.flatnonzero(left_per_label)
         label = labels[np.argmin(left_per_label[labels])] if labels.size else None
         group = unassigned & targets[:, label] if label is not None else unassigned
         for image in rng.permutation(np.flatnonzero(group)):
+            last_chance = (targets[image] & needs_train & (in_train == 0)
+                           & (unassigned_per_label == 1)).any()
             if not room[True] or not room[False]:
                 to_validation = bool(room[True])
             else:
                 desire = (wanted[True][label], wanted[False][label]) if label is not None else (0, 0)
                 key = [(desire[0], room[True], rng.random()), (desire[1], room[False], rng.random())]
-                to_validation = key[0] > key[1]
+                to_validation = key[0] > key[1] and not last_chance
             chosen[image] = to_validation
             unassigned[image] = False
             wanted[to_validation] = wanted[to_validation] - targets[image]
             room[to_validation] -= 1
+            unassigned_per_label -= targets[image]
+            if not to_validation:
+                in_train += targets[image]
     return np.flatnonzero(chosen)
