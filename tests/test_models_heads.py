@@ -85,7 +85,8 @@ def _linear(ours: nnx.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -
         ours.bias[...] = jnp.asarray(bias.detach().numpy())
 
 
-def test_ml_decoder_logits_match_the_official_computation():
+def _ml_decoder_pair() -> tuple[TorchMLDecoder, MLDecoderHead]:
+    """The PyTorch ML-Decoder with non-trivial weights and ours holding the same weights."""
     torch.manual_seed(0)
     num_classes, groups, dim, heads = 30, 8, 32, 4  # 30 / 8: 4 outputs per query, 2 cut off
     reference = TorchMLDecoder(num_classes, groups, 48, dim, heads, 64).eval()
@@ -115,12 +116,45 @@ def test_ml_decoder_logits_match_the_official_computation():
     _linear(head.linear2, reference.linear2.weight, reference.linear2.bias)
     head.group_fc[...] = jnp.asarray(reference.group_fc.detach().numpy())
     head.group_fc_bias[...] = jnp.asarray(reference.bias.detach().numpy())
+    return reference, head
+
+
+def test_ml_decoder_logits_match_the_official_computation():
+    reference, head = _ml_decoder_pair()
+    num_classes = reference.num_classes
     head.eval()
     features = _features()
     with torch.no_grad():
         expected = reference(_nchw(features)).numpy()
     logits = np.asarray(head(jnp.asarray(features)))
     assert logits.shape == (2, num_classes) and expected.std() > 0.1
+    assert relative_l2(logits, expected) < 1e-5
+
+
+def test_ml_decoder_dropouts_sit_where_the_official_ones_do(monkeypatch):
+    """Train mode with every dropout replaced by a deterministic stand-in: the k-th dropout called
+    scales feature i of its input's last axis by 1 + 0.1 k + 0.01 i. Equal logits mean the same
+    dropouts in the same order at the same places (on the queries, the attention weights, the
+    attention output, inside and after the feed-forward)."""
+    reference, head = _ml_decoder_pair()
+    reference.train()
+    head.train()
+
+    def stand_in(calls: list, x, to_array):
+        factor = 1 + 0.1 * len(calls) + 0.01 * np.arange(x.shape[-1])
+        calls.append(x.shape[-1])
+        return x * to_array(factor.astype(np.float32))
+
+    torch_calls, jax_calls = [], []
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda x, p=0.5, training=True,
+                        inplace=False: stand_in(torch_calls, x, torch.from_numpy))
+    monkeypatch.setattr(nnx.Dropout, "__call__", lambda self, x, **kwargs: stand_in(
+        jax_calls, x, jnp.asarray))
+    features = _features()
+    with torch.no_grad():
+        expected = reference(_nchw(features)).numpy()
+    logits = np.asarray(head(jnp.asarray(features)))
+    assert torch_calls == jax_calls == [32, 35, 32, 64, 32]  # dim, tokens (7 x 5), dim, ffn, dim
     assert relative_l2(logits, expected) < 1e-5
 
 
