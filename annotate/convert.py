@@ -11,6 +11,7 @@ declare `filter_state_dict` (e.g. TResNet's inplace-ABN era checkpoints).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,17 @@ def load_timm_weights(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.M
     return model
 
 
+class PretrainedError(ValueError):
+    """config.model.pretrained cannot be loaded: not a checkpoint, another architecture's, or a
+    timm download that failed. The message names the checkpoint and the cause."""
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without its quotes)."""
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model")
 
@@ -137,13 +149,20 @@ def _read_torch_checkpoint(path: Path) -> dict[str, Any]:
         import torch
     except ImportError as error:
         raise ImportError(f"reading {path} needs torch (pip install torch)") from error
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors of a damaged or foreign file
+        # torch's weights-only refusal opens with general advice; its cause follows this marker
+        cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+        detail = f"weights-only unpickling: {cause.group(1)}" if cause else _first_line(error)
+        raise PretrainedError(f"{path} is not a readable PyTorch checkpoint "
+                              f"({type(error).__name__}: {detail})") from error
     for wrapper in _WRAPPER_KEYS:
         if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
             checkpoint = checkpoint[wrapper]
             break
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
+        raise PretrainedError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
@@ -156,8 +175,9 @@ def _timm_pretrained_state_dict(name: str) -> dict[str, Any]:
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as error:  # timm/huggingface raise many types when offline or name unknown
-        raise RuntimeError(f"could not get pretrained weights for timm model {name!r} (needs "
-                           f"internet access and a valid timm name): {error}") from error
+        raise PretrainedError(f"could not get pretrained weights for timm model {name!r} (needs "
+                              f"internet access and a valid timm name): {_first_line(error)}"
+                              ) from error
 
 
 def save_weights(model: nnx.Module, directory: str | Path) -> Path:
@@ -204,8 +224,22 @@ def load_pretrained(model: nnx.Module, spec: str) -> nnx.Module:
     """Load `config.model.pretrained` into `model` in place: a `.pth`/`.pt`/`.bin`/`.safetensors`
     file, an orbax directory from `save_weights`, or `timm:<name>` (timm download, needs internet).
 
-    A missing file or failed download raises; the model is never left silently at random init.
+    A missing file raises FileNotFoundError; anything else that cannot be loaded (a damaged file,
+    another architecture's weights, a failed download) PretrainedError naming `spec` and the
+    cause. The model is never left silently at random init.
     """
+    try:
+        return _load_pretrained(model, spec)
+    except PretrainedError:
+        raise
+    except (KeyError, ValueError) as error:  # load_timm_weights: a key or shape that does not fit
+        info = getattr(model, "info", None)
+        name = f"timm's {info.timm_name}" if info is not None else type(model).__name__
+        raise PretrainedError(f"pretrained checkpoint {spec} does not fit {name}: "
+                              f"{_first_line(error)}") from error
+
+
+def _load_pretrained(model: nnx.Module, spec: str) -> nnx.Module:
     if spec.startswith("timm:"):
         return load_timm_weights(model, _timm_pretrained_state_dict(spec.removeprefix("timm:")))
     path = Path(spec).expanduser()

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from annotate.convert import load_pretrained, load_timm_weights
+from annotate.convert import PretrainedError, load_pretrained, load_timm_weights
 from annotate.models import MODEL_NAMES, create_model
 from parity import randomize_torch_model_
 from modules import load_module
@@ -116,16 +116,30 @@ def test_pretrained_missing_file_or_format_is_an_error(tmp_path):
         load_pretrained(model, str(tmp_path / "weights.npz"))
 
 
+def test_a_damaged_or_foreign_checkpoint_is_named(tmp_path, timm_state):
+    model = create_model("resnet18", NUM_CLASSES)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(PretrainedError, match=f"{damaged} is not a readable PyTorch checkpoint "
+                                              r"\(UnpicklingError: weights-only unpickling: Unsupported operand"):
+        load_pretrained(model, str(damaged))
+    foreign = tmp_path / "resnet34.pth"  # another architecture's weights: ResNet-34's 3 blocks
+    torch.save(timm.create_model("resnet34", num_classes=NUM_CLASSES).state_dict(), foreign)
+    with pytest.raises(PretrainedError, match=f"{foreign} does not fit timm's resnet18: "
+                                              "checkpoint key 'layer1.2.conv1.weight'"):
+        load_pretrained(model, str(foreign))
+
+
 def test_pretrained_timm_failure_names_the_model(monkeypatch):
     model = create_model("resnet18", NUM_CLASSES)
-    with pytest.raises(RuntimeError, match="not_a_timm_model"):
+    with pytest.raises(PretrainedError, match="not_a_timm_model"):
         load_pretrained(model, "timm:not_a_timm_model")
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match="'resnet18'.*internet"):
+    with pytest.raises(PretrainedError, match="'resnet18'.*internet.*couldn't connect"):
         load_pretrained(model, "timm:resnet18")
 
 
