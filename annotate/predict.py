@@ -26,6 +26,7 @@ from absl import logging as absl_logging
 from annotate import cli, data, train
 from annotate.config import validate_config
 from annotate.devices import enable_compilation_cache, make_mesh, put
+from annotate.workdir import WorkdirError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -129,7 +130,7 @@ def define_flags() -> None:
 def write_annotations(path: Path, annotations: list[dict]) -> None:
     """The annotations as JSON, or as CSV rows (image, label, probability; an image without a
     label above its threshold gets one row with an empty label)."""
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         path.write_text(json.dumps(annotations, indent=2) + "\n")
         return
     with open(path, "w", newline="") as file:
@@ -165,7 +166,7 @@ def main(argv: list[str]) -> None:
                                     f"{', '.join(argv[1:])}")
         enable_compilation_cache()
         annotations, skipped = load_annotator(FLAGS.workdir).annotate(files)
-    except (FileNotFoundError, ValueError, data.DatasetError) as error:
+    except (FileNotFoundError, ValueError, data.DatasetError, WorkdirError) as error:
         cli.fail(error)
     for item in annotations:
         labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])

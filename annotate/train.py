@@ -409,6 +409,11 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this run's "
                            f"model ({type(error).__name__}: {first_line[:300]})") from error
+    except Exception as error:  # orbax/tensorstore read errors of a damaged file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "
+                           f"({type(error).__name__}: {first_line[:300]}); delete that folder to "
+                           f"resume from an earlier checkpoint, if one is left") from error
 
 
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
@@ -665,7 +670,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     workdir.mkdir(parents=True, exist_ok=True)
     is_writer = jax.process_index() == 0
     with WorkdirLock(workdir) if is_writer else contextlib.nullcontext():
-        check_config(workdir, config)
+        check_config(workdir, config, training=True)
         return _train_and_evaluate(config, workdir, is_writer)
 
 

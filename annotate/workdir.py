@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 # what a checkpoint of the workdir only fits: the network, its head, the input size
 SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
+# what a resumed training run must keep too: the schedule's length in steps (a longer or shorter
+# OneCycle would jump mid-run) and which images train and which choose the checkpoint
+RESUME_KEYS = ("train.batch_size", "train.schedule_epochs", "data.augmentation", "eval.protocol",
+               "eval.validation_size")
 
 
 class WorkdirError(Exception):
@@ -96,15 +100,16 @@ def _value(config: ml_collections.ConfigDict | dict, dotted_key: str) -> Any:
     return node
 
 
-def check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
+                 training: bool = False) -> None:
     """Refuse to resume or evaluate `workdir` with a config that differs from its config.json
-    in SHAPE_KEYS (or in the options of a head other than the linear one); nothing to check
-    before the first run."""
+    in SHAPE_KEYS (or in the options of a head other than the linear one), and to resume its
+    training (`training`) with other RESUME_KEYS; nothing to check before the first run."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    keys = list(SHAPE_KEYS)
+    keys = list(SHAPE_KEYS) + (list(RESUME_KEYS) if training else [])
     head = _value(config, "model.head")
     if head not in (None, "linear"):
         keys += [f"model.{head}.{option}" for option in config.model[head]]

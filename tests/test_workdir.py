@@ -71,6 +71,27 @@ def test_config_json_only_when_training_starts_and_refusals_name_the_keys(
     check_config(workdir, config)  # the same config passes
 
 
+@pytest.mark.parametrize("key, value", [
+    ("train.batch_size", 64), ("train.schedule_epochs", 9), ("data.augmentation", True),
+    ("eval.protocol", "validation"), ("eval.validation_size", 7)])
+def test_a_resume_keeps_the_schedule_and_the_roles_of_the_images(tiny_dataset, tmp_path, key,
+                                                                 value):
+    """A resumed run with another batch size or schedule length would follow a OneCycle of
+    another length from a step count of the old one; another protocol or augmentation would
+    mix held-out images into training. Evaluating with them is harmless and allowed."""
+    config = tiny_config(tiny_dataset, tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    section, name = key.split(".")
+    saved_value = config[section][name]
+    config[section][name] = value
+    with pytest.raises(WorkdirError, match=f"trained with {key}={saved_value!r}, not "
+                                           f"{key}={value!r}"):
+        check_config(workdir, config, training=True)
+    check_config(workdir, config)  # an evaluation
+
+
 def test_write_config_is_atomic_and_warns_on_a_change(tiny_dataset, tmp_path, caplog):
     config = tiny_config(tiny_dataset, tmp_path)
     workdir = tmp_path / "run"
