@@ -104,8 +104,12 @@ def load_annotator(workdir: Path | str) -> Annotator:
         raise ValueError(f"{config_path} does not hold a config of this version of annotate "
                          f"({type(error).__name__}: {error}); retrain, or annotate with the "
                          f"version that trained it") from error
-    stored = json.loads(thresholds_path.read_text())
-    vocabulary, thresholds = stored["vocabulary"], np.asarray(stored["thresholds"], np.float32)
+    try:
+        stored = json.loads(thresholds_path.read_text())
+        vocabulary, thresholds = stored["vocabulary"], np.asarray(stored["thresholds"], np.float32)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{thresholds_path} is damaged ({type(error).__name__}: {error}); "
+                         f"write it again with --evaluate") from error
     if len(vocabulary) != len(thresholds):
         raise ValueError(f"{thresholds_path}: {len(vocabulary)} labels but {len(thresholds)} thresholds")
     config.data.pipeline = "device"  # the images to annotate are put on the device at once
@@ -150,6 +154,8 @@ def check_output(output: str | None) -> Path | None:
         raise ValueError(f"--output {path}: use a .json or .csv file")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--output {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; name a file")
     return path
 
 

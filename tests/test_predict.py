@@ -46,6 +46,16 @@ def test_workdir_without_checkpoints_is_refused_and_left_alone(smoke_workdir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "thresholds.json"]
 
 
+def test_damaged_thresholds_and_a_folder_as_output_are_named(smoke_workdir, tmp_path):
+    (tmp_path / "config.json").write_bytes((smoke_workdir / "config.json").read_bytes())
+    (tmp_path / "thresholds.json").write_bytes((smoke_workdir / "thresholds.json").read_bytes()[:100])
+    with pytest.raises(ValueError, match="thresholds.json is damaged .*JSONDecodeError"):
+        predict.load_annotator(tmp_path)
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(ValueError, match="out.json is a folder"):
+        predict.check_output(str(tmp_path / "out.json"))
+
+
 def test_config_of_another_version_is_named(smoke_workdir, tmp_path):
     config = json.loads((smoke_workdir / "config.json").read_text())
     del config["model"]["head"]  # as a config.json written before heads existed
