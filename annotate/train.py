@@ -405,15 +405,15 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
     try:
         return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this run's "
-                           f"model ({type(error).__name__}: {first_line[:300]})") from error
-    except Exception as error:  # orbax/tensorstore read errors of a damaged file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    except Exception as error:  # a tree or shape that does not fit, or a damaged file
+        text = str(error).strip()
+        cause = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        if isinstance(error, (ValueError, KeyError, TypeError, FileNotFoundError)):
+            raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this "
+                               f"run's model ({cause})") from error
         raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "
-                           f"({type(error).__name__}: {first_line[:300]}); delete that folder to "
-                           f"resume from an earlier checkpoint, if one is left") from error
+                           f"({cause}); delete that folder to resume from an earlier checkpoint, "
+                           f"if one is left") from error
 
 
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
