@@ -116,7 +116,7 @@ def load_annotator(workdir: Path | str) -> Annotator:
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
     state, _ = train.restore_best(workdir, state)
-    return Annotator(experiment, train.eval_params(state), state.batch_stats, list(vocabulary),
+    return Annotator(experiment, *train.eval_variables(state), list(vocabulary),
                      thresholds, config.data.image_size)
 
 

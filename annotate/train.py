@@ -119,7 +119,8 @@ class TrainState:
     params: Variables
     batch_stats: Variables
     opt_state: optax.OptState
-    ema_params: Variables | None = None
+    ema_params: Variables | None = None  # with train.ema_decay > 0: averages of params and
+    ema_batch_stats: Variables | None = None  # batch_stats, as timm's ModelEmaV2 (whole state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +199,14 @@ def train_step(state: TrainState, images: jax.Array, targets: jax.Array,
         state.params, state.batch_stats, reseeded(model_def.rng_state, dropout_key))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-        ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, ema_params=ema_params), loss
+    state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                          opt_state=opt_state)
+    if state.ema_params is not None:
+        average = lambda e, v: ema_decay * e + (1 - ema_decay) * v  # noqa: E731
+        state = state.replace(ema_params=jax.tree.map(average, state.ema_params, params),
+                              ema_batch_stats=jax.tree.map(average, state.ema_batch_stats,
+                                                           batch_stats))
+    return state, loss
 
 
 def train_steps(state: TrainState, images: jax.Array, targets: jax.Array,
@@ -279,7 +283,8 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
     tx = make_optimizer(config, total_steps)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params),
-                       ema_params=params if config.train.ema_decay > 0 else None)
+                       ema_params=params if config.train.ema_decay > 0 else None,
+                       ema_batch_stats=batch_stats if config.train.ema_decay > 0 else None)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     # "device": the whole split on every device; "stream": each call's images only, split over
@@ -362,9 +367,12 @@ def predict(experiment: Experiment, params: Variables, batch_stats: Variables,
     return np.concatenate([to_host(p) for p in probs])[:num_images]
 
 
-def eval_params(state: TrainState) -> Variables:
-    """The parameters to evaluate: the EMA weights when EMA is on, else the trained ones."""
-    return state.ema_params if state.ema_params is not None else state.params
+def eval_variables(state: TrainState) -> tuple[Variables, Variables]:
+    """The parameters and BatchNorm statistics to evaluate: their moving averages when EMA is on
+    (timm's ModelEmaV2 averages the whole state dict), else the trained ones."""
+    if state.ema_params is not None:
+        return state.ema_params, state.ema_batch_stats
+    return state.params, state.batch_stats
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -741,7 +749,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 show_progress=is_writer,
                 on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None,
                 check_saves=check_saves)
-            probs = predict(experiment, eval_params(state), state.batch_stats, monitored)
+            probs = predict(experiment, *eval_variables(state), monitored)
             epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
             hyper = state.opt_state.hyperparams
             record = {"epoch": epoch, "train/loss": train_loss,
@@ -792,10 +800,10 @@ def evaluate_best(experiment: Experiment, like: TrainState, run_data: RunData,
     """Evaluate the checkpoint the protocol selected: MCC thresholds on RunData.threshold_split,
     metrics and their bootstrap intervals on test (metrics.evaluation_results)."""
     state, best_epoch = restore_best(workdir, like)
-    params = eval_params(state)
+    params, batch_stats = eval_variables(state)
     threshold_split, test = run_data.threshold_split, run_data.test
-    threshold_probs = predict(experiment, params, state.batch_stats, threshold_split)
-    test_probs = predict(experiment, params, state.batch_stats, test)
+    threshold_probs = predict(experiment, params, batch_stats, threshold_split)
+    test_probs = predict(experiment, params, batch_stats, test)
     config = experiment.config
     results = metrics.evaluation_results(
         threshold_split.host.targets, threshold_probs, test.host.targets, test_probs,

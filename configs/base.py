@@ -72,7 +72,7 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.train.max_momentum = 0.95
     config.train.flip_horizontal = True
     config.train.flip_vertical = True
-    config.train.ema_decay = 0.0  # > 0: evaluate an exponential moving average of the weights
+    config.train.ema_decay = 0.0  # > 0: evaluate moving averages of the weights and BN statistics
     config.train.eval_batch_size = 250
     config.train.log_every = 10  # steps between progress-bar updates (and loss checks)
 

@@ -224,8 +224,10 @@ def test_sharded_step_equals_single_device():
     assert one["losses"][0] != one["losses"][-1]  # the steps did train
 
 
-def test_ema_of_weights(tiny_backbone):
-    """With train.ema_decay = d, ema = d * ema + (1 - d) * params after every step."""
+def test_ema_of_weights_and_batch_statistics(tiny_backbone):
+    """With train.ema_decay = d, ema = d * ema + (1 - d) * value after every step, for the
+    parameters and the BatchNorm statistics alike (timm's ModelEmaV2 averages the whole state
+    dict); evaluation uses both averages."""
     config = base.get_config(model="resnet18", loss="bce")
     config.model.name = tiny_backbone
     config.train.update(ema_decay=0.5, batch_size=4, learning_rate=1e-2)
@@ -234,15 +236,19 @@ def test_ema_of_weights(tiny_backbone):
     images = devices.put(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), experiment.replicated)
     targets = devices.put((rng.random((8, 5)) < 0.3).astype(np.float32), experiment.replicated)
     flat = lambda tree: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
-    expected = flat(state.params)
+    expected_params, expected_stats = flat(state.params), flat(state.batch_stats)
     for step in range(3):
         batch = devices.put(np.arange(4 * (step % 2), 4 * (step % 2) + 4, dtype=np.int32)[None],
                           experiment.steps_sharding)
         state, _ = experiment.train_steps(state, images, targets, batch, jax.random.key(0))
-        expected = 0.5 * expected + 0.5 * flat(state.params)
-    np.testing.assert_allclose(flat(state.ema_params), expected, rtol=1e-6)
+        expected_params = 0.5 * expected_params + 0.5 * flat(state.params)
+        expected_stats = 0.5 * expected_stats + 0.5 * flat(state.batch_stats)
+    np.testing.assert_allclose(flat(state.ema_params), expected_params, rtol=1e-6)
+    np.testing.assert_allclose(flat(state.ema_batch_stats), expected_stats, rtol=1e-6)
     assert not np.allclose(flat(state.ema_params), flat(state.params))
-    assert train.eval_params(state) is state.ema_params
+    assert not np.allclose(flat(state.ema_batch_stats), flat(state.batch_stats))
+    params, batch_stats = train.eval_variables(state)
+    assert params is state.ema_params and batch_stats is state.ema_batch_stats
 
 
 def test_steps_per_call_scan_equals_single_steps(tiny_backbone):
