@@ -5,7 +5,7 @@ A run takes `<workdir>/.lock` (process id, host, start time) for its whole lengt
 the same workdir stops with one line, and a lock left by a dead process on this host is taken
 over. config.json is written once training starts and never by an evaluation; a resume or an
 evaluation whose config differs from it where the checkpoints' shapes or meaning depend on it
-(SHAPE_KEYS) is refused.
+(SHAPE_KEYS, state_layout) is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
 # OneCycle would jump mid-run) and which images train and which choose the checkpoint
 RESUME_KEYS = ("train.batch_size", "train.schedule_epochs", "data.augmentation", "eval.protocol",
                "eval.validation_size")
+
+
+def state_layout(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """What a checkpoint holds besides the model's variables, under the config key that decides
+    it: the optimizer's state (AdamW; Adam with or without its coupled weight-decay step) and
+    whether EMA averages are kept. A change of these keys' values within one layout is allowed."""
+    optimizer = _value(config, "train.optimizer")
+    return {"train.optimizer": optimizer,
+            "train.weight_decay": optimizer == "adam" and bool(_value(config, "train.weight_decay")),
+            "train.ema_decay": (_value(config, "train.ema_decay") or 0) > 0}
 
 
 class WorkdirError(Exception):
@@ -103,8 +113,9 @@ def _value(config: ml_collections.ConfigDict | dict, dotted_key: str) -> Any:
 def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
                  training: bool = False) -> None:
     """Refuse to resume or evaluate `workdir` with a config that differs from its config.json
-    in SHAPE_KEYS (or in the options of a head other than the linear one), and to resume its
-    training (`training`) with other RESUME_KEYS; nothing to check before the first run."""
+    in SHAPE_KEYS (or in the options of a head other than the linear one) or in what its
+    checkpoints hold (state_layout), and to resume its training (`training`) with other
+    RESUME_KEYS; nothing to check before the first run."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
@@ -114,6 +125,9 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     if head not in (None, "linear"):
         keys += [f"model.{head}.{option}" for option in config.model[head]]
     changed = [key for key in keys if _value(saved, key) != _value(config, key)]
+    saved_layout, layout = state_layout(saved), state_layout(config)
+    changed += [key for key in layout if saved_layout[key] != layout[key] and key not in changed
+                and _value(saved, key) != _value(config, key)]
     if changed:
         raise WorkdirError(
             f"{workdir} was trained with " + ", ".join(f"{key}={_value(saved, key)!r}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -90,6 +91,31 @@ def test_a_resume_keeps_the_schedule_and_the_roles_of_the_images(tiny_dataset, t
                                            f"{key}={value!r}"):
         check_config(workdir, config, training=True)
     check_config(workdir, config)  # an evaluation
+
+
+@pytest.mark.parametrize("changes, refused", [
+    ({"ema_decay": 0.999}, "train.ema_decay=0.0, not train.ema_decay=0.999"),
+    ({"optimizer": "adamw"}, "train.optimizer='adam', not train.optimizer='adamw'"),
+    ({"weight_decay": 0.0}, "train.weight_decay=0.0001, not train.weight_decay=0.0"),
+    ({"weight_decay": 1e-2}, None), ({"optimizer": "adamw", "weight_decay": 0.0}, "optimizer")])
+def test_a_config_whose_checkpoints_hold_other_state_is_refused(tiny_dataset, tmp_path, changes,
+                                                                refused):
+    """EMA on or off, AdamW, or Adam with or without its weight-decay step change the tree of
+    what a checkpoint holds: resuming or evaluating with them is refused by name, before any
+    restore (which could only say the checkpoint does not fit); another weight decay is not."""
+    config = tiny_config(tiny_dataset, tmp_path)
+    config.train.weight_decay = 1e-4
+    assert config.train.optimizer == "adam"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    config.train.update(changes)
+    for training in (True, False):
+        if refused is None:
+            check_config(workdir, config, training=training)
+        else:
+            with pytest.raises(WorkdirError, match=re.escape(refused)):
+                check_config(workdir, config, training=training)
 
 
 def test_write_config_is_atomic_and_warns_on_a_change(tiny_dataset, tmp_path, caplog):
