@@ -1,5 +1,5 @@
 """What the command-line apps (annotate.main, annotate.predict, wgan.run) share: flags and config
-overrides parsed into one-line errors, and Ctrl-C as one line.
+overrides parsed into one-line errors, and Ctrl-C as one line and status 130.
 
 A user error ends the app with `error: <cause>` on stderr and exit status 2, never a traceback:
 an unknown config key (with ml_collections' did-you-mean hint), a value of the wrong type, a
@@ -7,6 +7,7 @@ missing config file, a config file that fails to run (its file and line named), 
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -93,7 +94,16 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> 
         fail(_config_file_failure(error))
     try:
         app.run(main, flags_parser=parse_flags)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the apps have already waited for their checkpoint or image saves
         print("interrupted; what was completed is kept (a rerun of the same command resumes)",
               file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        interrupted_exit()
+
+
+def interrupted_exit() -> None:
+    """Exit with status 130 at once, without the interpreter's teardown: a Ctrl-C during the first
+    compilation leaves XLA compiling in its own threads, and tearing Python down under them
+    ends in a segmentation fault (status 139, after the message)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
