@@ -35,8 +35,17 @@ def _override_named(argv: Sequence[str], key: str) -> str | None:
     return None
 
 
-def _explain(error: BaseException, argv: Sequence[str]) -> str:
+def _config_file(argv: Sequence[str]) -> str:
+    """The --config file of the command line (what a config-file error is about)."""
+    files = [argument.split("=", 1)[1] for argument in argv if argument.startswith("--config=")]
+    return files[-1].split(":")[0] if files else "the config file"
+
+
+def explain(error: BaseException, argv: Sequence[str]) -> str:
     """One readable line for a config or flag error."""
+    if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
+        return (f"{_config_file(argv)} has no get_config() function (one that returns the "
+                f"ml_collections.ConfigDict)")
     if isinstance(error, (AttributeError, KeyError)):
         cause: object = error
         while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
@@ -67,17 +76,24 @@ def _config_file_failure(error: BaseException) -> str:
     return f"the config file failed to load ({where}): {type(error).__name__}: {message}"
 
 
+def _returned_none(argv: Sequence[str]) -> str:
+    return f"get_config() of {_config_file(argv)} returned None; it must return the config"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with every flag or config error as one line and exit status 2."""
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS:
+            if flags.FLAGS.config is None:
+                fail(_returned_none(argv))
             flags.FLAGS.config.get  # a config file that failed to load raises here, not mid-run
         return remaining
     except flags.Error as error:
-        fail(error)
+        fail(_returned_none(argv) if "--config must have a value other than None" in str(error)
+             else error)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
-        fail(_explain(error, argv))
+        fail(explain(error, argv))
     except Exception as error:  # whatever the config file's own code raised
         fail(_config_file_failure(error))
 
@@ -89,7 +105,7 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> 
     try:
         define_flags()
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
-        fail(_explain(error, sys.argv))
+        fail(explain(error, sys.argv))
     except Exception as error:
         fail(_config_file_failure(error))
     try:

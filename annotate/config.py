@@ -57,7 +57,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     require(config.data.image_size > 0, "data.image_size", "must be positive")
     for key in ("mean", "std"):
         value = config.data[key]
-        require(value is None or len(value) == 3, f"data.{key}", "needs 3 values (R, G, B)")
+        require(value is None or (len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)),
+            f"data.{key}", "needs 3 numbers (R, G, B)")
     require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
     require(train.batch_size > 0, "train.batch_size", "must be positive")
     require(train.learning_rate > 0, "train.learning_rate", "must be positive")

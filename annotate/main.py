@@ -94,8 +94,8 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     try:
         validate_config(config)
-    except (ValueError, KeyError, AttributeError) as error:  # a broken config: the key, one line
-        cli.fail(error)
+    except (ValueError, KeyError, AttributeError, TypeError) as error:  # a broken config: one line
+        cli.fail(cli.explain(error, sys.argv))
     try:
         ensure_dataset(config)
     except data.DatasetError as error:

@@ -46,16 +46,22 @@ def test_user_errors_are_one_line_with_status_2(module, args, message):
 @pytest.mark.parametrize("source,message", [
     ("import ml_collections\ndef get_config():\n    config = ml_collections.ConfigDict()\n"
      "    config.seed = undefined_name\n    return config\n",
-     "(CONFIG, line 4): NameError: name 'undefined_name' is not defined"),
-    ("def get_config(:\n", "(CONFIG, line 1): SyntaxError: invalid syntax"),
+     "the config file failed to load (CONFIG, line 4): NameError: name 'undefined_name' is not "
+     "defined"),
+    ("def get_config(:\n", "the config file failed to load (CONFIG, line 1): SyntaxError: "
+                          "invalid syntax"),
+    ("CONFIG = {}\n", "CONFIG has no get_config() function (one that returns the "
+                     "ml_collections.ConfigDict)"),
+    ("def get_config():\n    pass\n",
+     "get_config() of CONFIG returned None; it must return the config"),
 ])
-def test_a_config_file_that_fails_is_one_line_naming_its_line(tmp_path, module, source, message):
+def test_a_config_file_that_fails_is_one_line_naming_the_cause(tmp_path, module, source, message):
     config = tmp_path / "broken_config.py"
     config.write_text(source)
     done = run_app(module, f"--config={config}")
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: the config file failed to load " + message.replace("CONFIG", str(config)))
+    assert done.stderr.strip().splitlines()[-1] == "error: " + message.replace("CONFIG",
+                                                                               str(config))
     assert "Traceback" not in done.stderr
 
 

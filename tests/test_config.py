@@ -2,11 +2,13 @@
 import."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
+from annotate import cli
 from annotate.config import head_options, normalisation, validate_config
 from configs import base
 from modules import REPO
@@ -34,6 +36,17 @@ def test_config_errors_name_the_key():
     config.model.head = "no_such_head"
     with pytest.raises(ValueError, match="unknown head 'no_such_head'; valid heads: linear"):
         validate_config(config)
+    for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
+        config = base.get_config(model="resnet18", loss="asl")
+        config.data.mean = mean
+        with pytest.raises(ValueError, match=re.escape(
+                f"config.data.mean = {mean!r}: needs 3 numbers (R, G, B)")):
+            validate_config(config)
+    config = base.get_config(model="resnet18", loss="asl")
+    del config.model["head"]
+    with pytest.raises(AttributeError) as missing:
+        validate_config(config)
+    assert cli.explain(missing.value, []) == "the config has no key 'head'"
 
 
 def test_linear_head_takes_the_seed_options():
