@@ -19,7 +19,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from annotate import summary  # noqa: E402
+from annotate import data, summary  # noqa: E402
 
 PROTOCOL_TEXT = {
     "seed": "the seed's: the checkpoint chosen by test per-class F1, MCC thresholds chosen on the "
@@ -101,7 +101,7 @@ def _picture(image: np.ndarray | Path, size: int) -> np.ndarray:
     """An image (an array, or a file read at its own resolution) fitted into size x size."""
     if isinstance(image, (str, Path)):
         with Image.open(image) as opened:
-            opened = opened.convert("RGB")
+            opened = data.as_rgb(opened)
             opened.thumbnail((size, size))
             return np.asarray(opened)
     return np.asarray(image)

@@ -195,6 +195,26 @@ def test_decode_image_rejects_truncated_jpeg(tiny_dataset):
         decode_image(path, SIZE)
 
 
+@pytest.mark.parametrize("dtype, file_format", [(np.uint16, "PNG"), (np.int32, "TIFF")])
+def test_sixteen_bit_greys_are_scaled_not_clipped(tmp_path, dtype, file_format):
+    """A 16-bit grey image (PIL mode I;16 or I) decodes as its values / 257, rounded, in all three
+    channels; PIL's own convert("RGB") clips at 255 and makes it near-white."""
+    values = np.linspace(0, 65535, SIZE * SIZE).reshape(SIZE, SIZE).astype(dtype)
+    path = tmp_path / f"grey.{file_format.lower()}"
+    Image.fromarray(values).save(path, format=file_format)
+    with Image.open(path) as opened:
+        assert opened.mode in ("I;16", "I")
+    expected = np.rint(values / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(path, SIZE), np.stack([expected] * 3, axis=-1))
+
+
+def test_a_floating_point_image_is_refused_by_name(tmp_path):
+    path = tmp_path / "depth.tiff"
+    Image.fromarray(np.ones((SIZE, SIZE), np.float32)).save(path)
+    with pytest.raises(DatasetError, match="depth.tiff: cannot decode.*floating-point image"):
+        decode_image(path, SIZE)
+
+
 def test_missing_dataset_folder_says_how_to_get_it(tmp_path, cache_dir):
     with pytest.raises(DatasetError) as caught:
         load_split(tmp_path / "nowhere", "train", SIZE, cache_dir=cache_dir)

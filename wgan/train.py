@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from PIL import Image
 
+from annotate.data import as_rgb
 from wgan.models import IMAGE_HEIGHT, IMAGE_WIDTH, NOISE_DIM, Critic, Generator
 
 SAVED_PER_IMAGE = 3  # the seed saves iterations 998, 999, 1000: the last three of 1001
@@ -227,7 +228,8 @@ def load_wgan_image(path: str | Path) -> np.ndarray:
     """The seed's preprocessing: portrait -> landscape (PIL rotate 90, counter-clockwise), centre
     crop 122x186, bilinear resize to 128x192, scale to [-1, 1]; float32 [128, 192, 3]."""
     try:
-        image = Image.open(path).convert("RGB")
+        with Image.open(path) as opened:
+            image = as_rgb(opened)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
     if image.height > image.width:  # the seed tests height == 192 on Corel's 192x128 / 128x192

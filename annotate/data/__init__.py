@@ -17,9 +17,10 @@ import numpy as np
 from annotate.data.cache import (CACHE_FORMAT_VERSION, cached_uint8_array, default_cache_dir,
                                  directory_fingerprint_parts, hash_parts, index_fingerprint_parts,
                                  short_hash)
-from annotate.data.folder import (SPLITS, DatasetError, SplitIndex, check_same_vocabulary,
-                                  decode_image, decode_into, multi_hot, read_dataset_indices,
-                                  read_index_file, read_split_index, validate_dataset)
+from annotate.data.folder import (SPLITS, DatasetError, SplitIndex, as_rgb,
+                                  check_same_vocabulary, decode_image, decode_into, multi_hot,
+                                  read_dataset_indices, read_index_file, read_split_index,
+                                  validate_dataset)
 from annotate.data.validation import validation_indices
 
 # Per-channel mean/std of the 4,500 Corel-5k training images in [0, 1] (the seed's values).
@@ -31,7 +32,8 @@ AUGMENTATION_INDEX = "train_aug.json"
 AUGMENTATION_IMAGES = "aug-images"
 
 __all__ = [
-    "COREL5K_MEAN", "COREL5K_STD", "DatasetError", "Split", "SplitIndex", "decode_image",
+    "COREL5K_MEAN", "COREL5K_STD", "DatasetError", "Split", "SplitIndex", "as_rgb",
+    "decode_image",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
     "read_dataset_indices", "read_split_index", "split_sources", "SplitSources", "tfds_data_dir",
     "validate_dataset", "validation_indices",

@@ -19,7 +19,7 @@ import numpy as np
 from annotate.data.folder import SplitIndex, check_images_exist
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb)
 # A temp file older than this is a killed decode's, not a concurrent writer's; it is deleted.
 ABANDONED_TEMP_SECONDS = 3600.0
 

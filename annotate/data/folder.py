@@ -165,9 +165,24 @@ def check_images_exist(index: SplitIndex) -> list[os.stat_result]:
     return stats
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. Single-channel images of more than 8 bits (16-bit PNG or TIFF greys,
+    PIL modes "I;16*" and "I") are scaled from 0..65535, where PIL's convert("RGB") would clip
+    at 255 and make them near-white; floating-point images (mode "F") have no agreed range and
+    are refused with a ValueError."""
+    if image.mode == "F":
+        raise ValueError("a floating-point image (PIL mode F) has no agreed value range; save it "
+                         "with 8 or 16 bits per channel")
+    if image.mode.startswith("I"):
+        grey = np.rint(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0))
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def decode_image(source: Path | str | bytes, image_size: int, *,
                  name: str | None = None) -> np.ndarray:
-    """Decode an image file (or its encoded bytes) as the seed does: PIL RGB, bilinear S x S resize.
+    """Decode an image file (or its encoded bytes) as the seed does: PIL RGB (as_rgb), bilinear
+    S x S resize.
 
     Returns uint8 [S, S, 3] (aspect ratio squashed). The image is fully decoded, so truncated or
     corrupt files raise DatasetError naming `name` (default: the path).
@@ -176,8 +191,7 @@ def decode_image(source: Path | str | bytes, image_size: int, *,
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
-            resized = image.convert("RGB").resize((image_size, image_size),
-                                                  Image.Resampling.BILINEAR)
+            resized = as_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
     except FileNotFoundError:
         raise DatasetError(f"{label}: image file is missing") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
