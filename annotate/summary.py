@@ -1,7 +1,10 @@
 """Training logs: `metrics.jsonl` (one JSON object per line) and TensorBoard scalars.
 
 The TensorBoard events are written by the tensorboard package's own event-file writer (no
-TensorFlow needed), one file per run segment in workdir/tensorboard.
+TensorFlow needed), one file per run segment in workdir/tensorboard. Each segment starts with a
+SessionLog.START event at its first step: TensorBoard then drops what an earlier, killed segment
+wrote from that step on (an epoch logged before its checkpoint was saved), as a resume drops
+that epoch's line of metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -21,10 +24,14 @@ log = logging.getLogger(__name__)
 
 
 class TensorBoardWriter:
-    """Scalars into a new `events.out.tfevents.*` file in `log_dir`."""
+    """Scalars into a new `events.out.tfevents.*` file in `log_dir`, for steps from
+    `first_step` on (TensorBoard discards earlier files' events at or after it)."""
 
-    def __init__(self, log_dir: Path | str):
+    def __init__(self, log_dir: Path | str, first_step: int = 0):
         self.writer = EventFileWriter(str(log_dir))
+        self.writer.add_event(Event(wall_time=time.time(), step=first_step,
+                                    session_log=SessionLog(status=SessionLog.START)))
+        self.writer.flush()
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Write the finite scalars of `values` at `step`, flushed at once (a killed run loses
@@ -40,11 +47,12 @@ class TensorBoardWriter:
 
 
 class MetricsWriter:
-    """Writes each record to `workdir/metrics.jsonl` and its numbers to TensorBoard."""
+    """Writes each record to `workdir/metrics.jsonl` and its numbers to TensorBoard, for a run
+    segment whose steps start at `first_step`."""
 
-    def __init__(self, workdir: Path | str):
+    def __init__(self, workdir: Path | str, first_step: int = 0):
         self.jsonl_path = Path(workdir) / "metrics.jsonl"
-        self.tensorboard = TensorBoardWriter(Path(workdir) / "tensorboard")
+        self.tensorboard = TensorBoardWriter(Path(workdir) / "tensorboard", first_step)
 
     def write(self, step: int, metrics: Mapping[str, float | int]) -> None:
         """Append `{"step": step, **metrics}` as one JSON line and as TensorBoard scalars."""

@@ -717,7 +717,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         # drop records of an epoch that was interrupted before its checkpoint
         summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)
                                           if r["epoch"] <= start_epoch])
-        writer = summary.MetricsWriter(workdir)
+        writer = summary.MetricsWriter(workdir, first_step=start_epoch * steps_per_epoch + 1)
 
     def check_saves() -> None:
         """Stop at once when the background save of a checkpoint failed (e.g. a full disk)."""
