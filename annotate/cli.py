@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 
 USER_ERROR = 2
 INTERRUPTED = 130
+REDELIVERY_SECONDS = 0.05
 
 
 def fail(message: object) -> None:
@@ -108,12 +112,27 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> 
         fail(explain(error, sys.argv))
     except Exception as error:
         fail(_config_file_failure(error))
+    sys.unraisablehook = redeliver_interrupts(sys.unraisablehook)
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:  # the apps have already waited for their checkpoint or image saves
         print("interrupted; what was completed is kept (a rerun of the same command resumes)",
               file=sys.stderr)
         interrupted_exit()
+
+
+def redeliver_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`hook` (a sys.unraisablehook), except that a Ctrl-C which landed where Python cannot raise
+    it is signalled again: JAX runs Python code inside the garbage collector (its gc callback),
+    and a KeyboardInterrupt raised there is printed and dropped, the run going on."""
+    def unraisable(info: Any) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt):  # signalled again a moment later from
+            # another thread: raised in the main thread once it runs ordinary code again
+            threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        hook(info)
+
+    return unraisable
 
 
 def interrupted_exit() -> None:

@@ -130,8 +130,36 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", ["app"])
     monkeypatch.setattr(cli.os, "_exit", exit_at_once)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
     with pytest.raises(SystemExit) as stopped:
         cli.run(interrupted, lambda: None)
     assert stopped.value.code == 130
+    assert sys.unraisablehook.__qualname__ == "redeliver_interrupts.<locals>.unraisable"
     assert capsys.readouterr().err.strip() == (
         "interrupted; what was completed is kept (a rerun of the same command resumes)")
+
+
+def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again():
+    """JAX runs Python code in a gc callback; a KeyboardInterrupt raised there is printed and
+    dropped by Python, and the run went on. cli's unraisable hook signals it again, so that it
+    reaches the main code."""
+    script = (
+        "import gc, sys, time\n"
+        "from annotate import cli\n"
+        "sys.unraisablehook = cli.redeliver_interrupts(sys.unraisablehook)\n"
+        "fired = []\n"
+        "def callback(phase, info):\n"
+        "    if not fired:\n"
+        "        fired.append(phase)\n"
+        "        raise KeyboardInterrupt\n"
+        "gc.callbacks.append(callback)\n"
+        "try:\n"
+        "    gc.collect()\n"
+        "    time.sleep(10)\n"
+        "    print('not interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted", done.stderr[-2000:]
+    assert "Exception ignored" not in done.stderr
