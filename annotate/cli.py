@@ -24,9 +24,17 @@ REDELIVERY_SECONDS = 0.05
 
 
 def fail(message: object) -> None:
-    """End the app with `error: <message>` on one line and exit status 2."""
+    """End the app with `error: <message>` on one line and exit status 2. In a multi-process
+    run the process ends at once (os._exit): the interpreter's teardown would wait at
+    jax.distributed's shutdown barrier while the other processes wait in the next collective,
+    all of them aborting minutes later; ended at once, the others fail within seconds."""
     text = " ".join(str(message).split())
     print(f"error: {text}", file=sys.stderr)
+    jax = sys.modules.get("jax")  # cli stays jax-free: only a run that imported jax can be joined
+    if jax is not None and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(USER_ERROR)
     sys.exit(USER_ERROR)
 
 

@@ -113,6 +113,12 @@ def main(argv: list[str]) -> None:
         cli.fail(error)
     except OSError as error:  # a missing file, a read-only workdir, a workdir under a file
         cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        cli.fail(f"process {jax.process_index()}: a step shared with the other processes failed, "
+                 f"most likely because another process stopped (its error names the cause): "
+                 f"{str(error).splitlines()[0][:300]}")
     if jax.process_index() == 0:  # one set of reports in a multi-process run
         write_reports(workdir, evaluation)
         mcc = evaluation.results["mcc"]

@@ -39,11 +39,13 @@ def _environment(devices: int) -> dict[str, str]:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def _two_processes(workdir: Path, root: Path, epochs: int) -> list[subprocess.CompletedProcess]:
+def _two_processes(workdir: Path, root: Path, epochs: int,
+                   *extra: str) -> list[subprocess.CompletedProcess]:
     address = f"127.0.0.1:{_free_port()}"
     launched = [subprocess.Popen(
         _command(workdir, root, epochs, "--config.distributed=True",
-                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"),
+                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                 *extra),
         cwd=REPO, env=_environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     finished = []
@@ -90,3 +92,18 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume(tmp_path
     assert [r["epoch"] for r in summary.read_metrics(workdir)] == [1, 2]  # written once
     assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # per start
     assert (workdir / "results.json").is_file() and not (workdir / ".lock").exists()
+
+
+def test_a_corrupt_image_met_by_one_streaming_process_ends_both_at_once(tmp_path):
+    """With the stream pipeline each process decodes only its own rows, so one process meets a
+    corrupt training image alone, mid-epoch. It names the image and exits; the other, waiting in
+    the step's collective, fails within seconds too and says so (before: both hung at
+    jax.distributed's shutdown barrier for its 5 minutes, then aborted with status 134)."""
+    root = write_dataset(tmp_path / "data")
+    (root / "images" / "9.jpeg").write_bytes(b"not an image")
+    runs = _two_processes(tmp_path / "run", root, 1, "--config.data.pipeline=stream")
+    assert [run.returncode for run in runs] == [2, 2], [run.stderr[-2000:] for run in runs]
+    last_lines = sorted(run.stderr.strip().splitlines()[-1] for run in runs)
+    assert "9.jpeg: cannot decode image" in last_lines[0], last_lines
+    assert "another process stopped (its error names the cause)" in last_lines[1], last_lines
+    assert not any("is smaller than num_threads" in run.stderr for run in runs)  # grain's warning

@@ -32,5 +32,7 @@ def decoded_batches(sources: SplitSources, rows: np.ndarray, rows_per_batch: int
     dataset = (grain.MapDataset.source(np.asarray(rows))
                .map(lambda i: sources.decode(int(i), image_size))
                .batch(rows_per_batch, drop_remainder=True))
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * rows_per_batch)
+    # a buffer below the thread count would idle threads (and make grain warn at every epoch)
+    options = grain.ReadOptions(num_threads=num_threads,
+                                prefetch_buffer_size=max(2 * rows_per_batch, num_threads))
     return iter(dataset.to_iter_dataset(options))
