@@ -47,6 +47,14 @@ def _override_named(argv: Sequence[str], key: str) -> str | None:
     return None
 
 
+def unexpected_arguments(arguments: Sequence[str]) -> str:
+    """The one-line error for words on the command line that are not flags (a flag's value
+    given after a space, such as `--evaluate true`)."""
+    return (f"unexpected argument{'s' * (len(arguments) > 1)} {' '.join(arguments)!r}: a flag "
+            f"takes its value after '=' (--config.train.epochs=5), a boolean flag none "
+            f"(--evaluate, --noevaluate)")
+
+
 def _config_file(argv: Sequence[str]) -> str:
     """The --config file of the command line (what a config-file error is about)."""
     files = [argument.split("=", 1)[1] for argument in argv if argument.startswith("--config=")]
@@ -102,8 +110,12 @@ def parse_flags(argv: list[str]) -> list[str]:
             flags.FLAGS.config.get  # a config file that failed to load raises here, not mid-run
         return remaining
     except flags.Error as error:
-        fail(_returned_none(argv) if "--config must have a value other than None" in str(error)
-             else error)
+        if "--config must have a value other than None" in str(error):
+            given = any(argument.split("=")[0] == "--config" for argument in argv[1:])
+            fail(_returned_none(argv) if given else
+                 "--config is required: the experiment's config file, e.g. "
+                 "--config=configs/smoke.py")
+        fail(error)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         fail(explain(error, argv))
     except Exception as error:  # whatever the config file's own code raised

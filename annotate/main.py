@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
@@ -88,7 +88,7 @@ def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:
 def main(argv: list[str]) -> None:
     """Parse flags, then train and evaluate (or only evaluate) into the workdir."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(cli.unexpected_arguments(argv[1:]))
     absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, jax) stay quiet
     logging.getLogger("annotate").setLevel(logging.INFO)  # epoch records
     config = FLAGS.config

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
 from annotate import cli, data, train
@@ -162,7 +162,8 @@ def check_output(output: str | None) -> Path | None:
 def main(argv: list[str]) -> None:
     """Annotate the image files and folders given as arguments."""
     if len(argv) < 2:
-        raise app.UsageError("give image files or folders to annotate")
+        cli.fail("give image files or folders to annotate: python -m annotate.predict "
+                 "--workdir=runs/<experiment> photo.jpg holiday/")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax stay quiet
     try:
         output = check_output(FLAGS.output)

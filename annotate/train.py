@@ -38,7 +38,7 @@ from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
 from annotate.devices import make_mesh, put, to_host
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
-                              write_config)
+                              require_folder, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -424,11 +424,18 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
                            f"if one is left") from error
 
 
+def require_checkpoint(workdir: Path) -> None:
+    """FileNotFoundError when `workdir` holds no finished checkpoint (an evaluation checks it
+    before it decodes any data)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir() or not any(path.name.isdigit() for path in directory.iterdir()):
+        raise FileNotFoundError(f"no checkpoint in {directory}; train first")
+
+
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
     """The best checkpoint of `workdir` (laid out like `like`) and its epoch; FileNotFoundError
     when the workdir holds none."""
-    if not (workdir / "checkpoints").is_dir():  # the manager would create the folder
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
+    require_checkpoint(workdir)  # before the manager, which would create the folder
     manager = checkpoint_manager(workdir)
     best_epoch = manager.best_step()
     if best_epoch is None:
@@ -675,6 +682,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
+    require_folder(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_writer = jax.process_index() == 0
     with WorkdirLock(workdir) if is_writer else contextlib.nullcontext():
@@ -691,12 +699,13 @@ def _checkpoint_error(manager: ocp.CheckpointManager, error: BaseException) -> C
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                         is_writer: bool) -> Evaluation:
     mesh = make_mesh()
-    run_data = load_data(config, mesh)
-    train_split = run_data.train
-    num_images, batch_size = train_split.num_images, config.train.batch_size
-    if batch_size % mesh.size:
+    batch_size = config.train.batch_size
+    if batch_size % mesh.size:  # before the data is decoded
         raise ValueError(f"config.train.batch_size = {batch_size} must be a multiple of the "
                          f"device count {mesh.size}")
+    run_data = load_data(config, mesh)
+    train_split = run_data.train
+    num_images = train_split.num_images
     steps_per_epoch = num_images // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"config.train.batch_size = {batch_size} exceeds the {num_images} "
@@ -819,6 +828,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluati
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
+    require_folder(workdir)
+    require_checkpoint(workdir)
     check_config(workdir, config)  # evaluating never writes config.json
     with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         mesh = make_mesh()

@@ -49,6 +49,12 @@ class CheckpointSaveError(WorkdirError):
     """A checkpoint could not be written (a full disk, a read-only folder)."""
 
 
+def require_folder(workdir: Path) -> None:
+    """Refuse a workdir path that names an existing file."""
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise WorkdirError(f"workdir {workdir} is a file, not a folder")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

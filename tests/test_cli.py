@@ -2,6 +2,7 @@
 `error: ...`, exit status 2, never a traceback; the README's commands parse and validate."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -15,9 +16,9 @@ from annotate.config import validate_config
 from modules import REPO
 
 
-def run_app(module: str, *args: str) -> subprocess.CompletedProcess:
+def run_app(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 @pytest.mark.parametrize("module,args,message", [
@@ -33,6 +34,11 @@ def run_app(module: str, *args: str) -> subprocess.CompletedProcess:
      "config.train.learning_rate = -0.1: must be positive"),
     ("wgan.run", ["--config.pairz=4"], "--config.pairz=4: the config has no key 'pairz'"),
     ("annotate.predict", ["--workdirr=x", "a.jpg"], "Unknown command line flag 'workdirr'"),
+    ("annotate.main", ["--workdir=x", "--evaluate"],
+     "--config is required: the experiment's config file, e.g. --config=configs/smoke.py"),
+    ("annotate.main", ["--config=configs/smoke.py", "--evaluate", "true"],
+     "unexpected argument 'true': a flag takes its value after '='"),
+    ("annotate.predict", ["--workdir=x"], "give image files or folders to annotate"),
 ])
 def test_user_errors_are_one_line_with_status_2(module, args, message):
     done = run_app(module, *args)
@@ -63,6 +69,25 @@ def test_a_config_file_that_fails_is_one_line_naming_the_cause(tmp_path, module,
     assert done.stderr.strip().splitlines()[-1] == "error: " + message.replace("CONFIG",
                                                                                str(config))
     assert "Traceback" not in done.stderr
+
+
+def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path):
+    """A workdir that is a file, an evaluation of a workdir without checkpoints, a batch that
+    the devices cannot share: one line, and neither a decoded cache nor a new workdir."""
+    (tmp_path / "file").write_text("not a folder")
+    two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for args, env, message in [
+            ([f"--workdir={tmp_path / 'file'}"], None,
+             f"workdir {tmp_path / 'file'} is a file, not a folder"),
+            ([f"--workdir={tmp_path / 'new'}", "--evaluate"], None,
+             f"no checkpoint in {tmp_path / 'new' / 'checkpoints'}; train first"),
+            ([f"--workdir={tmp_path / 'batch'}", "--config.train.batch_size=3"],
+             two_devices, "config.train.batch_size = 3 must be a multiple of the device count 2")]:
+        done = run_app("annotate.main", "--config=configs/smoke.py",
+                       f"--config.data.cache_dir={tmp_path / 'cache'}", *args, env=env)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
 
 
 def test_a_workdir_under_a_file_is_one_line(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_dict, config_flags
 from PIL import Image
 from tqdm import tqdm
@@ -147,7 +147,7 @@ def run(config: config_dict.ConfigDict) -> Path:
 def main(argv: list[str]) -> None:
     """absl entry point: run with the --config file and its overrides."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(cli.unexpected_arguments(argv[1:]))
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
         run(flags.FLAGS.config)
