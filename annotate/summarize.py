@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 
 # config keys that do not make two runs different experiments
-RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir")
+RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir",
+                 # how the same images reach the same steps (tested to give the same results)
+                 "data.source", "data.pipeline", "distributed", "train.eval_batch_size",
+                 "train.log_every")
 METRICS = ("per_image_precision", "per_image_recall", "per_image_f1", "per_class_precision",
            "per_class_recall", "per_class_f1", "n_plus")
 
@@ -71,6 +74,31 @@ def _label(config: dict[str, Any]) -> str:
             f"{data['image_size']} px, {train['epochs']} epochs, protocol {protocol})")
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train.learning_rate": 0.001, ...}: the leaves of a nested config by dotted key."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _distinguished(labels: list[str], configs: list[dict[str, Any]]) -> list[str]:
+    """`labels`, where several groups share one, followed by the config values that set those
+    groups apart ("[train.learning_rate=0.001]")."""
+    flats = [_flat(config) for config in configs]
+    result = []
+    for label, flat in zip(labels, flats):
+        peers = [other for other_label, other in zip(labels, flats) if other_label == label]
+        differing = sorted(key for key in set().union(*peers)
+                           if len({json.dumps(peer.get(key), sort_keys=True) for peer in peers}) > 1)
+        result.append(label + (" [" + ", ".join(f"{key}={flat.get(key)!r}" for key in differing)
+                               + "]" if len(peers) > 1 else ""))
+    return result
+
+
 def _stats(values: list[float]) -> dict[str, Any]:
     array = np.asarray(values, dtype=np.float64)
     sd = float(array.std(ddof=1)) if len(array) > 1 else None
@@ -82,13 +110,15 @@ def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
     threshold 0.5 ("fixed_0.5") and with MCC thresholds ("mcc")."""
     groups: dict[str, dict[str, Any]] = {}
     for run in map(read_run, workdirs):
-        key = json.dumps(_without(run["config"], RUN_ONLY_KEYS), sort_keys=True)
-        groups.setdefault(key, {"label": _label(run["config"]), "runs": []})["runs"].append(run)
+        shared = _without(run["config"], RUN_ONLY_KEYS)
+        key = json.dumps(shared, sort_keys=True)
+        groups.setdefault(key, {"label": _label(run["config"]), "config": shared, "runs": []})
+        groups[key]["runs"].append(run)
+    labels = _distinguished([group["label"] for group in groups.values()],
+                            [group["config"] for group in groups.values()])
     summary = []
-    for index, group in enumerate(groups.values()):
+    for label, group in zip(labels, groups.values()):
         runs = group["runs"]
-        labels = [g["label"] for g in groups.values()]
-        label = group["label"] + (f" #{index + 1}" if labels.count(group["label"]) > 1 else "")
         summary.append({
             "label": label, "workdirs": [run["workdir"] for run in runs],
             "seeds": [run["config"].get("seed") for run in runs],

@@ -12,9 +12,10 @@ from configs import base
 METRICS = summarize.METRICS
 
 
-def _write_run(workdir, *, loss: str, seed: int, scale: float) -> dict:
+def _write_run(workdir, *, loss: str, seed: int, scale: float, **train) -> dict:
     config = base.get_config(model="tresnet_m", loss=loss)
     config.seed = seed
+    config.train.update(train)
     # where the data, its cache and the WGAN images live does not split a group
     config.data.root = f"/data/copy{seed}"
     config.data.cache_dir = f"/cache/{seed}"
@@ -52,6 +53,23 @@ def test_groups_by_config_and_averages_over_seeds(tmp_path, capsys):
     assert ("| *testset* per-class metrics + MCC | 0.200 ± 0.100 | 0.200 ± 0.100 | "
             "0.200 ± 0.100 |") in text
     assert "| *testset* + MCC | 101.0 ± 1.0 |" in text
+
+
+def test_groups_with_one_label_name_what_sets_them_apart(tmp_path):
+    """Runs that differ only in how the data reaches the steps (pipeline, source) are one group;
+    groups whose labels coincide say which config values differ."""
+    _write_run(tmp_path / "a0", loss="asl", seed=0, scale=1.0, learning_rate=1e-3)
+    _write_run(tmp_path / "a1", loss="asl", seed=1, scale=1.0, learning_rate=1e-3)
+    config = json.loads((tmp_path / "a1" / "config.json").read_text())
+    config["data"].update(pipeline="stream", source="tfds")
+    (tmp_path / "a1" / "config.json").write_text(json.dumps(config))
+    _write_run(tmp_path / "b0", loss="asl", seed=0, scale=1.0, learning_rate=2e-3, beta2=0.99)
+    summary = summarize.summarise([tmp_path / name for name in ("a0", "a1", "b0")])
+    assert [group["seeds"] for group in summary] == [[0, 1], [0]]
+    assert summary[0]["label"].endswith(
+        "protocol seed) [train.beta2=0.999, train.learning_rate=0.001]")
+    assert summary[1]["label"].endswith(
+        "protocol seed) [train.beta2=0.99, train.learning_rate=0.002]")
 
 
 def test_missing_results_are_named(tmp_path, capsys):
