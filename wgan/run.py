@@ -1,7 +1,7 @@
 """Augment the training split with ML-WGAN images, K images at a time; resumable.
 
     python -m wgan.run --config=configs/wgan.py [--config.data.root=DIR] [--config.out_dir=DIR]
-        [--config.limit=N] [--config.iterations=N] [--config.pairs=K]
+        [--config.limit=N] [--config.iterations=N] [--config.pairs=K] [--config.model_width=W]
 
 Writes `<out_dir>/aug-images/<stem>_aug.jpeg`, `<stem>_aug_hor_flip.jpeg`, `<stem>_aug_rot_90.jpeg`
 per training image and `<out_dir>/train_aug.json` (seed format, each image with its original's
@@ -17,13 +17,14 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_dict, config_flags
 from PIL import Image
 from tqdm import tqdm
 
+from annotate import cli
 from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
                            read_split_index)
-from annotate import cli
 from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.devices import enable_compilation_cache
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
@@ -148,6 +149,7 @@ def main(argv: list[str]) -> None:
     """absl entry point: run with the --config file and its overrides."""
     if len(argv) > 1:
         cli.fail(cli.unexpected_arguments(argv[1:]))
+    absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend notices stay quiet
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
         run(flags.FLAGS.config)
@@ -157,7 +159,8 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
     """Register --config; done only when run as a program, so importing this module is harmless."""
-    config_flags.DEFINE_config_file("config", "configs/wgan.py", "ML-WGAN config file (get_config()).")
+    config_flags.DEFINE_config_file("config", "configs/wgan.py",
+                                    "ML-WGAN config file (get_config()).")
 
 
 if __name__ == "__main__":
