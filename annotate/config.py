@@ -122,11 +122,11 @@ def data_root(config: ml_collections.ConfigDict) -> Path:
 
 
 def normalisation(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input mean/std: config.data.mean/std if set, else the backbone's ImageNet statistics (its
-    registry entry) when pretrained weights are loaded, else the seed's Corel-5k statistics."""
-    if config.model.pretrained:
-        info = models.model_info(config.model.name)
-        mean, std = info.mean, info.std
+    """Input mean/std: config.data.mean/std if set, else the seed's (its dataset.get_mean_std):
+    the Corel-5k training images' statistics, those of the 18,000 images with the ML-WGAN ones
+    under data.augmentation; the seed kept them with ImageNet weights too."""
+    if config.data.augmentation:
+        mean, std = data.COREL5K_AUGMENTED_MEAN, data.COREL5K_AUGMENTED_STD
     else:
         mean, std = data.COREL5K_MEAN, data.COREL5K_STD
     return (tuple(config.data.mean or mean), tuple(config.data.std or std))

@@ -1,6 +1,10 @@
 """The seed's recipe (CNN_Image_Annotaion) as an ml_collections config; the per-run files pick
 the backbone and the loss: `get_config(model="tresnet_m", loss="asl")`.
 
+From scratch by default: the seed fine-tuned ImageNet weights, which these machines cannot
+download. To rerun it as published add --config.model.pretrained=timm:tresnet_m (the seed's
+other backbones: timm:resnet101.tv_in1k, timm:resnext50_32x4d.tv_in1k, timm:legacy_xception).
+
 Override anything on the command line, e.g. `--config.train.epochs=5 --config.data.image_size=224`.
 """
 from __future__ import annotations
@@ -47,8 +51,8 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.data.augmentation = False  # add the WGAN images of train_aug.json (seed --augmentation)
     config.data.augmentation_dir = config_dict.placeholder(str)  # default: the data root
     config.data.cache_dir = config_dict.placeholder(str)  # default: $ANNOTATE_CACHE or ~/.cache/annotate
-    # Input normalisation; unset = the seed's Corel-5k statistics, or the backbone's ImageNet
-    # statistics when pretrained weights are loaded.
+    # Input normalisation; unset = the seed's Corel-5k statistics (of the 18,000 images with
+    # data.augmentation), pretrained or not, as the seed did (annotate.config.normalisation)
     config.data.mean = config_dict.placeholder(tuple)
     config.data.std = config_dict.placeholder(tuple)
 

@@ -23,16 +23,20 @@ from annotate.data.folder import (SPLITS, DatasetError, SplitIndex, as_rgb,
                                   validate_dataset)
 from annotate.data.validation import validation_indices
 
-# Per-channel mean/std of the 4,500 Corel-5k training images in [0, 1] (the seed's values).
+# Per-channel mean/std of the 4,500 Corel-5k training images in [0, 1] (the seed's values), and
+# the seed's values for the 18,000 of its --augmentation (with its ML-WGAN images).
 COREL5K_MEAN = (0.3928, 0.4079, 0.3531)
 COREL5K_STD = (0.2559, 0.2436, 0.2544)
+COREL5K_AUGMENTED_MEAN = (0.4249, 0.4365, 0.3926)
+COREL5K_AUGMENTED_STD = (0.1955, 0.1830, 0.1987)
 
 SOURCES = ("folder", "tfds")
 AUGMENTATION_INDEX = "train_aug.json"
 AUGMENTATION_IMAGES = "aug-images"
 
 __all__ = [
-    "COREL5K_MEAN", "COREL5K_STD", "DatasetError", "Split", "SplitIndex", "as_rgb",
+    "COREL5K_AUGMENTED_MEAN", "COREL5K_AUGMENTED_STD", "COREL5K_MEAN", "COREL5K_STD",
+    "DatasetError", "Split", "SplitIndex", "as_rgb",
     "decode_image",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
     "read_dataset_indices", "read_split_index", "split_sources", "SplitSources", "tfds_data_dir",
