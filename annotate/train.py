@@ -63,18 +63,21 @@ def one_cycle(total_steps: int, pct_start: float, initial: float, peak: float,
     return schedule
 
 
+TORCH_ADAM_BETA1 = 0.9  # torch.optim.Adam's default, which only a cycling OneCycleLR changes
+
+
 def learning_rate_and_beta1(config: ml_collections.ConfigDict, total_steps: int
                             ) -> tuple[Callable | float, Callable | float]:
-    """The learning-rate and Adam beta1 schedules (torch OneCycleLR with cycle_momentum), or
-    constants for schedule="constant"."""
+    """The learning-rate and Adam beta1 schedules of torch's OneCycleLR (beta1 cycles with
+    cycle_momentum, else stays at torch Adam's 0.9), or constants for schedule="constant"."""
     train = config.train
     if train.schedule == "constant":
-        return train.learning_rate, train.max_momentum
+        return train.learning_rate, TORCH_ADAM_BETA1
     initial = train.learning_rate / train.div_factor
     learning_rate = one_cycle(total_steps, train.pct_start, initial, train.learning_rate,
                               initial / train.final_div_factor)
     if not train.cycle_momentum:
-        return learning_rate, train.max_momentum
+        return learning_rate, TORCH_ADAM_BETA1
     beta1 = one_cycle(total_steps, train.pct_start, train.max_momentum, train.base_momentum,
                       train.max_momentum)
     return learning_rate, beta1

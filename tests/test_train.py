@@ -54,6 +54,20 @@ def test_one_cycle_lr_and_beta1_match_torch(total_steps):
     np.testing.assert_allclose(np.asarray(beta1(steps)), torch_beta1, rtol=1e-6)
 
 
+def test_beta1_without_cycling_is_torch_adams():
+    """OneCycleLR(cycle_momentum=False) and a constant schedule leave Adam's beta1 at its 0.9."""
+    config = base.get_config(model="resnet18", loss="asl")
+    config.train.update(learning_rate=3e-4, cycle_momentum=False)
+    learning_rate, beta1 = train.learning_rate_and_beta1(config, 23)
+    torch_lr, torch_beta1 = _torch_schedule(23, 3e-4, cycle_momentum=False)
+    np.testing.assert_allclose(np.asarray(learning_rate(jnp.arange(23))), torch_lr, rtol=2e-5,
+                               atol=3e-10)
+    np.testing.assert_array_equal(np.full(23, beta1), torch_beta1)
+    config.train.schedule = "constant"
+    assert train.learning_rate_and_beta1(config, 23) == (3e-4, torch.optim.Adam(
+        [torch.nn.Parameter(torch.zeros(1))]).defaults["betas"][0])
+
+
 @pytest.mark.parametrize("optimizer,weight_decay", [("adam", 0.0), ("adam", 0.05), ("adamw", 0.05)])
 def test_optimizer_trajectory_matches_torch(optimizer, weight_decay):
     """Adam(W) + OneCycle (cycling beta1) on a fixed sequence of gradients: same parameters."""
