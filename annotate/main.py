@@ -24,7 +24,7 @@ from annotate import cli, data, reports, train
 from annotate.config import DEFAULT_DATA_ROOT, validate_config
 from annotate.data import fetch
 from annotate.devices import enable_compilation_cache, initialize_distributed
-from annotate.workdir import WorkdirError
+from annotate.workdir import WorkdirError, require_folder
 
 FLAGS = flags.FLAGS
 
@@ -96,15 +96,18 @@ def main(argv: list[str]) -> None:
         validate_config(config)
     except (ValueError, KeyError, AttributeError, TypeError) as error:  # a broken config: one line
         cli.fail(cli.explain(error, sys.argv))
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
     try:
+        require_folder(workdir)
+        if FLAGS.evaluate:  # nothing to evaluate: said before any download
+            train.require_checkpoint(workdir)
         ensure_dataset(config)
-    except data.DatasetError as error:
+    except (data.DatasetError, FileNotFoundError, WorkdirError) as error:
         cli.fail(error)
     if config.distributed:
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     enable_compilation_cache()
-    config_file = config_flags.get_config_filename(FLAGS["config"])
-    workdir = Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config_file)
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
         evaluation = run(config, workdir)

@@ -76,10 +76,12 @@ def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path):
     the devices cannot share: one line, and neither a decoded cache nor a new workdir."""
     (tmp_path / "file").write_text("not a folder")
     two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    # an evaluation with nothing to evaluate says so before it would download Corel-5k
+    no_dataset = {key: value for key, value in os.environ.items() if key != "COREL5K_DIR"}
     for args, env, message in [
             ([f"--workdir={tmp_path / 'file'}"], None,
              f"workdir {tmp_path / 'file'} is a file, not a folder"),
-            ([f"--workdir={tmp_path / 'new'}", "--evaluate"], None,
+            ([f"--workdir={tmp_path / 'new'}", "--evaluate"], no_dataset,
              f"no checkpoint in {tmp_path / 'new' / 'checkpoints'}; train first"),
             ([f"--workdir={tmp_path / 'batch'}", "--config.train.batch_size=3"],
              two_devices, "config.train.batch_size = 3 must be a multiple of the device count 2")]:
