@@ -171,8 +171,10 @@ def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again():
     dropped by Python, and the run went on. cli's unraisable hook signals it again, so that it
     reaches the main code."""
     script = (
-        "import gc, sys, time\n"
+        "import gc, signal, sys, time\n"
         "from annotate import cli\n"
+        # as in a terminal, even when the test runs where SIGINT is ignored (a background job)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "sys.unraisablehook = cli.redeliver_interrupts(sys.unraisablehook)\n"
         "fired = []\n"
         "def callback(phase, info):\n"
