@@ -723,9 +723,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
     writer = None
     if is_writer:  # the data load and the model fit: training starts, the workdir records it
-        write_config(workdir, config)
-        if run_data.validation is not None:
+        if run_data.validation is not None:  # checked (a changed dataset) before config.json
             _record_validation_images(run_data, config, workdir)
+        write_config(workdir, config)
         # drop records of an epoch that was interrupted before its checkpoint
         summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)
                                           if r["epoch"] <= start_epoch])

@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 # what a checkpoint of the workdir only fits: the network, its head, the input size
 SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
+# what an evaluation of the workdir must keep too: the protocol that chose its checkpoint and the
+# images its thresholds are chosen on, the inputs' normalisation and the linear head's pooling
+EVALUATION_KEYS = ("eval.protocol", "data.augmentation", "data.mean", "data.std",
+                   "model.global_pool")
+# and, under protocol "validation", which training images were held out
+VALIDATION_KEYS = ("seed", "eval.validation_size")
 # what a resumed training run must keep too: the schedule's length in steps (a longer or shorter
-# OneCycle would jump mid-run) and which images train and which choose the checkpoint
-RESUME_KEYS = ("train.batch_size", "train.schedule_epochs", "data.augmentation", "eval.protocol",
-               "eval.validation_size")
+# OneCycle would jump mid-run)
+RESUME_KEYS = ("train.batch_size", "train.schedule_epochs")
 
 
 def state_layout(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
@@ -109,6 +114,11 @@ class WorkdirLock:
             pass
 
 
+def _comparable(value: Any) -> Any:
+    """Tuples as lists: config.json stores a tuple (data.mean) as a JSON list."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _value(config: ml_collections.ConfigDict | dict, dotted_key: str) -> Any:
     node: Any = config
     for part in dotted_key.split("."):
@@ -118,19 +128,24 @@ def _value(config: ml_collections.ConfigDict | dict, dotted_key: str) -> Any:
 
 def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
                  training: bool = False) -> None:
-    """Refuse to resume or evaluate `workdir` with a config that differs from its config.json
-    in SHAPE_KEYS (or in the options of a head other than the linear one) or in what its
-    checkpoints hold (state_layout), and to resume its training (`training`) with other
-    RESUME_KEYS; nothing to check before the first run."""
+    """Refuse to resume or evaluate `workdir` with a config (resolved: annotate.config.
+    resolved_config) that differs from its config.json in SHAPE_KEYS, EVALUATION_KEYS (and
+    VALIDATION_KEYS under protocol "validation"), the options of a head other than the linear one
+    (dropout only when training) or in what its checkpoints hold (state_layout), and to resume
+    its training (`training`) with other RESUME_KEYS; nothing to check before the first run."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    keys = list(SHAPE_KEYS) + (list(RESUME_KEYS) if training else [])
+    keys = list(SHAPE_KEYS) + list(EVALUATION_KEYS) + (list(RESUME_KEYS) if training else [])
+    if _value(saved, "eval.protocol") == "validation":
+        keys += list(VALIDATION_KEYS)
     head = _value(config, "model.head")
     if head not in (None, "linear"):
-        keys += [f"model.{head}.{option}" for option in config.model[head]]
-    changed = [key for key in keys if _value(saved, key) != _value(config, key)]
+        keys += [f"model.{head}.{option}" for option in config.model[head]
+                 if training or "dropout" not in option]
+    changed = [key for key in keys if _comparable(_value(saved, key)) != _comparable(
+        _value(config, key))]
     saved_layout, layout = state_layout(saved), state_layout(config)
     changed += [key for key in layout if saved_layout[key] != layout[key] and key not in changed
                 and _value(saved, key) != _value(config, key)]

@@ -11,6 +11,7 @@ import socket
 import pytest
 
 from annotate import summary, train
+from annotate.config import resolved_config
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
                               write_config)
 from conftest import tiny_config
@@ -69,28 +70,46 @@ def test_config_json_only_when_training_starts_and_refusals_name_the_keys(
         train.train_and_evaluate(other_lr, workdir)
     assert (workdir / "config.json").read_text() == saved
     assert (workdir / "checkpoints").stat().st_mtime_ns == results
-    check_config(workdir, config)  # the same config passes
+    check_config(workdir, resolved_config(config))  # the same config passes (as train resolves it)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train.batch_size", 64), ("train.schedule_epochs", 9), ("data.augmentation", True),
-    ("eval.protocol", "validation"), ("eval.validation_size", 7)])
-def test_a_resume_keeps_the_schedule_and_the_roles_of_the_images(tiny_dataset, tmp_path, key,
-                                                                 value):
+@pytest.mark.parametrize("protocol, key, value, refused", [
+    ("seed", "train.batch_size", 64, "resume"), ("seed", "train.schedule_epochs", 9, "resume"),
+    ("seed", "data.augmentation", True, "both"), ("seed", "eval.protocol", "final", "both"),
+    ("seed", "model.global_pool", "max", "both"), ("seed", "data.mean", (0.5, 0.5, 0.5), "both"),
+    ("seed", "seed", 1, "neither"), ("seed", "eval.validation_size", 7, "neither"),
+    ("validation", "seed", 1, "both"), ("validation", "eval.validation_size", 7, "both"),
+    ("seed", "model.ml_decoder.dropout", 0.0, "resume"),
+    ("seed", "model.ml_decoder.num_heads", 4, "both")])
+def test_a_resume_or_evaluation_keeps_what_its_checkpoints_and_images_depend_on(
+        tiny_dataset, tmp_path, protocol, key, value, refused):
     """A resumed run with another batch size or schedule length would follow a OneCycle of
-    another length from a step count of the old one; another protocol or augmentation would
-    mix held-out images into training. Evaluating with them is harmless and allowed."""
+    another length from a step count of the old one; another protocol, augmentation or held-out
+    set would mix held-out images into training or choose thresholds on trained-on images, and
+    another normalisation or pooling would evaluate another network: those are refused for an
+    evaluation too (which would write results.json and thresholds.json from them); a head's
+    dropout matters only to training; the seed only to which images a "validation" run holds out."""
     config = tiny_config(tiny_dataset, tmp_path)
+    config.eval.protocol = protocol
+    if key.startswith("model.ml_decoder"):
+        config.model.head = "ml_decoder"
     workdir = tmp_path / "run"
     workdir.mkdir()
     write_config(workdir, config)
-    section, name = key.split(".")
-    saved_value = config[section][name]
-    config[section][name] = value
-    with pytest.raises(WorkdirError, match=f"trained with {key}={saved_value!r}, not "
-                                           f"{key}={value!r}"):
-        check_config(workdir, config, training=True)
-    check_config(workdir, config)  # an evaluation
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    saved_value = node[name]
+    node[name] = value
+    message = re.escape(f"trained with {key}={saved_value!r}, not {key}={value!r}").replace(
+        r"\(", r"[\(\[]").replace(r"\)", r"[\)\]]")  # a tuple is saved as a JSON list
+    for training, refused_here in ((True, refused != "neither"), (False, refused == "both")):
+        if refused_here:
+            with pytest.raises(WorkdirError, match=message):
+                check_config(workdir, config, training=training)
+        else:
+            check_config(workdir, config, training=training)
 
 
 @pytest.mark.parametrize("changes, refused", [
