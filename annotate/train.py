@@ -417,9 +417,13 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
     try:
         return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
     except Exception as error:  # a tree or shape that does not fit, or a damaged file
-        text = str(error).strip()
-        cause = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
-        if isinstance(error, (ValueError, KeyError, TypeError, FileNotFoundError)):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"  # orbax names the keys
+        if "ema_batch_stats" in cause:  # on the lines after its first
+            cause += ("; a checkpoint from before EMA averaged the BatchNorm statistics too: "
+                      "retrain, or use the version that trained it")
+        if isinstance(error, (ValueError, KeyError, TypeError, FileNotFoundError)) and not \
+                isinstance(error, json.JSONDecodeError):
             raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this "
                                f"run's model ({cause})") from error
         raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "

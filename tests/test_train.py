@@ -265,6 +265,26 @@ def test_ema_of_weights_and_batch_statistics(tiny_backbone):
     assert params is state.ema_params and batch_stats is state.ema_batch_stats
 
 
+def test_a_checkpoint_that_does_not_fit_or_is_damaged_is_named(tiny_backbone, tmp_path):
+    """restore_state names the tree entries orbax found different (a checkpoint without EMA
+    statistics restored into a run with them) and calls a damaged metadata file damaged."""
+    config = base.get_config(model="resnet18", loss="bce")
+    config.model.name = tiny_backbone
+    _, state = train.create_experiment(config, 5, 10, devices.make_mesh())
+    manager = train.checkpoint_manager(tmp_path)
+    manager.save(1, args=train.ocp.args.StandardSave(state), metrics={"selection": 0.0, "epoch": 1})
+    manager.wait_until_finished()
+    config.train.ema_decay = 0.9
+    _, with_ema = train.create_experiment(config, 5, 10, devices.make_mesh())
+    with pytest.raises(train.WorkdirError, match=r"does not fit this run's model .*ema_batch_stats"
+                                                 r".*before EMA averaged the BatchNorm statistics"):
+        train.restore_state(manager, 1, with_ema)
+    (metadata,) = (tmp_path / "checkpoints" / "1").rglob("_METADATA")
+    metadata.write_text("{")
+    with pytest.raises(train.WorkdirError, match=r"checkpoint 1 in .* cannot be read, damaged\?"):
+        train.restore_state(train.checkpoint_manager(tmp_path), 1, state)
+
+
 def test_steps_per_call_scan_equals_single_steps(tiny_backbone):
     """train_steps over a [3, B] chunk (a scan) gives the parameters and losses of three one-step
     calls (float32 reassociation tolerance); the loop's chunk divides the epoch on accelerators
