@@ -115,7 +115,11 @@ def load_annotator(workdir: Path | str) -> Annotator:
     config.data.pipeline = "device"  # the images to annotate are put on the device at once
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
-    state, _ = train.restore_best(workdir, state)
+    state, epoch = train.restore_best(workdir, state)
+    if stored.get("epoch") is not None and stored["epoch"] != epoch:
+        raise ValueError(f"{thresholds_path} holds the thresholds of epoch {stored['epoch']}'s "
+                         f"checkpoint, but the workdir's selected checkpoint is now epoch {epoch} "
+                         f"(training went on); write them again with --evaluate")
     return Annotator(experiment, *train.eval_variables(state), list(vocabulary),
                      thresholds, config.data.image_size)
 

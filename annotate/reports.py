@@ -176,12 +176,14 @@ def write_reports(workdir: Path | str, results: dict, config: ml_collections.Con
                   test_images: Sequence[np.ndarray | Path], test_targets: np.ndarray,
                   test_probs: np.ndarray, vocabulary: Sequence[str],
                   num_train_images: int) -> None:
-    """Write results.json, results.md, thresholds.json (vocabulary + thresholds, read by
-    annotate.predict) and the two pictures into `workdir`."""
+    """Write results.json, results.md, thresholds.json (vocabulary, thresholds and the epoch of
+    the checkpoint they were chosen for, read by annotate.predict) and the two pictures into
+    `workdir`."""
     workdir = Path(workdir)
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (workdir / "thresholds.json").write_text(json.dumps(
-        {"vocabulary": list(vocabulary), "thresholds": results["thresholds"]}, indent=2) + "\n")
+        {"vocabulary": list(vocabulary), "thresholds": results["thresholds"],
+         "epoch": results.get("best_epoch")}, indent=2) + "\n")
     seconds = [r["train/epoch_seconds"] for r in summary.read_metrics(workdir)
                if "train/epoch_seconds" in r]
     epoch_seconds = float(np.median(seconds)) if seconds else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,19 @@ def test_damaged_thresholds_and_a_folder_as_output_are_named(smoke_workdir, tmp_
     (tmp_path / "out.json").mkdir()
     with pytest.raises(ValueError, match="out.json is a folder"):
         predict.check_output(str(tmp_path / "out.json"))
+
+
+def test_thresholds_of_another_epoch_are_refused(smoke_workdir, tmp_path):
+    """thresholds.json names the checkpoint its thresholds were chosen for; when training went on
+    and another checkpoint is selected, predict refuses the stale pair."""
+    stored = json.loads((smoke_workdir / "thresholds.json").read_text())
+    assert stored["epoch"] == json.loads((smoke_workdir / "results.json").read_text())["best_epoch"]
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_workdir, workdir)
+    (workdir / "thresholds.json").write_text(json.dumps({**stored, "epoch": stored["epoch"] + 7}))
+    with pytest.raises(ValueError, match=f"thresholds of epoch {stored['epoch'] + 7}'s checkpoint, "
+                                         f"but .* is now epoch {stored['epoch']}"):
+        predict.load_annotator(workdir)
 
 
 def test_config_of_another_version_is_named(smoke_workdir, tmp_path):
