@@ -32,9 +32,7 @@ def fail(message: object) -> None:
     print(f"error: {text}", file=sys.stderr)
     jax = sys.modules.get("jax")  # cli stays jax-free: only a run that imported jax can be joined
     if jax is not None and jax.distributed.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(USER_ERROR)
+        _exit_at_once(USER_ERROR)
     sys.exit(USER_ERROR)
 
 
@@ -138,7 +136,9 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> 
     except KeyboardInterrupt:  # the apps have already waited for their checkpoint or image saves
         print("interrupted; what was completed is kept (a rerun of the same command resumes)",
               file=sys.stderr)
-        interrupted_exit()
+        # no interpreter teardown: a Ctrl-C during the first compilation leaves XLA compiling in
+        # its own threads, and tearing Python down under them segfaults (status 139)
+        _exit_at_once(INTERRUPTED)
 
 
 def redeliver_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -155,10 +155,8 @@ def redeliver_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     return unraisable
 
 
-def interrupted_exit() -> None:
-    """Exit with status 130 at once, without the interpreter's teardown: a Ctrl-C during the first
-    compilation leaves XLA compiling in its own threads, and tearing Python down under them
-    ends in a segmentation fault (status 139, after the message)."""
+def _exit_at_once(status: int) -> None:
+    """Flush the output and exit with `status` without the interpreter's teardown (os._exit)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(INTERRUPTED)
+    os._exit(status)

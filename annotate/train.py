@@ -205,10 +205,10 @@ def train_step(state: TrainState, images: jax.Array, targets: jax.Array,
     state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                           opt_state=opt_state)
     if state.ema_params is not None:
-        average = lambda e, v: ema_decay * e + (1 - ema_decay) * v  # noqa: E731
-        state = state.replace(ema_params=jax.tree.map(average, state.ema_params, params),
-                              ema_batch_stats=jax.tree.map(average, state.ema_batch_stats,
-                                                           batch_stats))
+        ema_params, ema_batch_stats = jax.tree.map(
+            lambda e, v: ema_decay * e + (1 - ema_decay) * v,
+            (state.ema_params, state.ema_batch_stats), (params, batch_stats))
+        state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
     return state, loss
 
 
@@ -284,10 +284,9 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
         load_pretrained(model, config.model.pretrained)
     model_def, params, batch_stats = split_model(model)
     tx = make_optimizer(config, total_steps)
+    ema = (params, batch_stats) if config.train.ema_decay > 0 else (None, None)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params),
-                       ema_params=params if config.train.ema_decay > 0 else None,
-                       ema_batch_stats=batch_stats if config.train.ema_decay > 0 else None)
+                       opt_state=tx.init(params), ema_params=ema[0], ema_batch_stats=ema[1])
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     # "device": the whole split on every device; "stream": each call's images only, split over
