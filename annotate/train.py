@@ -430,12 +430,18 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
                            f"if one is left") from error
 
 
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether `workdir` holds a finished checkpoint (orbax renames a checkpoint's temporary
+    folder to its epoch number only once it is complete)."""
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(path.name.isdigit() for path in directory.iterdir())
+
+
 def require_checkpoint(workdir: Path) -> None:
     """FileNotFoundError when `workdir` holds no finished checkpoint (an evaluation checks it
     before it decodes any data)."""
-    directory = workdir / "checkpoints"
-    if not directory.is_dir() or not any(path.name.isdigit() for path in directory.iterdir()):
-        raise FileNotFoundError(f"no checkpoint in {directory}; train first")
+    if not has_checkpoint(workdir):
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
 
 
 def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
@@ -569,13 +575,13 @@ def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
 
 
 def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDict,
-                              workdir: Path) -> None:
-    """Write workdir/validation_images.json, or check that a resumed run holds out the same
+                              workdir: Path, resumed: bool) -> None:
+    """Write workdir/validation_images.json, or check that a `resumed` run holds out the same
     images (a changed dataset, seed or size would silently mix the two sides)."""
     path = workdir / "validation_images.json"
     record = {"seed": config.seed, "size": config.eval.validation_size,
               "image_names": run_data.validation.host.image_names}
-    if path.exists() and json.loads(path.read_text()) != record:
+    if resumed and path.exists() and json.loads(path.read_text()) != record:
         raise ValueError(f"{path} lists other validation images than this run holds out (the "
                          f"dataset, config.seed or config.eval.validation_size changed); "
                          f"use a new workdir")
@@ -684,7 +690,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     """Train as configured (resuming from workdir's latest checkpoint), scoring the monitored
     split (RunData.monitored) after each epoch, then evaluate the checkpoint that
     config.eval.protocol selects. The workdir is locked for the run (workdir.WorkdirLock); a
-    resume with a config that does not fit its checkpoints is refused (workdir.check_config)."""
+    resume with a config that does not fit its checkpoints is refused (workdir.check_config); a
+    workdir whose run stopped before its first checkpoint starts afresh with the new config."""
     validate_config(config)
     config = resolved_config(config)
     workdir = Path(workdir).absolute()
@@ -692,7 +699,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
     workdir.mkdir(parents=True, exist_ok=True)
     is_writer = jax.process_index() == 0
     with WorkdirLock(workdir) if is_writer else contextlib.nullcontext():
-        check_config(workdir, config, training=True)
+        if has_checkpoint(workdir):  # nothing to resume, nothing to refuse otherwise
+            check_config(workdir, config, training=True)
         return _train_and_evaluate(config, workdir, is_writer)
 
 
@@ -727,7 +735,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     writer = None
     if is_writer:  # the data load and the model fit: training starts, the workdir records it
         if run_data.validation is not None:  # checked (a changed dataset) before config.json
-            _record_validation_images(run_data, config, workdir)
+            _record_validation_images(run_data, config, workdir, resumed=bool(start_epoch))
         write_config(workdir, config)
         # drop records of an epoch that was interrupted before its checkpoint
         summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)

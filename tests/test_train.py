@@ -413,6 +413,35 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert epochs == [1, 2, 3]
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_a_new_config(
+        tiny_dataset, tiny_backbone, tmp_path, monkeypatch):
+    """Killed at step 1, before any checkpoint: the workdir holds config.json and
+    validation_images.json but nothing to resume, so another seed and schedule (refused on a
+    resume) start a fresh run, which records its own settings and held-out images."""
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.eval.protocol, config.eval.validation_size = "validation", 4
+    workdir = tmp_path / "run"
+    _KilledBar.completed = 0
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "tqdm", _KilledBar(kill_at=1))
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, workdir)
+    assert not train.has_checkpoint(workdir)
+    first_held_out = json.loads((workdir / "validation_images.json").read_text())
+    assert first_held_out["seed"] == 0
+
+    config.seed, config.train.schedule_epochs = 1, 4
+    evaluation = train.train_and_evaluate(config, workdir)
+    assert evaluation.results["best_epoch"] in (1, 2, 3) and train.has_checkpoint(workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["seed"], saved["train"]["schedule_epochs"]) == (1, 4)
+    held_out = json.loads((workdir / "validation_images.json").read_text())
+    assert held_out["seed"] == 1 and held_out["image_names"] != first_held_out["image_names"]
+    with pytest.raises(train.WorkdirError, match=r"trained with .*seed=1.*not .*seed=0"):
+        config.seed = 0  # now there is a checkpoint: a resume with another seed is refused
+        train.train_and_evaluate(config, workdir)
+
+
 def _shuffle_test_labels(root: Path, seed: int) -> None:
     """Shuffle test.json's labels: each image's label set moves to another image and every label
     is renamed to another vocabulary entry (same vocabulary, other targets)."""
