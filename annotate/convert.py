@@ -171,7 +171,8 @@ def _timm_pretrained_state_dict(name: str) -> dict[str, Any]:
     try:
         import timm
     except ImportError as error:
-        raise ImportError(f"pretrained 'timm:{name}' needs timm and torch installed") from error
+        raise ImportError(f"pretrained 'timm:{name}' needs timm and torch installed (pip "
+                          f"install timm torch)") from error
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as error:  # timm/huggingface raise many types when offline or name unknown

@@ -111,8 +111,9 @@ def main(argv: list[str]) -> None:
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
         evaluation = run(config, workdir)
-    except (data.DatasetError, FloatingPointError, ValueError, WorkdirError) as error:
-        # the cause, named, without a traceback; checkpoints already written stay in the workdir
+    except (data.DatasetError, FloatingPointError, ImportError, ValueError, WorkdirError) as error:
+        # the cause, named, without a traceback (an ImportError: a pretrained checkpoint's
+        # optional reader, torch or timm, is missing); checkpoints already written stay put
         cli.fail(error)
     except OSError as error:  # a missing file, a read-only workdir, a workdir under a file
         cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)

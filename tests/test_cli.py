@@ -92,6 +92,18 @@ def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
 
 
+def test_a_pretrained_checkpoint_without_its_reader_is_one_line(tmp_path):
+    """`make train` installs no torch or timm: asking for timm weights without them says so."""
+    (tmp_path / "timm.py").write_text("raise ImportError('No module named timm')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = run_app("annotate.main", "--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}",
+                   "--config.model.pretrained=timm:resnet18", env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: pretrained 'timm:resnet18' needs timm and torch installed (pip install timm torch)")
+    assert "Traceback" not in done.stderr
+
+
 def test_a_workdir_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     done = run_app("annotate.main", "--config=configs/smoke.py",
