@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,12 +111,21 @@ def load_annotator(workdir: Path | str) -> Annotator:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{thresholds_path} is damaged ({type(error).__name__}: {error}); "
                          f"write it again with --evaluate") from error
-    if len(vocabulary) != len(thresholds):
-        raise ValueError(f"{thresholds_path}: {len(vocabulary)} labels but {len(thresholds)} thresholds")
+    if not (isinstance(vocabulary, list) and all(isinstance(label, str) for label in vocabulary)):
+        raise ValueError(f"{thresholds_path} is damaged: its vocabulary must be a list of label "
+                         f"names; write it again with --evaluate")
+    if thresholds.shape != (len(vocabulary),) or not np.all((thresholds >= 0) & (thresholds <= 1)):
+        raise ValueError(f"{thresholds_path} is damaged: it must hold one threshold in [0, 1] per "
+                         f"label ({len(vocabulary)} labels, thresholds of shape "
+                         f"{thresholds.shape}, NaN or out of range?); write it again with --evaluate")
     config.data.pipeline = "device"  # the images to annotate are put on the device at once
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
-    state, epoch = train.restore_best(workdir, state)
+    try:
+        state, epoch = train.restore_best(workdir, state)
+    except WorkdirError as error:  # e.g. another run's thresholds.json, with another label count
+        raise WorkdirError(f"{error}; the model was built for the {len(vocabulary)} labels of "
+                           f"{thresholds_path}") from error
     if stored.get("epoch") is not None and stored["epoch"] != epoch:
         raise ValueError(f"{thresholds_path} holds the thresholds of epoch {stored['epoch']}'s "
                          f"checkpoint, but the workdir's selected checkpoint is now epoch {epoch} "
@@ -160,6 +170,8 @@ def check_output(output: str | None) -> Path | None:
         raise FileNotFoundError(f"--output {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise ValueError(f"--output {path} is a folder; name a file")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"--output {path}: not writable")
     return path
 
 
@@ -177,7 +189,8 @@ def main(argv: list[str]) -> None:
                                     f"{', '.join(argv[1:])}")
         enable_compilation_cache()
         annotations, skipped = load_annotator(FLAGS.workdir).annotate(files)
-    except (FileNotFoundError, ValueError, data.DatasetError, WorkdirError) as error:
+    except (FileNotFoundError, PermissionError, ValueError, data.DatasetError,
+            WorkdirError) as error:
         cli.fail(error)
     for item in annotations:
         labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])
@@ -188,7 +201,10 @@ def main(argv: list[str]) -> None:
         for path, why in skipped:
             print(f"  {path}: {why}", file=sys.stderr)
     if output is not None and annotations:
-        write_annotations(output, annotations)
+        try:
+            write_annotations(output, annotations)
+        except OSError as error:  # the annotations are printed above; only the file is lost
+            cli.fail(f"--output {output}: {error.strerror or error}")
     if not annotations:
         cli.fail("no image could be annotated")
 

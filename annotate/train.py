@@ -413,6 +413,7 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
     WorkdirError when it does not fit (another dataset's label count, a damaged file)."""
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
+    _require_saved_shapes(manager, epoch, abstract)
     try:
         return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
     except Exception as error:  # a tree or shape that does not fit, or a damaged file
@@ -428,6 +429,33 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
         raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "
                            f"({cause}); delete that folder to resume from an earlier checkpoint, "
                            f"if one is left") from error
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"params.head.fc.kernel": shape, ...} of a pytree (a TrainState or orbax's metadata)."""
+    def name(path: tuple) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in path)
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _require_saved_shapes(manager: ocp.CheckpointManager, epoch: int, abstract: Any) -> None:
+    """WorkdirError naming the arrays whose saved shape differs from the model's (e.g. another
+    label count), read from the checkpoint's metadata before any array is: a restore that fails
+    part-way leaves orbax's reads pending, and they print tracebacks when Python exits."""
+    try:
+        with contextlib.closing(ocp.StandardCheckpointHandler()) as reader:
+            saved = _shapes(reader.metadata(Path(manager.directory) / str(epoch) / "default"))
+    except Exception:  # unreadable metadata: the restore itself names the cause
+        return
+    differ = [(key, shape, saved[key]) for key, shape in _shapes(abstract).items()
+              if key in saved and saved[key] != shape]
+    if differ:
+        key, shape, saved_shape = differ[0]
+        more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
+        raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this run's "
+                           f"model: {key} is {saved_shape} in the checkpoint, {shape} in the "
+                           f"model{more}")
 
 
 def has_checkpoint(workdir: Path) -> bool:
@@ -448,11 +476,11 @@ def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
     """The best checkpoint of `workdir` (laid out like `like`) and its epoch; FileNotFoundError
     when the workdir holds none."""
     require_checkpoint(workdir)  # before the manager, which would create the folder
-    manager = checkpoint_manager(workdir)
-    best_epoch = manager.best_step()
-    if best_epoch is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
-    return restore_state(manager, best_epoch, like), best_epoch
+    with contextlib.closing(checkpoint_manager(workdir)) as manager:  # its threads end with it
+        best_epoch = manager.best_step()
+        if best_epoch is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
+        return restore_state(manager, best_epoch, like), best_epoch
 
 
 # --------------------------------------------------------------------------- data
@@ -788,13 +816,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                              metrics={"selection": selection, "epoch": epoch})
     except BaseException:  # an interrupted or failed run still completes the save already begun
         try:
-            checkpoints.wait_until_finished()
+            checkpoints.close()  # waits for the save, then ends the manager's threads
         except Exception:  # the error in flight is the one to report
             log.exception("a checkpoint save failed too")
         raise
     else:
         try:
-            checkpoints.wait_until_finished()
+            checkpoints.close()
         except Exception as error:
             raise _checkpoint_error(checkpoints, error) from error
     finally:

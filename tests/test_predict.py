@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,35 @@ def test_damaged_thresholds_and_a_folder_as_output_are_named(smoke_workdir, tmp_
     (tmp_path / "out.json").mkdir()
     with pytest.raises(ValueError, match="out.json is a folder"):
         predict.check_output(str(tmp_path / "out.json"))
+
+
+@pytest.mark.parametrize("thresholds,found", [
+    (0.5, "()"), ([[0.5]] * 260, "(260, 1)"), ([0.5] * 259, "(259,)"), ([None] * 260, "(260,)"),
+    ([1.5] * 260, "(260,)")])
+def test_thresholds_that_are_not_one_probability_per_label_are_named(smoke_workdir, tmp_path,
+                                                                     thresholds, found):
+    """A number, nested lists, one too few, null (NaN) or above 1: refused before the model is
+    built, where they would fail with a traceback or silently annotate nothing."""
+    stored = json.loads((smoke_workdir / "thresholds.json").read_text())
+    (tmp_path / "config.json").write_bytes((smoke_workdir / "config.json").read_bytes())
+    (tmp_path / "thresholds.json").write_text(json.dumps({**stored, "thresholds": thresholds}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"thresholds.json is damaged: it must hold one threshold in [0, 1] per label "
+            f"(260 labels, thresholds of shape {found}")):
+        predict.load_annotator(tmp_path)
+
+
+def test_thresholds_of_another_label_count_are_named(smoke_workdir, tmp_path):
+    stored = json.loads((smoke_workdir / "thresholds.json").read_text())
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_workdir, workdir)
+    (workdir / "thresholds.json").write_text(json.dumps(
+        {**stored, "vocabulary": stored["vocabulary"][:5], "thresholds": stored["thresholds"][:5]}))
+    with pytest.raises(predict.WorkdirError, match=(
+            r"does not fit this run's model: params.head.fc.bias is \(260,\) in the checkpoint, "
+            r"\(5,\) in the model \(and 5 more arrays\); the model was built for the 5 labels "
+            r"of .*thresholds.json$")):
+        predict.load_annotator(workdir)
 
 
 def test_thresholds_of_another_epoch_are_refused(smoke_workdir, tmp_path):
@@ -135,6 +165,14 @@ def test_command_line(smoke_workdir, corel5k_dir, tmp_path):
     assert rows[0] == ["image", "label", "probability"]
     assert {row[0] for row in rows[1:]} == {a["image"] for a in annotations}
     assert len(rows) - 1 == sum(max(1, len(a["labels"])) for a in annotations)
+
+    # an output that cannot be written (a link into a missing folder): the annotations are
+    # printed, then one line names the file
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "no" / "out.json")
+    unwritten = run([*command[:4], f"--output={tmp_path / 'dangling.json'}", *command[5:]])
+    assert unwritten.returncode == 2 and annotations[0]["image"] in unwritten.stdout
+    assert unwritten.stderr.strip().splitlines()[-1] == (
+        f"error: --output {tmp_path / 'dangling.json'}: No such file or directory")
 
     empty = tmp_path / "empty"
     empty.mkdir()
