@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from annotate.workdir import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,4 @@ def read_metrics(workdir: Path | str) -> list[dict]:
 def rewrite_metrics(workdir: Path | str, records: list[dict]) -> None:
     """Replace `workdir/metrics.jsonl` by `records`, atomically (a rename of a written file)."""
     path = Path(workdir) / "metrics.jsonl"
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(temporary, path)
+    write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))

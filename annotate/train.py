@@ -551,7 +551,7 @@ class RunData:
         return self.validation if self.validation is not None else self.train
 
 
-def _held_out_rows(train: data.Split, num_originals: int, held_out: np.ndarray) -> np.ndarray:
+def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) -> np.ndarray:
     """Rows of `train` that stay for training when the original images `held_out` are validation
     images: the other originals and the WGAN images not made from a held-out image (wgan.run
     names them <stem>_aug*.jpeg after their original's <stem>.<ext>)."""
@@ -589,7 +589,7 @@ def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
         held_out = data.validation_indices(train.targets[:num_originals],
                                            config.eval.validation_size, config.seed)
         validation = train.take(held_out)
-        train = train.take(_held_out_rows(train, num_originals, held_out))
+        train = train.take(_training_rows(train, num_originals, held_out))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def prepared(split: data.Split | data.SplitSources | None) -> DeviceSplit | StreamSplit | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,19 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     if path.exists() and json.loads(path.read_text()) != json.loads(text):
         log.warning("config differs from the one in %s; the run continues with the new one", path)
+    write_atomically(path, text)
+
+
+def write_atomically(path: Path, content: str | Callable[[Path], Any]) -> None:
+    """Write `content` (a text, or a function that writes the file at the path it is given) to a
+    hidden file beside `path`, then rename it onto `path`: readers, and a run killed mid-write,
+    never see a partial file."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        if isinstance(content, str):
+            temporary.write_text(content)
+        else:
+            content(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # a failed write leaves `path` as it was, and no debris

@@ -78,7 +78,9 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.train.flip_vertical = True
     config.train.ema_decay = 0.0  # > 0: evaluate moving averages of the weights and BN statistics
     config.train.eval_batch_size = 250
-    config.train.log_every = 10  # steps between progress-bar updates (and loss checks)
+    # on an accelerator, at most this many train steps per dispatch: the losses are read back,
+    # checked and shown once per dispatch (annotate.train.steps_per_call); 1 on the CPU
+    config.train.log_every = 10
 
     config.eval = ml_collections.ConfigDict()
     # "seed": the seed's protocol (checkpoint chosen on test, MCC thresholds on train);

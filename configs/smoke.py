@@ -18,5 +18,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.epochs = 2
     config.train.schedule_epochs = config.train.get_ref("epochs")
     config.train.eval_batch_size = 500
-    config.train.log_every = 20
     return config

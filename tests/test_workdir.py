@@ -10,10 +10,10 @@ import socket
 
 import pytest
 
-from annotate import summary, train
+from annotate import data, summary, train
 from annotate.config import resolved_config
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
-                              write_config)
+                              write_atomically, write_config)
 from conftest import tiny_config
 
 
@@ -51,7 +51,7 @@ def test_config_json_only_when_training_starts_and_refusals_name_the_keys(
     workdir = tmp_path / "run"
     config = tiny_config(tiny_dataset, tmp_path / "cache")
     broken = tiny_config(tmp_path / "nowhere", tmp_path / "cache")
-    with pytest.raises(Exception):  # no data: nothing recorded as trained
+    with pytest.raises(data.DatasetError, match="no Corel-5k dataset at"):  # nothing recorded
         train.train_and_evaluate(broken, workdir)
     assert not (workdir / "config.json").exists()
 
@@ -66,7 +66,8 @@ def test_config_json_only_when_training_starts_and_refusals_name_the_keys(
             run(bigger, workdir)
     other_lr = tiny_config(tmp_path / "nowhere", tmp_path / "cache")
     other_lr.train.learning_rate = 0.5
-    with pytest.raises(Exception):  # a failing rerun leaves the finished run's config alone
+    # a failing rerun leaves the finished run's config alone
+    with pytest.raises(data.DatasetError, match="no Corel-5k dataset at"):
         train.train_and_evaluate(other_lr, workdir)
     assert (workdir / "config.json").read_text() == saved
     assert (workdir / "checkpoints").stat().st_mtime_ns == results
@@ -194,3 +195,18 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dataset, tiny_backbo
     (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
         summary.read_metrics(tmp_path / "run")
+
+
+def test_write_atomically_replaces_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "results.json"
+    write_atomically(path, "first")
+    write_atomically(path, lambda temporary: temporary.write_bytes(b"second"))
+    assert path.read_text() == "second"
+
+    def fails_half_way(temporary):
+        temporary.write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(path, fails_half_way)
+    assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "results.json"]

@@ -11,7 +11,6 @@ file is written to a temporary name and renamed, so none is ever half-written.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError
                            read_split_index)
 from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.devices import enable_compilation_cache
+from annotate.workdir import write_atomically
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
                         train_chunk)
 
@@ -38,13 +38,6 @@ def augmented_names(image_name: str) -> list[str]:
     """The seed's three output names for a training image: stem (up to the first '.') + suffix."""
     stem = image_name.split(".")[0]
     return [f"{stem}{suffix}.jpeg" for suffix in VIEW_SUFFIXES]
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    write(tmp_path)
-    os.replace(tmp_path, path)
 
 
 def save_jpeg(path: Path, pixels: np.ndarray) -> None:
@@ -65,7 +58,7 @@ def write_augmentation_index(out_dir: Path, index: SplitIndex) -> int:
                for original, labels in zip(index.image_names, index.image_labels)
                if is_done(image_dir, original) for name in augmented_names(original)]
     text = json.dumps({"samples": samples, "labels": list(index.vocabulary)})
-    write_atomically(out_dir / AUGMENTATION_INDEX, lambda tmp: tmp.write_text(text))
+    write_atomically(out_dir / AUGMENTATION_INDEX, text)
     return len(samples)
 
 
@@ -94,7 +87,7 @@ def record_run(out_dir: Path, index: SplitIndex, config: config_dict.ConfigDict)
             for name in augmented_names(image_name):
                 (image_dir / name).unlink(missing_ok=True)
         write_augmentation_index(out_dir, index)
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n"))
+    write_atomically(path, json.dumps(settings) + "\n")
 
 
 def check_writable(folder: Path) -> None:

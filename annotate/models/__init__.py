@@ -80,13 +80,6 @@ def model_info(name: str) -> ModelInfo:
     return _REGISTRY[name]
 
 
-def create_backbone(name: str, *, dtype: Any = None, seed: int = 0) -> Any:
-    """Backbone `name` alone (feature maps, no head), parameters in float32, compute in `dtype`."""
-    from flax import nnx
-
-    return _build_backbone(name, dtype, nnx.Rngs(seed))
-
-
 def _build_backbone(name: str, dtype: Any, rngs: Any) -> Any:
     import jax.numpy as jnp
 

@@ -1,0 +1,66 @@
+"""The layout's one rule (README, "Layout"): a lower room never imports a higher one. Every import
+statement of every module, function-local ones included, is read with `ast`."""
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from modules import REPO
+
+# rank of each room, lowest first; a module may import its own rank or a lower one
+ROOMS = [
+    ("annotate.data", "annotate.models", "annotate.losses", "annotate.metrics", "annotate.devices",
+     "annotate.workdir", "annotate.summary"),
+    ("annotate.config", "annotate.convert"),
+    ("annotate.train",),
+    ("annotate.reports",),
+    ("annotate.main", "annotate.predict", "annotate.summarize", "annotate.cli"),
+    ("wgan",),
+]
+
+
+def rank(module: str) -> int:
+    """The rank of `module` (a dotted name) from the longest room prefix it falls under."""
+    matches = [(len(room), number) for number, rooms in enumerate(ROOMS) for room in rooms
+               if module == room or module.startswith(room + ".")]
+    if not matches:
+        raise KeyError(f"{module} is in no room of ROOMS: add it")
+    return max(matches)[1]
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path) -> list[str]:
+    """The project modules imported anywhere in the file at `path`."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from annotate import data` imports annotate.data; `from x.y import f`, x.y
+            names += [f"{node.module}.{alias.name}" if node.module in ("annotate", "wgan")
+                      else node.module for alias in node.names]
+    return [name for name in names if name.split(".")[0] in ("annotate", "wgan")]
+
+
+SOURCES = sorted([*(REPO / "annotate").rglob("*.py"), *(REPO / "wgan").rglob("*.py")])
+
+
+def test_rank_reads_the_longest_room():
+    assert rank("annotate.data.fetch") == 0 and rank("annotate.train") == 2
+    assert rank("wgan.run") == 5 and rank("annotate.main") == 4
+    with pytest.raises(KeyError, match="annotate.nowhere is in no room"):
+        rank("annotate.nowhere")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: module_name(path))
+def test_no_module_imports_a_higher_room(path):
+    module = module_name(path)
+    if module in ("annotate", "wgan"):
+        return  # the packages' own __init__ files hold no code
+    higher = [name for name in imported_modules(path) if rank(name) > rank(module)]
+    assert not higher, f"{module} (room {rank(module)}) imports {higher}"
