@@ -122,7 +122,9 @@ def bootstrap_ci(targets: np.ndarray, probs: np.ndarray, thresholds: float | np.
 def mcc_thresholds(targets: np.ndarray, probs: np.ndarray,
                    grid: np.ndarray | tuple[float, ...] = MCC_GRID) -> np.ndarray:
     """Per label, the grid threshold with the highest Matthews correlation of (probs >= t) with the
-    targets (MCC 0 where undefined, ties to the smallest t): the seed's threshold tuning, [C]."""
+    targets (MCC 0 where undefined, ties to the smallest t): the seed's threshold tuning, [C].
+    As in the seed, thresholds are chosen with >= and applied with > (`_predictions`); the two
+    differ only for a probability exactly equal to a grid value."""
     targets, probs = _check_inputs(targets, probs)
     grid = np.sort(np.asarray(grid, dtype=np.float64).ravel())
     if grid.size == 0:

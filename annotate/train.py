@@ -1,9 +1,11 @@
 """Training and evaluation: the seed's recipe as one sharded, jitted train step over on-device data.
 
-The whole decoded split sits on the accelerators as uint8 (replicated over the mesh). Each step
-receives the batch's indices (sharded along the "data" axis) and does gather, random flips,
-normalisation, the compute-dtype cast, forward, loss, gradients, the optax update and the
-BatchNorm statistics update inside one `jax.jit`. The model is split once into a static graph
+With config.data.pipeline "device" (the default) the whole decoded split sits on the
+accelerators as uint8 (replicated over the mesh); with "stream", grain threads decode each batch
+on the host (annotate.data.stream). Each step receives the batch (with "device", its indices,
+sharded along the "data" axis) and does gather, random flips, normalisation, the compute-dtype
+cast, forward, loss, gradients, the optax update and the BatchNorm statistics update inside one
+`jax.jit`. The model is split once into a static graph
 and a pure `TrainState`; every random number derives from (config.seed, epoch, step), so a run
 resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted one.
 
@@ -488,11 +490,12 @@ def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """A split on the accelerators (uint8 images, float32 targets, replicated) plus host copies
-    (config.data.pipeline = "device")."""
+    (config.data.pipeline = "device"); images to annotate (annotate.predict) have neither
+    targets nor host copies."""
 
     images: jax.Array
-    targets: jax.Array
-    host: data.Split
+    targets: jax.Array | None
+    host: data.Split | None
 
     @property
     def num_images(self) -> int:
@@ -532,7 +535,8 @@ class StreamSplit:
 
 @dataclasses.dataclass(frozen=True)
 class RunData:
-    """The run's splits on the devices: `train` is trained on, `test` is the test set, and
+    """The run's splits, on the devices or streamed (config.data.pipeline): `train` is trained
+    on, `test` is the test set, and
     `validation` (protocol "validation" only) is held out of the training images."""
 
     train: DeviceSplit | StreamSplit

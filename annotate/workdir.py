@@ -27,8 +27,8 @@ LOCK_NAME = ".lock"
 SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
 # what an evaluation of the workdir must keep too: the protocol that chose its checkpoint and the
 # images its thresholds are chosen on, the inputs' normalisation and the linear head's pooling
-EVALUATION_KEYS = ("eval.protocol", "data.augmentation", "data.mean", "data.std",
-                   "model.global_pool")
+EVALUATION_KEYS = ("eval.protocol", "data.augmentation", "data.mean", "data.std")
+LINEAR_HEAD_KEYS = ("model.global_pool",)  # read by the linear head alone
 # and, under protocol "validation", which training images were held out
 VALIDATION_KEYS = ("seed", "eval.validation_size")
 # what a resumed training run must keep too: the schedule's length in steps (a longer or shorter
@@ -131,8 +131,8 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
                  training: bool = False) -> None:
     """Refuse to resume or evaluate `workdir` with a config (resolved: annotate.config.
     resolved_config) that differs from its config.json in SHAPE_KEYS, EVALUATION_KEYS (and
-    VALIDATION_KEYS under protocol "validation"), the options of a head other than the linear one
-    (dropout only when training) or in what its checkpoints hold (state_layout), and to resume
+    VALIDATION_KEYS under protocol "validation"), the options of its head (LINEAR_HEAD_KEYS, or
+    those under config.model.<head>, dropout only when training) or in what its checkpoints hold (state_layout), and to resume
     its training (`training`) with other RESUME_KEYS; nothing to check before the first run."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
@@ -142,7 +142,9 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     if _value(saved, "eval.protocol") == "validation":
         keys += list(VALIDATION_KEYS)
     head = _value(config, "model.head")
-    if head not in (None, "linear"):
+    if head in (None, "linear"):
+        keys += list(LINEAR_HEAD_KEYS)
+    else:
         keys += [f"model.{head}.{option}" for option in config.model[head]
                  if training or "dropout" not in option]
     changed = [key for key in keys if _comparable(_value(saved, key)) != _comparable(

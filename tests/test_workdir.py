@@ -113,6 +113,18 @@ def test_a_resume_or_evaluation_keeps_what_its_checkpoints_and_images_depend_on(
             check_config(workdir, config, training=training)
 
 
+def test_the_linear_heads_pooling_is_free_under_another_head(tiny_dataset, tmp_path):
+    """model.global_pool is read by the linear head alone: with CSRA it changes nothing."""
+    config = tiny_config(tiny_dataset, tmp_path)
+    config.model.head = "csra"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    config.model.global_pool = "max"
+    for training in (True, False):
+        check_config(workdir, config, training=training)
+
+
 @pytest.mark.parametrize("changes, refused", [
     ({"ema_decay": 0.999}, "train.ema_decay=0.0, not train.ema_decay=0.999"),
     ({"optimizer": "adamw"}, "train.optimizer='adam', not train.optimizer='adamw'"),
