@@ -15,7 +15,9 @@ def get_config() -> config_dict.ConfigDict:
     # Generator/critic pairs trained at once (one chunk). A pair peaks at ~0.46 GB on the GPU
     # (24.8M float32 parameters, Adam moments, gradients, activations): 100 pairs take ~45 GB,
     # inside JAX's default 75% of an 80 GB H100, and 4,500 images are exactly 45 chunks. Measured
-    # on an H100, time per pair-iteration is flat from K=16 to K=96 (~3 ms).
+    # on an H100, time per pair-iteration is flat from K=16 to K=96 (~3 ms). Both were measured
+    # before the batched critic and generator calls (wgan/train.py), which keep more activations:
+    # the next device session measures them again (docs/results.md).
     config.pairs = 100
     config.seed = 1  # the seed's torch.manual_seed(1); each image's stream is fold_in(seed, index)
     config.model_width = 64  # the seed's hidden_dim; smaller only for quick tests

@@ -200,8 +200,7 @@ def test_flops_command_counts_the_timed_step(benchmark, train_record):
 def test_wgan_bound_counts_the_fewest_weight_reads(benchmark):
     """Counted on the traced pair iteration: a critic step reads the critic's weights 4 times
     (one batch-3 call and its gradient-penalty derivatives), the generator step's critic twice
-    more, and the generator is read twice (one batch-6 forward, its backward); the seed-style
-    separate calls read them 6 times per critic step and the generator 7 times. The bytes follow
+    more, and the generator is read twice (one batch-6 forward, its backward). The bytes follow
     from the parameter counts: 24 for Adam, 4 per read."""
     bound = benchmark.wgan_bound(width=4)
     assert bound["critic_reads_per_critic_step"] == bound["fewest"]["critic_reads_per_critic_step"] == 4
@@ -210,6 +209,45 @@ def test_wgan_bound_counts_the_fewest_weight_reads(benchmark):
     assert bound["bytes_per_pair_iteration"] == (bound["critic_params"] * (24 * 5 + 4 * 22)
                                                  + bound["generator_params"] * (24 + 4 * 2))
     assert bound["flops_per_pair_iteration"] > 0
+
+
+@pytest.mark.parametrize("calls, reads", [((3,), 4), ((2, 1), 6), ((1, 1, 1), 8)])
+def test_weight_reads_of_a_critic_step_grow_with_its_separate_calls(benchmark, calls, reads):
+    """The counter on the critic loss's gradient with (fake, real, interpolate) split into
+    separate critic calls: each call reads a middle layer's weights once forward and once in its
+    backward, and the penalty's input gradient adds one pass and its own derivative one more,
+    so 2 x calls + 2: 4 for the one batch-3 call, 6 for fake and real together with the
+    interpolate apart, 8 for the seed's three batch-1 calls."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from wgan import train as wgan_train
+
+    setup = wgan_train.WganSetup(width=4)
+    critic_params = nnx.state(setup.critic(jax.random.key(0)), nnx.Param)
+    fake, real = jnp.zeros((128, 192, 3)), jnp.ones((128, 192, 3))
+
+    def loss(params):
+        critic = nnx.merge(setup.graphs[1], params)
+        images = jnp.stack([fake, real, 0.3 * real + 0.7 * fake])
+        scores, penalty, first = [], 0.0, 0
+        for size in calls:  # consecutive slices of (fake, real, interpolate), one call each
+            group = images[first:first + size]
+            if first + size == 3:  # the call holding the interpolate also gives the penalty
+                group_scores, penalty = wgan_train.scores_and_penalty(critic, group, size - 1)
+            else:
+                group_scores = critic(group)
+            scores.append(group_scores)
+            first += size
+        scores = jnp.concatenate(scores)
+        return scores[0] - scores[1] + 10.0 * penalty
+
+    closed = jax.make_jaxpr(jax.grad(loss))(critic_params)
+    paths = [jax.tree_util.keystr(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(critic_params)[0]]
+    kernel = closed.jaxpr.invars[paths.index("['downs'][2]['kernel'].value")]
+    assert benchmark.count_weight_reads(closed.jaxpr, {kernel}) == reads
 
 
 def test_stream_command_times_the_decoding(benchmark, tiny_dataset):

@@ -410,11 +410,13 @@ def test_an_unwritable_image_folder_fails_before_any_training(tmp_path, monkeypa
 @pytest.mark.parametrize("overrides,message", [
     ({"iterations": 2}, "config.iterations = 2: must be >= 3"),
     ({"pairs": 0}, "config.pairs = 0: must be >= 1"),
+    ({"model_width": 0}, "config.model_width = 0: must be >= 1"),
+    ({"limit": -5}, "config.limit = -5: must be >= 1, or None for every training image"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
-    config = wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"), model_width=WIDTH,
-                         **overrides)
+    config = wgan_config(**{"data__root": str(root), "out_dir": str(tmp_path / "out"),
+                            "model_width": WIDTH, **overrides})
     with pytest.raises(ValueError, match=message):
         wgan_run.run(config)
     assert not (tmp_path / "out").exists()
@@ -441,3 +443,53 @@ def test_a_corrupt_image_is_one_line_and_keeps_finished_images(tmp_path, monkeyp
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
     assert "Traceback" not in done.stderr
+
+
+def test_a_run_stopped_before_its_first_image_leaves_its_settings_free(tmp_path, monkeypatch):
+    """Killed while compiling: wgan_run.json exists but no image does, so a corrected rerun with
+    other settings proceeds (and is recorded); once images exist, other settings are refused."""
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    settings = dict(data__root=str(root), out_dir=str(tmp_path / "out"), iterations=3, pairs=2,
+                    model_width=WIDTH)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(wgan_run, "train_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        wgan_run.run(wgan_config(seed=1, **settings))
+    assert json.loads((tmp_path / "out" / "wgan_run.json").read_text())["seed"] == 1
+    monkeypatch.setattr(wgan_run, "train_chunk", _constant_fakes(0.2))
+    wgan_run.run(wgan_config(seed=2, **settings))
+    assert json.loads((tmp_path / "out" / "wgan_run.json").read_text())["seed"] == 2
+    with pytest.raises(ValueError, match="holds 3 images' augmentations made with seed=2, not "
+                                         "seed=3"):
+        wgan_run.run(wgan_config(seed=3, **settings))
+    (tmp_path / "out" / "wgan_run.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"wgan_run.json is damaged \(a JSON list, not an "
+                                         r"object\); delete it to keep the 3 finished images"):
+        wgan_run.run(wgan_config(seed=3, **settings))
+
+
+def test_a_diverged_pair_is_named_and_not_saved(tmp_path, monkeypatch):
+    """Non-finite fakes (a WGAN-GP that diverged) would be saved as black JPEGs and counted as
+    done: the image is named instead, the other image of its chunk is written and indexed, and
+    a rerun trains the diverged one again."""
+    root = write_dataset(tmp_path / "data", n_train=2, n_test=1)
+    names = read_split_index(root, "train").image_names
+    fakes = np.zeros((2, 3, 128, 192, 3), np.float32)
+    fakes[1, 2, 5, 5, 0] = np.nan
+    monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: fakes)
+    config = wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"), iterations=3,
+                         pairs=2, model_width=WIDTH)
+    with pytest.raises(ValueError, match=f"the WGAN-GP of 1 image\\(s\\) diverged .*: {names[1]}; "
+                                         f"the other images are done"):
+        wgan_run.run(config)
+    assert [wgan_run.is_done(tmp_path / "out" / "aug-images", name) for name in names] == [
+        True, False]
+    assert len(read_augmentation_index(tmp_path / "out").image_names) == 3
+    retrained = []
+    monkeypatch.setattr(wgan_run, "train_chunk",
+                        lambda setup, keys, images, iterations: retrained.append(len(keys))
+                        or np.zeros((images.shape[0], 3, 128, 192, 3), np.float32))
+    wgan_run.run(config)
+    assert retrained == [2] and wgan_run.is_done(tmp_path / "out" / "aug-images", names[1])

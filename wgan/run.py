@@ -69,20 +69,29 @@ def record_run(out_dir: Path, index: SplitIndex, config: config_dict.ConfigDict)
     """Write out_dir/wgan_run.json (the settings the images depend on). A rerun with other
     settings over finished images is refused, unless config.force: then every existing image is
     deleted first, so that the folder never holds images of two settings (a killed forced run is
-    resumed by the same command without force)."""
+    resumed by the same command without force). A run that stopped before its first image
+    leaves nothing to protect: the new settings replace its record."""
     path = out_dir / "wgan_run.json"
     settings = {key: config[key] for key in RUN_KEYS}
-    if path.is_file() and not config.force:
-        stored = json.loads(path.read_text())
+    image_dir = out_dir / AUGMENTATION_IMAGES
+    finished = sum(is_done(image_dir, name) for name in index.image_names)
+    if path.is_file() and finished and not config.force:
+        try:
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+        except ValueError as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is damaged ({error}); delete it to keep the {finished} "
+                             f"finished images as they are, or use --config.force=True to make "
+                             f"them all again") from error
         changed = [key for key in RUN_KEYS if stored.get(key) != settings[key]]
         if changed:
             raise ValueError(
-                f"{out_dir} holds images made with " + ", ".join(
+                f"{out_dir} holds {finished} images' augmentations made with " + ", ".join(
                     f"{key}={stored.get(key)!r}" for key in changed) + ", not " + ", ".join(
                     f"{key}={settings[key]!r}" for key in changed) +
                 "; use another --config.out_dir, or --config.force=True to make them all again")
     if config.force:
-        image_dir = out_dir / AUGMENTATION_IMAGES
         for image_name in index.image_names:
             for name in augmented_names(image_name):
                 (image_dir / name).unlink(missing_ok=True)
@@ -102,8 +111,12 @@ def run(config: config_dict.ConfigDict) -> Path:
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype must be one of {list(COMPUTE_DTYPES)}, "
                          f"got {config.compute_dtype!r}")
-    if config.pairs < 1:
-        raise ValueError(f"config.pairs = {config.pairs}: must be >= 1")
+    for key in ("pairs", "model_width"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key} = {config[key]}: must be >= 1")
+    if config.limit is not None and config.limit < 1:
+        raise ValueError(f"config.limit = {config.limit}: must be >= 1, or None for every "
+                         f"training image")
     if config.iterations < SAVED_PER_IMAGE:
         raise ValueError(f"config.iterations = {config.iterations}: must be >= {SAVED_PER_IMAGE} "
                          f"(the images are the fakes of the last {SAVED_PER_IMAGE} iterations)")
@@ -119,6 +132,7 @@ def run(config: config_dict.ConfigDict) -> Path:
     pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
     setup = WganSetup(width=config.model_width,
                       compute_dtype=jnp.dtype(config.compute_dtype))
+    diverged: list[str] = []
     with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
         for start in range(0, len(pending), config.pairs):
             chunk = pending[start:start + config.pairs]
@@ -129,12 +143,20 @@ def run(config: config_dict.ConfigDict) -> Path:
             fakes = train_chunk(setup, image_keys(config.seed, np.asarray(padded)), images,
                                 config.iterations)
             for position, image_index in enumerate(chunk):
+                if not np.all(np.isfinite(fakes[position])):  # saved, NaN would be black pixels
+                    diverged.append(index.image_names[image_index])
+                    continue
                 names = augmented_names(index.image_names[image_index])
                 for name, pixels in zip(names, augmented_views(fakes[position])):
                     save_jpeg(image_dir / name, pixels)
             write_augmentation_index(out_dir, index)
             bar.update(len(chunk))
     write_augmentation_index(out_dir, index)
+    if diverged:
+        raise ValueError(f"the WGAN-GP of {len(diverged)} image(s) diverged (non-finite fakes), "
+                         f"so their augmentations were not written: "
+                         f"{', '.join(diverged[:5])}{', ...' if len(diverged) > 5 else ''}; the "
+                         f"other images are done and indexed")
     return out_dir
 
 

@@ -94,7 +94,8 @@ def critic_loss(critic_params: nnx.State, setup: WganSetup, fake: jax.Array, rea
     """critic(fake) - critic(real) + 10 * GP(eps * real + (1 - eps) * fake) for one pair, from
     one batch-3 critic call (fake, real, interpolate): its gradient reads the critic's weights
     four times (forward, the penalty's input-gradient pass, that pass's own derivative, the
-    final backward) instead of the seed's separate calls' six."""
+    final backward) instead of the 8 of the seed's three batch-1 calls
+    (tests/test_benchmark.py counts both)."""
     critic = nnx.merge(setup.graphs[1], critic_params)
     mixed = mix_weight * real + (1.0 - mix_weight) * fake
     scores, penalty = scores_and_penalty(critic, jnp.stack([fake, real, mixed]), 2)
