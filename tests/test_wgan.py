@@ -422,17 +422,24 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_corrupt_image_is_one_line_and_keeps_finished_images(tmp_path, monkeypatch):
+def test_a_corrupt_image_is_one_line_before_any_training_and_keeps_finished_images(
+        tmp_path, monkeypatch):
+    """Every pending image is decoded before the first chunk trains: a corrupt one stops the run
+    at once (not when its chunk comes, hours in), naming it; images finished before stay."""
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
     train_index = read_split_index(root, "train")
-    (root / "images" / train_index.image_names[2]).write_bytes(b"not a jpeg")
     fakes = np.random.default_rng(0).uniform(-1, 1, (2, 3, 128, 192, 3)).astype(np.float32)
     monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: fakes)  # no compile on the CPU
     config = wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"), iterations=3,
-                         pairs=2, model_width=WIDTH)
-    with pytest.raises(ValueError, match=f"cannot read image .*{train_index.image_names[2]}"):
+                         pairs=2, model_width=WIDTH, limit=2)
+    wgan_run.run(config)  # the first two images are done
+    (root / "images" / train_index.image_names[2]).write_bytes(b"not a jpeg")
+    monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: pytest.fail("trained first"))
+    config.limit = None
+    with pytest.raises(ValueError, match=f"1 training image\\(s\\) cannot be read, nothing was "
+                                         f"trained: cannot read image .*{train_index.image_names[2]}"):
         wgan_run.run(config)
-    assert len(list((tmp_path / "out" / "aug-images").iterdir())) == 6  # the first chunk's
+    assert len(list((tmp_path / "out" / "aug-images").iterdir())) == 6  # the first two images'
     assert len(read_augmentation_index(tmp_path / "out").image_names) == 6
 
     (root / "images" / train_index.image_names[0]).write_bytes(b"not a jpeg either")
@@ -441,8 +448,9 @@ def test_a_corrupt_image_is_one_line_and_keeps_finished_images(tmp_path, monkeyp
                "--config.pairs=2", f"--config.model_width={WIDTH}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
-    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: 2 training image(s) cannot be read, nothing was trained: cannot read image")
+    assert "(and 1 more)" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_run_stopped_before_its_first_image_leaves_its_settings_free(tmp_path, monkeypatch):

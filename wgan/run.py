@@ -132,6 +132,16 @@ def run(config: config_dict.ConfigDict) -> Path:
     pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
     setup = WganSetup(width=config.model_width,
                       compute_dtype=jnp.dtype(config.compute_dtype))
+    unreadable = []  # decoding every pending image takes seconds; meeting one hours in, not
+    for i in pending:
+        try:
+            load_wgan_image(root / index.image_folder / index.image_names[i])
+        except ValueError as error:
+            unreadable.append(str(error))
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} training image(s) cannot be read, nothing was "
+                         f"trained: {unreadable[0]}" + (f" (and {len(unreadable) - 1} more)"
+                                                       if len(unreadable) > 1 else ""))
     diverged: list[str] = []
     with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
         for start in range(0, len(pending), config.pairs):
