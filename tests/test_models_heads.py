@@ -171,6 +171,57 @@ def test_csra_logits_match_the_official_computation(num_heads):
     assert relative_l2(np.asarray(head(jnp.asarray(features))), expected) < 1e-5
 
 
+def _assert_same_distribution(name: str, ours: np.ndarray, theirs: np.ndarray) -> None:
+    """Shape equal; constants equal; else mean and sd within 6 sampling sds, and for large
+    tensors the kurtosis too (normal 3 against uniform 1.8)."""
+    assert ours.shape == theirs.shape, name
+    if theirs.std() == 0:
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+        return
+    sigma, n = theirs.std(), theirs.size
+    assert abs(ours.mean() - theirs.mean()) < 6 * sigma / np.sqrt(n), name
+    assert abs(ours.std() - sigma) < 6 * sigma / np.sqrt(2 * n), (name, ours.std(), sigma)
+    if n >= 2000:
+        def kurtosis(values):
+            centred = values - values.mean()
+            return np.mean(centred ** 4) / np.mean(centred ** 2) ** 2
+        assert abs(kurtosis(ours) - kurtosis(theirs)) < 6 * np.sqrt(24 / n), name
+
+
+def test_heads_start_from_the_official_modules_distributions():
+    """Fresh heads at the official defaults (260 labels, 100 groups, 768 wide, 8 heads, 2048
+    feed-forward; CSRA with 4 heads) against the fresh PyTorch modules, tensor by tensor."""
+    torch.manual_seed(0)
+    reference = TorchMLDecoder(260, 100, 512, 768, 8, 2048)
+    head = MLDecoderHead(512, 260, rngs=nnx.Rngs(1))
+    q_w, k_w, v_w = reference.attention.in_proj_weight.chunk(3)
+    q_b, k_b, v_b = reference.attention.in_proj_bias.chunk(3)
+    pairs = [("embed", head.embed, reference.embed.weight, reference.embed.bias),
+             ("query", head.attention.query, q_w, q_b), ("key", head.attention.key, k_w, k_b),
+             ("value", head.attention.value, v_w, v_b),
+             ("out", head.attention.out, reference.attention.out_proj.weight,
+              reference.attention.out_proj.bias),
+             ("linear1", head.linear1, reference.linear1.weight, reference.linear1.bias),
+             ("linear2", head.linear2, reference.linear2.weight, reference.linear2.bias)]
+    tensors = [(f"{name}.kernel", ours.kernel[...], weight.T) for name, ours, weight, _ in pairs]
+    tensors += [(f"{name}.bias", ours.bias[...], bias) for name, ours, _, bias in pairs]
+    for number in (1, 2, 3):
+        ours, theirs = getattr(head, f"norm{number}"), getattr(reference, f"norm{number}")
+        tensors += [(f"norm{number}.scale", ours.scale[...], theirs.weight),
+                    (f"norm{number}.bias", ours.bias[...], theirs.bias)]
+    tensors += [("queries", head.queries[...], reference.queries),
+                ("group_fc", head.group_fc[...], reference.group_fc),
+                ("group_fc_bias", head.group_fc_bias[...], reference.bias)]
+    csra, torch_csra = CSRAHead(512, 260, num_heads=4, rngs=nnx.Rngs(2)), TorchCSRA(512, 260, 4, 0.1)
+    tensors += [(f"csra.heads.{i}", ours.kernel[...], theirs.weight[:, :, 0, 0].T)
+                for i, (ours, theirs) in enumerate(zip(csra.heads, torch_csra.heads))]
+    for name, ours, theirs in tensors:
+        _assert_same_distribution(name, np.asarray(ours, np.float64),
+                                  theirs.detach().numpy().astype(np.float64))
+    arrays = len(jax.tree.leaves(nnx.state(head, nnx.Param))) + 1  # + the queries (a buffer)
+    assert len(tensors) == arrays + len(csra.heads)  # every array of both heads
+
+
 def test_csra_with_lam_0_is_the_normalised_average_pool():
     head = CSRAHead(48, 30, lam=0.0, rngs=nnx.Rngs(0))
     features = _features()

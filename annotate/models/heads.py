@@ -101,8 +101,9 @@ class MLDecoderHead(nnx.Module):
     """ML-Decoder as the official MLDecoder module: spatial tokens -> linear `embed` + ReLU; fixed
     N(0, 1) queries (min(num_groups, num_classes) of them) pass one decoder layer (the
     `TransformerDecoderLayerOptimal`: tgt + dropout(tgt) -> LayerNorm; cross-attention, residual,
-    LayerNorm; feed-forward ReLU, residual, LayerNorm; dropout 0.1 throughout); group
-    fully-connected: query i gives labels i*d .. i*d+d-1 (d = ceil(num_classes / queries))."""
+    LayerNorm; feed-forward ReLU, residual, LayerNorm; `dropout`, 0.1 by default, at the official
+    positions); group fully-connected: query i gives labels i*d .. i*d+d-1 (d =
+    int(num_classes / queries + 0.999), the official rounding up)."""
 
     def __init__(self, in_features: int, num_classes: int, *, num_groups: int = 100,
                  embedding_dim: int = 768, num_heads: int = 8, feedforward_dim: int = 2048,
