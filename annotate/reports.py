@@ -117,8 +117,10 @@ def plot_predictions(path: Path | str, images: Sequence[np.ndarray | Path], targ
     (o), under the per-label thresholds; past `max_labels` lines, the rest are counted."""
     count = min(count, len(images))
     rows = -(-count // columns)
-    statuses = [label_statuses(targets[i], np.asarray(probs[i]) > np.asarray(thresholds),
-                               vocabulary) for i in range(count)]
+    probs = np.asarray(probs)
+    thresholds = np.asarray(thresholds, probs.dtype)  # compared as the metrics compare them
+    statuses = [label_statuses(targets[i], probs[i] > thresholds, vocabulary)
+                for i in range(count)]
     for i, image_statuses in enumerate(statuses):  # at most max_labels lines per image
         if len(image_statuses) > max_labels:
             rest = image_statuses[max_labels - 1:]
