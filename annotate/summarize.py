@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from annotate import reports
+
 # config keys that do not make two runs different experiments
 RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir",
                  # how the same images reach the same steps (tested to give the same results)
@@ -178,7 +180,9 @@ def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
     return summary
 
 
-def _cell(stats: dict[str, Any], digits: int) -> str:
+def _cell(stats: dict[str, Any], metric: str) -> str:
+    """mean ± sd over runs (the mean alone for one run): P/R/F1 to 3 decimals, N+ to 1."""
+    digits = 1 if metric == "n_plus" else 3
     mean = f"{stats['mean']:.{digits}f}"
     return mean if stats["sd"] is None else f"{mean} ± {stats['sd']:.{digits}f}"
 
@@ -190,16 +194,7 @@ def markdown(summary: Sequence[dict[str, Any]]) -> str:
         seeds = ", ".join(str(seed) for seed in group["seeds"])
         lines += [f"### {group['label']}", "",
                   f"{len(group['seeds'])} run(s), seeds {seeds}; mean ± sd over runs.", "",
-                  "| data | precision | recall | f1-score |", "| :---: | :---: | :---: | :---: |"]
-        for name, kind, prefix in (("per-image metrics", "fixed_0.5", "per_image"),
-                                   ("per-image metrics + MCC", "mcc", "per_image"),
-                                   ("per-class metrics", "fixed_0.5", "per_class"),
-                                   ("per-class metrics + MCC", "mcc", "per_class")):
-            cells = [_cell(group[kind][f"{prefix}_{m}"], 3) for m in ("precision", "recall", "f1")]
-            lines.append(f"| *testset* {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| data | N+ |", "| :---: | :---: |",
-                  f"| *testset* | {_cell(group['fixed_0.5']['n_plus'], 1)} |",
-                  f"| *testset* + MCC | {_cell(group['mcc']['n_plus'], 1)} |", ""]
+                  *reports.seed_tables(group["fixed_0.5"], group["mcc"], _cell), ""]
     return "\n".join(lines)
 
 
