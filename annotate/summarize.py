@@ -6,7 +6,8 @@ Each workdir needs the config.json and results.json that `annotate.main` writes.
 configs differ only in `seed` (and in where their data and caches live) form one group; every
 group gets the seed's precision / recall / F1 table and N+ table, each cell the mean +- sample
 standard deviation over its runs. The markdown goes to stdout, the numbers (with every run's
-value) optionally to a JSON file.
+value) optionally to a JSON file. Each run counts once: a workdir given twice, or two runs of one
+group with the same seed (one run, not two samples), is refused.
 """
 from __future__ import annotations
 
