@@ -4,9 +4,11 @@ The NNX module tree mirrors timm's attribute names, so one rule per tensor kind 
 conv `weight` [O, I, kh, kw] -> `kernel` [kh, kw, I, O]; linear `weight` [O, I] -> `kernel` [I, O];
 BatchNorm `weight`/`bias`/`running_mean`/`running_var` -> `scale`/`bias`/`mean`/`var`.
 For a `Classifier` (backbone + head), timm's classifier keys (the registry's `classifier` prefix,
-e.g. `fc.` or `head.fc.`) go to the head when it is the linear head that timm's classifier is,
-and are skipped for any other head; every other key goes to the backbone. A backbone class may
-declare `filter_state_dict` (e.g. TResNet's inplace-ABN era checkpoints).
+e.g. `fc.` or `head.fc.`) go to the head when they are exactly its variables with their shapes
+(a linear head of the same class count) and are all skipped otherwise; every other key goes to
+the backbone, which must take them all. An orbax checkpoint from `save_weights` (what
+scripts/convert_timm.py writes) loads by the same rules. A backbone class may declare
+`filter_state_dict` (e.g. TResNet's inplace-ABN era checkpoints).
 """
 from __future__ import annotations
 
@@ -58,18 +60,46 @@ def _target_key(path: str, array: np.ndarray) -> tuple[str, np.ndarray]:
     return path, array
 
 
-def module_path(model: nnx.Module, torch_key: str) -> str | None:
+def module_path(model: nnx.Module, torch_key: str) -> str:
     """Where timm's `torch_key` goes in `model`: under `backbone.` or (the checkpoint's
-    classifier) `head.fc.` of a Classifier, None for a classifier key when the head is not the
-    linear one; unchanged for any other module."""
-    from annotate.models.heads import Classifier, LinearHead
+    classifier) `head.fc.`, where timm's linear classifier sits, of a Classifier; unchanged for
+    any other module. Whether the head has that variable is `load_timm_weights`'s check."""
+    from annotate.models.heads import Classifier
 
     if not isinstance(model, Classifier):
         return torch_key
     classifier = model.info.classifier + "."
     if not torch_key.startswith(classifier):
         return "backbone." + torch_key
-    return "head.fc." + torch_key[len(classifier):] if isinstance(model.head, LinearHead) else None
+    return "head.fc." + torch_key[len(classifier):]
+
+
+def _load_head(model: nnx.Module, variables: Mapping[str, nnx.Variable],
+               arrays: Mapping[str, tuple[str, np.ndarray]], prefix: str) -> None:
+    """Write a checkpoint's classifier into a Classifier's head, all or nothing: `arrays` maps a
+    head variable path to (checkpoint key, array); they are written only when they are exactly
+    the head's variables with their shapes. Otherwise the head keeps its initialisation and a
+    warning names the cause and the skipped keys (`prefix`: the checkpoint's classifier prefix)."""
+    head = {key: variable for key, variable in variables.items() if key.startswith("head.")}
+    extra = [key for key in arrays if key not in head]
+    lacking = [key for key in head if key not in arrays]
+    misfits = [f"{key} is {array.shape} in the checkpoint, {head[key].shape} in the model"
+               for key, (_, array) in arrays.items() if key in head and array.shape != head[key].shape]
+    if not arrays:
+        log.warning("checkpoint has no classifier (%s*); the head keeps its initialisation", prefix)
+        return
+    if extra:
+        reason = f"the model's head is {type(model.head).__name__}, which has no {', '.join(extra)}"
+    elif lacking:
+        reason = f"it lacks the model's {', '.join(lacking)}"
+    elif misfits:
+        reason = f"its shapes differ: {misfits[0]}"
+    else:
+        for key, (_, array) in arrays.items():
+            head[key][...] = jnp.asarray(array, dtype=head[key].dtype)
+        return
+    log.warning("checkpoint classifier skipped (%s): %s; the head keeps its initialisation",
+                reason, ", ".join(name for name, _ in arrays.values()))
 
 
 def load_timm_weights(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module:
@@ -77,54 +107,42 @@ def load_timm_weights(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.M
     mirrors the checkpoint, e.g. one block) in place and return it.
 
     Every backbone weight and BatchNorm statistic must be used and every backbone variable
-    written. The checkpoint's classifier is loaded into a linear head of the same class count;
-    otherwise (ImageNet's 1000 classes, another head type, no classifier in the checkpoint) the
-    head keeps its initialisation and a message says why. Raises KeyError/ValueError naming the
-    offending key otherwise.
+    written; raises KeyError/ValueError naming the offending key otherwise. The checkpoint's
+    classifier is loaded only into a linear head of the same class count, weight and bias
+    together; otherwise (ImageNet's 1000 classes, another head type, no classifier or part of
+    one in the checkpoint) the head keeps its initialisation and a message says why.
     """
-    from annotate.models.heads import Classifier, LinearHead
+    from annotate.models.heads import Classifier
 
-    backbone = model.backbone if isinstance(model, Classifier) else model
+    is_classifier = isinstance(model, Classifier)
+    backbone = model.backbone if is_classifier else model
     filter_fn = getattr(type(backbone), "filter_state_dict", None)
     state_dict = dict(filter_fn(state_dict) if filter_fn else state_dict)
-    classifier = model.info.classifier + "." if isinstance(model, Classifier) else None
-    head_loads = isinstance(model, Classifier) and isinstance(model.head, LinearHead)
     variables = _flat_variables(model)
-    written, skipped_head = set(), []
+    written, head_arrays = set(), {}
     for torch_key, value in state_dict.items():
         if torch_key.endswith(_SKIPPED_SUFFIXES):
             continue
-        path = module_path(model, torch_key)
-        if path is None:
-            skipped_head.append(torch_key)
+        key, array = _target_key(module_path(model, torch_key), _to_numpy(value))
+        if is_classifier and key.startswith("head."):
+            head_arrays[key] = (torch_key, array)
             continue
-        key, array = _target_key(path, _to_numpy(value))
         if key not in variables:
             raise KeyError(f"checkpoint key {torch_key!r} (-> {key!r}) has no counterpart in "
                            f"{type(backbone).__name__}")
         variable = variables[key]
         if array.shape != variable.shape:
-            if classifier is not None and key.startswith("head."):
-                skipped_head.append(torch_key)
-                continue
             raise ValueError(f"checkpoint key {torch_key!r}: shape {array.shape} does not fit "
                              f"{key!r} of shape {variable.shape}")
         variable[...] = jnp.asarray(array, dtype=variable.dtype)
         written.add(key)
-    unwritten_head = [k for k in variables if k.startswith("head.") and k not in written]
-    if skipped_head:
-        reason = ("its class count differs" if head_loads else
-                  f"the model's head is {type(model.head).__name__}, not timm's linear classifier")
-        log.warning("checkpoint classifier skipped (%s): %s; the head keeps its initialisation",
-                    reason, ", ".join(skipped_head))
-    elif classifier is not None and unwritten_head:
-        log.warning("checkpoint has no classifier (%s*); the head keeps its initialisation",
-                    classifier)
     missing = [k for k in variables if k not in written
-               and not (classifier is not None and k.startswith("head."))]
+               and not (is_classifier and k.startswith("head."))]
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} variables of {type(backbone).__name__}, "
                        f"first: {missing[:5]}")
+    if is_classifier:
+        _load_head(model, variables, head_arrays, model.info.classifier + ".")
     return model
 
 
@@ -192,32 +210,51 @@ def save_weights(model: nnx.Module, directory: str | Path) -> Path:
     return directory
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """Dotted path -> shape of every array leaf (a trailing Variable `value` dropped)."""
-    shapes = {}
+def _flat_leaves(tree: Any) -> dict[str, Any]:
+    """Dotted path -> every leaf of `tree` (a trailing Variable `value` dropped from the path)."""
+    leaves = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        shapes[".".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
-    return shapes
+        leaves[".".join(names[:-1] if names[-1] == "value" else names)] = leaf
+    return leaves
 
 
 def _restore_weights(model: nnx.Module, directory: Path) -> nnx.Module:
-    """Load an orbax checkpoint written by `save_weights` into `model` in place, after checking
-    that its variable names and shapes are the model's."""
-    import orbax.checkpoint as ocp
+    """Load an orbax checkpoint written by `save_weights` into `model` in place.
 
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), state)
+    Every variable outside a Classifier's head must be in the checkpoint with the model's shape
+    and vice versa, else ValueError naming the first that is not. The stored head is loaded as
+    `load_timm_weights` loads a classifier: only when it is exactly the model's head variables
+    with their shapes (a 1000-class head does not fit a 260-class model, a linear head not an
+    ML-Decoder or CSRA head); otherwise the head keeps its initialisation and a message says why.
+    """
+    import orbax.checkpoint as ocp
+    from annotate.models.heads import Classifier
+
+    is_classifier = isinstance(model, Classifier)
+
+    def in_head(key: str) -> bool:
+        return is_classifier and key.startswith("head.")
+
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(directory.absolute())
-    stored = _leaf_shapes(getattr(metadata, "item_metadata", metadata))
-    expected = _leaf_shapes(abstract)
-    for key in sorted(stored.keys() | expected.keys()):
+    metadata = getattr(metadata, "item_metadata", metadata)
+    stored = {key: tuple(leaf.shape) for key, leaf in _flat_leaves(metadata).items()}
+    variables = _flat_variables(model)
+    expected = {key: tuple(variable.shape) for key, variable in variables.items()}
+    for key in sorted(k for k in stored.keys() | expected.keys() if not in_head(k)):
         if stored.get(key) != expected.get(key):
             raise ValueError(f"orbax checkpoint {directory} does not fit {type(model).__name__}: "
                              f"{key!r} is {stored.get(key, 'absent')} in the checkpoint, "
                              f"{expected.get(key, 'absent')} in the model")
-    nnx.update(model, checkpointer.restore(directory.absolute(), abstract))
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), metadata)
+    arrays = _flat_leaves(checkpointer.restore(directory.absolute(), abstract))
+    for key, array in arrays.items():
+        if not in_head(key):
+            variables[key][...] = jnp.asarray(array, dtype=variables[key].dtype)
+    if is_classifier:
+        _load_head(model, variables, {key: (key, np.asarray(array))
+                                      for key, array in arrays.items() if in_head(key)}, "head.")
     return model
 
 

@@ -7,8 +7,9 @@ Everything here writes files from arrays (targets, probabilities, images) and th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,6 +33,29 @@ PREDICTIONS_PICTURE = "test_predictions.png"
 F1_PICTURE = "per_label_f1_vs_frequency.png"
 
 
+def seed_tables(fixed: Mapping[str, Any], mcc: Mapping[str, Any],
+                cell: Callable[[Any, str], str]) -> list[str]:
+    """The seed's P/R/F1 table (per-image and per-class metrics, at threshold 0.5 and with MCC
+    thresholds) and its N+ table, as markdown lines. `fixed` and `mcc` map each metric name
+    ("per_image_precision", ..., "n_plus") to what `cell(value, metric)` writes into its cell:
+    one run's number in results.md, the mean ± sd over runs in annotate.summarize."""
+    lines = ["| data | precision | recall | f1-score |", "| :---: | :---: | :---: | :---: |"]
+    for name, values, kind in (("per-image metrics", fixed, "per_image"),
+                               ("per-image metrics + MCC", mcc, "per_image"),
+                               ("per-class metrics", fixed, "per_class"),
+                               ("per-class metrics + MCC", mcc, "per_class")):
+        cells = [cell(values[f"{kind}_{m}"], f"{kind}_{m}") for m in ("precision", "recall", "f1")]
+        lines.append(f"| *testset* {name} | " + " | ".join(cells) + " |")
+    return lines + ["", "| data | N+ |", "| :---: | :---: |",
+                    f"| *testset* | {cell(fixed['n_plus'], 'n_plus')} |",
+                    f"| *testset* + MCC | {cell(mcc['n_plus'], 'n_plus')} |"]
+
+
+def _result_cell(value: float | int, metric: str) -> str:
+    """One run's value in results.md: P/R/F1 to 3 decimals, N+ as the count it is."""
+    return str(value) if metric == "n_plus" else f"{value:.3f}"
+
+
 def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
                      num_train_images: int, epoch_seconds: float | None) -> str:
     """results.md: the seed's run table, P/R/F1 table (per-image and per-class, without and with
@@ -49,17 +73,8 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
         f"{config.train.batch_size} | {num_train_images} | {image_size} * {image_size} | "
         f"{results.get('best_epoch', '-')} | {epoch_time} |",
         "",
-        "| data | precision | recall | f1-score |",
-        "| :---: | :---: | :---: | :---: |",
+        *seed_tables(fixed, mcc, _result_cell),
     ]
-    for name, values, kind in (("per-image metrics", fixed, "per_image"),
-                               ("per-image metrics + MCC", mcc, "per_image"),
-                               ("per-class metrics", fixed, "per_class"),
-                               ("per-class metrics + MCC", mcc, "per_class")):
-        lines.append(f"| *testset* {name} | {values[kind + '_precision']:.3f} | "
-                     f"{values[kind + '_recall']:.3f} | {values[kind + '_f1']:.3f} |")
-    lines += ["", "| data | N+ |", "| :---: | :---: |",
-              f"| *testset* | {fixed['n_plus']} |", f"| *testset* + MCC | {mcc['n_plus']} |"]
     if "protocol" in results:
         lines += ["", f"Protocol: {PROTOCOL_TEXT[results['protocol']]}."]
     if "ci95" in results:
@@ -117,8 +132,10 @@ def plot_predictions(path: Path | str, images: Sequence[np.ndarray | Path], targ
     (o), under the per-label thresholds; past `max_labels` lines, the rest are counted."""
     count = min(count, len(images))
     rows = -(-count // columns)
-    statuses = [label_statuses(targets[i], np.asarray(probs[i]) > np.asarray(thresholds),
-                               vocabulary) for i in range(count)]
+    probs = np.asarray(probs)
+    thresholds = np.asarray(thresholds, probs.dtype)  # compared as the metrics compare them
+    statuses = [label_statuses(targets[i], probs[i] > thresholds, vocabulary)
+                for i in range(count)]
     for i, image_statuses in enumerate(statuses):  # at most max_labels lines per image
         if len(image_statuses) > max_labels:
             rest = image_statuses[max_labels - 1:]

@@ -6,7 +6,8 @@ Each workdir needs the config.json and results.json that `annotate.main` writes.
 configs differ only in `seed` (and in where their data and caches live) form one group; every
 group gets the seed's precision / recall / F1 table and N+ table, each cell the mean +- sample
 standard deviation over its runs. The markdown goes to stdout, the numbers (with every run's
-value) optionally to a JSON file.
+value) optionally to a JSON file. Each run counts once: a workdir given twice, or two runs of one
+group with the same seed (one run, not two samples), is refused.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from annotate import reports
 
 # config keys that do not make two runs different experiments
 RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir",
@@ -39,19 +42,52 @@ def _without(config: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, An
     return config
 
 
+# what the summary reads from each file: config.json's to label a run, results.json's numbers
+CONFIG_KEYS = (("model", "name"), ("loss", "name"), ("data", "image_size"), ("train", "epochs"))
+RESULT_KEYS = tuple((kind, metric) for kind in ("fixed_0.5", "mcc") for metric in METRICS)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file when it is not JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _check_keys(path: Path, content: dict[str, Any], keys: Sequence[tuple[str, ...]],
+                numbers: bool) -> None:
+    """ValueError naming `path` and the first of the nested `keys` it lacks (or, with `numbers`,
+    whose value is not a number)."""
+    for key in keys:
+        node: Any = content
+        for depth, part in enumerate(key, 1):
+            if not isinstance(node, dict) or part not in node:
+                where = "".join(f"[{k!r}]" for k in key[:depth])
+                raise ValueError(f"{path} lacks {where}")
+            node = node[part]
+        if numbers and (isinstance(node, bool) or not isinstance(node, (int, float))):
+            where = "".join(f"[{k!r}]" for k in key)
+            raise ValueError(f"{path}: {where} is {node!r}, not a number")
+
+
 def read_run(workdir: Path | str) -> dict[str, Any]:
-    """A run's config.json and results.json; FileNotFoundError naming what is missing."""
+    """A run's config.json and results.json: FileNotFoundError naming a missing file, ValueError
+    naming a file that is not a JSON object or lacks what the summary reads."""
     workdir = Path(workdir)
-    found = {}
-    for name in ("config.json", "results.json"):
-        path = workdir / name
+    paths = {name: workdir / name for name in ("config.json", "results.json")}
+    for name, path in paths.items():
         if not path.is_file():
             hint = "evaluate it first (annotate.main --evaluate)" if name == "results.json" else \
                 "not a training workdir"
             raise FileNotFoundError(f"{path} not found: {hint}")
-        found[name] = json.loads(path.read_text())
-    return {"workdir": str(workdir), "config": found["config.json"],
-            "results": found["results.json"]}
+    config, results = (_json_object(path) for path in paths.values())
+    _check_keys(paths["config.json"], config, CONFIG_KEYS, numbers=False)
+    _check_keys(paths["results.json"], results, RESULT_KEYS, numbers=True)
+    return {"workdir": str(workdir), "config": config, "results": results}
 
 
 def run_record(run: dict[str, Any]) -> dict[str, Any]:
@@ -105,15 +141,33 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": float(array.mean()), "sd": sd, "values": [float(v) for v in values]}
 
 
+def _check_distinct(workdirs: Sequence[Path | str]) -> None:
+    """ValueError when two of `workdirs` are one folder: a run counted twice would shrink the sd."""
+    seen: dict[Path, Path | str] = {}
+    for workdir in workdirs:
+        first = seen.setdefault(Path(workdir).resolve(), workdir)
+        if first is not workdir:
+            also = f" (also as {first})" if str(first) != str(workdir) else ""
+            raise ValueError(f"workdir {workdir} is given twice{also}; each run counts once")
+
+
 def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
     """The runs grouped by configuration (seed aside), with mean/sd/values of every metric at
-    threshold 0.5 ("fixed_0.5") and with MCC thresholds ("mcc")."""
+    threshold 0.5 ("fixed_0.5") and with MCC thresholds ("mcc"). ValueError when a workdir is
+    given twice or two runs of one group have the same seed (the same run, not another sample)."""
+    _check_distinct(workdirs)
     groups: dict[str, dict[str, Any]] = {}
     for run in map(read_run, workdirs):
         shared = _without(run["config"], RUN_ONLY_KEYS)
         key = json.dumps(shared, sort_keys=True)
-        groups.setdefault(key, {"label": _label(run["config"]), "config": shared, "runs": []})
-        groups[key]["runs"].append(run)
+        group = groups.setdefault(key, {"label": _label(run["config"]), "config": shared,
+                                        "runs": []})
+        seed = run["config"].get("seed")
+        twin = next((other for other in group["runs"] if other["config"].get("seed") == seed), None)
+        if twin is not None:
+            raise ValueError(f"{twin['workdir']} and {run['workdir']} are both seed {seed} of one "
+                             f"configuration: the same run, not two samples; give each seed once")
+        group["runs"].append(run)
     labels = _distinguished([group["label"] for group in groups.values()],
                             [group["config"] for group in groups.values()])
     summary = []
@@ -127,7 +181,9 @@ def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
     return summary
 
 
-def _cell(stats: dict[str, Any], digits: int) -> str:
+def _cell(stats: dict[str, Any], metric: str) -> str:
+    """mean ± sd over runs (the mean alone for one run): P/R/F1 to 3 decimals, N+ to 1."""
+    digits = 1 if metric == "n_plus" else 3
     mean = f"{stats['mean']:.{digits}f}"
     return mean if stats["sd"] is None else f"{mean} ± {stats['sd']:.{digits}f}"
 
@@ -139,20 +195,13 @@ def markdown(summary: Sequence[dict[str, Any]]) -> str:
         seeds = ", ".join(str(seed) for seed in group["seeds"])
         lines += [f"### {group['label']}", "",
                   f"{len(group['seeds'])} run(s), seeds {seeds}; mean ± sd over runs.", "",
-                  "| data | precision | recall | f1-score |", "| :---: | :---: | :---: | :---: |"]
-        for name, kind, prefix in (("per-image metrics", "fixed_0.5", "per_image"),
-                                   ("per-image metrics + MCC", "mcc", "per_image"),
-                                   ("per-class metrics", "fixed_0.5", "per_class"),
-                                   ("per-class metrics + MCC", "mcc", "per_class")):
-            cells = [_cell(group[kind][f"{prefix}_{m}"], 3) for m in ("precision", "recall", "f1")]
-            lines.append(f"| *testset* {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| data | N+ |", "| :---: | :---: |",
-                  f"| *testset* | {_cell(group['fixed_0.5']['n_plus'], 1)} |",
-                  f"| *testset* + MCC | {_cell(group['mcc']['n_plus'], 1)} |", ""]
+                  *reports.seed_tables(group["fixed_0.5"], group["mcc"], _cell), ""]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Print the markdown summary of the workdirs on the command line; 2 and one `error:` line
+    for a missing, unreadable or repeated run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", help="training workdirs (config.json, results.json)")
     parser.add_argument("--json", help="also write the summary (with every run's value) here")
@@ -163,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = summarise(args.workdirs)
         runs = [run_record(read_run(workdir)) for workdir in args.workdirs]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError) as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown(summary))

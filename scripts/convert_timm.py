@@ -4,8 +4,11 @@
         --checkpoint timm:resnet101 --out checkpoints/resnet101_imagenet
 
 `--checkpoint` is a local .pth/.pt/.bin/.safetensors file or `timm:<name>` (downloads, needs
-internet). The output directory then works as `config.model.pretrained` without torch or timm.
-A classifier head of another class count (ImageNet's 1000) is skipped and keeps its random init.
+internet). The output directory then works as `config.model.pretrained` without torch or timm,
+for any class count and head: the backbone loads exactly; the stored classifier loads only into
+a linear head of `--num-classes` classes, and any other head keeps its initialisation (a logged
+message says so). Here too, a checkpoint classifier of another class count than `--num-classes`
+(ImageNet's 1000) is skipped and the saved head is the model's random init.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from annotate.convert import PretrainedError, load_pretrained, load_timm_weights
+from annotate.convert import PretrainedError, load_pretrained, load_timm_weights, save_weights
 from annotate.models import MODEL_NAMES, create_model
 from parity import randomize_torch_model_
 from modules import load_module
@@ -85,7 +85,9 @@ def test_imagenet_head_is_skipped_with_a_log_message(timm_state, caplog):
     head_before = np.asarray(model.head.fc.kernel[...])
     with caplog.at_level(logging.WARNING, logger="annotate.convert"):
         load_timm_weights(model, state)
-    assert "fc.weight" in caplog.text and "fc.bias" in caplog.text
+    assert ("checkpoint classifier skipped (its shapes differ: head.fc.kernel is (512, 1000) in "
+            "the checkpoint, (512, 10) in the model): fc.weight, fc.bias; the head keeps its "
+            "initialisation") in caplog.text
     np.testing.assert_array_equal(np.asarray(model.head.fc.kernel[...]), head_before)
     np.testing.assert_array_equal(np.asarray(model.backbone.layer1[0].conv1.kernel[...]),
                                   timm_state["layer1.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
@@ -143,16 +145,63 @@ def test_pretrained_timm_failure_names_the_model(monkeypatch):
         load_pretrained(model, "timm:resnet18")
 
 
-def test_convert_script_writes_a_reusable_orbax_checkpoint(tmp_path, timm_state, reference_model):
-    convert_timm = load_module("scripts/convert_timm.py")
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, timm_state) -> Path:
+    """The orbax folder scripts/convert_timm.py writes from `timm_state` (a 10-class resnet18)."""
+    tmp_path = tmp_path_factory.mktemp("converted")
     source = tmp_path / "resnet18.pth"
     torch.save(timm_state, source)
-    out = convert_timm.main(["--model", "resnet18", "--num-classes", str(NUM_CLASSES),
-                             "--checkpoint", str(source), "--out", str(tmp_path / "orbax")])
-    assert_same_variables(load_pretrained(create_model("resnet18", NUM_CLASSES, seed=7), str(out)),
-                          reference_model)
-    with pytest.raises(ValueError, match="orbax"):
-        load_pretrained(create_model("resnet18", NUM_CLASSES + 1), str(out))
+    return load_module("scripts/convert_timm.py").main([
+        "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--checkpoint", str(source),
+        "--out", str(tmp_path / "orbax")])
+
+
+def test_convert_script_writes_a_reusable_orbax_checkpoint(converted, reference_model):
+    """Into a model of the same class count and head, every variable (the head too) loads."""
+    assert_same_variables(load_pretrained(create_model("resnet18", NUM_CLASSES, seed=7),
+                                          str(converted)), reference_model)
+
+
+@pytest.mark.parametrize("classes, head, reason", [
+    (260, "linear", "its shapes differ: head.fc.bias is (10,) in the checkpoint, (260,) in the "
+                    "model"),
+    (NUM_CLASSES, "csra", "the model's head is CSRAHead, which has no head.fc.bias, head.fc.kernel"),
+    (260, "ml_decoder", "the model's head is MLDecoderHead, which has no head.fc.bias, "
+                        "head.fc.kernel")])
+def test_converted_checkpoint_loads_its_backbone_into_other_heads(converted, reference_model,
+                                                                  classes, head, reason, caplog):
+    """The converted folder works as config.model.pretrained for another class count or head:
+    the backbone loads exactly, the stored classifier is skipped with the reason, the head keeps
+    its initialisation."""
+    model = create_model("resnet18", classes, head=head, seed=5)
+    head_before = {key: value for key, value in variables(model).items() if key.startswith("head.")}
+    with caplog.at_level(logging.WARNING, logger="annotate.convert"):
+        load_pretrained(model, str(converted))
+    assert (f"checkpoint classifier skipped ({reason}): head.fc.bias, head.fc.kernel; the head "
+            f"keeps its initialisation") in caplog.text
+    loaded = variables(model)
+    backbone = {key: value for key, value in variables(reference_model).items()
+                if key.startswith("backbone.")}
+    assert backbone.keys() == {key for key in loaded if key.startswith("backbone.")}
+    for key, value in backbone.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    for key, value in head_before.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_converted_checkpoint_of_another_backbone_is_an_error(converted):
+    with pytest.raises(PretrainedError, match=f"orbax checkpoint {converted} does not fit "
+                       r"Classifier: 'backbone.layer1.0.bn3.bias' is absent in the checkpoint, "
+                       r"\(256,\) in the model"):
+        load_pretrained(create_model("resnet50", NUM_CLASSES), str(converted))
+
+
+def test_saved_head_of_another_type_loads_into_the_same_head(tmp_path):
+    """An orbax folder of a CSRA-head model restores its head into a CSRA-head model."""
+    source = create_model("resnet18", NUM_CLASSES, head="csra", seed=1)
+    out = save_weights(source, tmp_path / "csra")
+    assert_same_variables(load_pretrained(create_model("resnet18", NUM_CLASSES, head="csra",
+                                                       seed=2), str(out)), source)
 
 
 @pytest.mark.parametrize("head", ["ml_decoder", "csra"])
@@ -164,10 +213,40 @@ def test_checkpoint_classifier_is_skipped_for_other_heads(timm_state, reference_
     head_before = {key: value for key, value in variables(model).items() if key.startswith("head.")}
     with caplog.at_level(logging.WARNING, logger="annotate.convert"):
         load_timm_weights(model, timm_state)
-    assert "fc.weight" in caplog.text and "not timm's linear classifier" in caplog.text
+    assert (f"checkpoint classifier skipped (the model's head is {type(model.head).__name__}, "
+            f"which has no head.fc.kernel, head.fc.bias): fc.weight, fc.bias; the head keeps its "
+            f"initialisation") in caplog.text
     loaded = variables(model)
     for key, value in variables(reference_model).items():
         if key.startswith("backbone."):
             np.testing.assert_array_equal(loaded[key], value, err_msg=key)
     for key, value in head_before.items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_a_partial_classifier_is_skipped_whole(timm_state, caplog):
+    """A classifier weight without its bias is not half loaded: the head keeps its
+    initialisation and the message says what the checkpoint lacks."""
+    state = {key: value for key, value in timm_state.items() if key != "fc.bias"}
+    model = create_model("resnet18", NUM_CLASSES, seed=5)
+    head_before = {key: value for key, value in variables(model).items() if key.startswith("head.")}
+    with caplog.at_level(logging.WARNING, logger="annotate.convert"):
+        load_timm_weights(model, state)
+    assert ("checkpoint classifier skipped (it lacks the model's head.fc.bias): fc.weight; the "
+            "head keeps its initialisation") in caplog.text
+    loaded = variables(model)
+    for key, value in head_before.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_a_classifier_key_outside_the_heads_layout_is_named_as_such(timm_state, caplog):
+    """The seed's nn.Sequential head (`fc.1.weight`) is a classifier the linear head cannot
+    take, not a backbone key."""
+    state = {"fc.1." + key[3:] if key.startswith("fc.") else key: value
+             for key, value in timm_state.items()}
+    model = create_model("resnet18", NUM_CLASSES, seed=5)
+    with caplog.at_level(logging.WARNING, logger="annotate.convert"):
+        load_timm_weights(model, state)
+    assert ("checkpoint classifier skipped (the model's head is LinearHead, which has no "
+            "head.fc.1.kernel, head.fc.1.bias): fc.1.weight, fc.1.bias; the head keeps its "
+            "initialisation") in caplog.text

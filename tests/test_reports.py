@@ -151,3 +151,19 @@ def test_prediction_picture_applies_the_per_label_thresholds(tmp_path, monkeypat
     reports.plot_predictions(tmp_path / "picture.png", images, np.ones((2, 3), int), probs,
                              [0.95, 0.5, 0.25], ["sky", "tree", "water"], columns=2)
     assert seen == [[False, True, True], [True, False, True]]  # probs > each label's threshold
+
+
+def test_prediction_picture_compares_in_the_probabilities_dtype(tmp_path, monkeypatch):
+    """float32(0.55) is above the float64 0.55 but not above the threshold in float32, where
+    metrics.evaluation_results compares: the picture must not call it predicted."""
+    seen = []
+    real = reports.label_statuses
+    monkeypatch.setattr(reports, "label_statuses",
+                        lambda targets, predicted, vocabulary: seen.append(predicted.tolist())
+                        or real(targets, predicted, vocabulary))
+    probs = np.array([[0.55, 0.9]], np.float32)
+    thresholds = [0.55, 0.5]
+    reports.plot_predictions(tmp_path / "picture.png", [np.zeros((32, 32, 3), np.uint8)],
+                             np.ones((1, 2), int), probs, thresholds, ["sky", "tree"], columns=1)
+    assert seen == [[False, True]]
+    assert metrics.annotation_metrics(np.ones((1, 2)), probs, np.asarray(thresholds))["n_plus"] == 1

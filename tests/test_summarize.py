@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -77,3 +78,47 @@ def test_missing_results_are_named(tmp_path, capsys):
     (tmp_path / "run" / "config.json").write_text("{}")
     assert summarize.main([str(tmp_path / "run")]) == 2
     assert "results.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"fixed_0.5": {}}', r"results.json lacks \['fixed_0.5'\]\['per_image_precision'\]$"),
+    ("MCC", r"results.json lacks \['mcc'\]$"),
+    ("{,}", r"results.json is not valid JSON: Expecting property name enclosed in double quotes: "
+            r"line 1 column 2 \(char 1\)$"),
+    ("[1, 2]", r"results.json holds a JSON list, not an object$"),
+    ("N_PLUS", r"results.json: \['mcc'\]\['n_plus'\] is '101', not a number$")])
+def test_malformed_results_are_one_line_naming_the_file(tmp_path, capsys, content, message):
+    results = _write_run(tmp_path / "run", loss="asl", seed=0, scale=1.0)
+    if content == "MCC":
+        content = json.dumps({"fixed_0.5": results["fixed_0.5"]})
+    elif content == "N_PLUS":
+        content = json.dumps(dict(results, mcc=dict(results["mcc"], n_plus="101")))
+    (tmp_path / "run" / "results.json").write_text(content)
+    assert summarize.main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'run' / 'results.json'}")
+    assert re.search(message, err.strip()), err
+
+
+def test_a_workdir_given_twice_is_refused(tmp_path, capsys):
+    for seed in (0, 1):
+        _write_run(tmp_path / f"asl{seed}", loss="asl", seed=seed, scale=1.0)
+    again = f"{tmp_path}/../{tmp_path.name}/asl0"  # the same folder, spelt otherwise
+    assert summarize.main([str(tmp_path / "asl0"), str(tmp_path / "asl1"), again]) == 2
+    assert capsys.readouterr().err == (f"error: workdir {again} is given twice (also as "
+                                       f"{tmp_path / 'asl0'}); each run counts once\n")
+    assert summarize.main([str(tmp_path / "asl1"), str(tmp_path / "asl1")]) == 2
+    assert capsys.readouterr().err == (f"error: workdir {tmp_path / 'asl1'} is given twice; "
+                                       f"each run counts once\n")
+
+
+def test_two_runs_of_one_seed_in_a_group_are_refused(tmp_path, capsys):
+    """A copy of a run (or the same seed through another pipeline) is not another sample."""
+    _write_run(tmp_path / "asl0", loss="asl", seed=0, scale=1.0)
+    _write_run(tmp_path / "copy", loss="asl", seed=0, scale=1.0)
+    _write_run(tmp_path / "bce0", loss="bce", seed=0, scale=1.0)  # another group: seed 0 is fine
+    assert summarize.main([str(tmp_path / name) for name in ("asl0", "bce0", "copy")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'asl0'} and {tmp_path / 'copy'} are both seed 0 of one "
+        f"configuration: the same run, not two samples; give each seed once\n")
+    assert summarize.main([str(tmp_path / name) for name in ("asl0", "bce0")]) == 0
