@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from annotate import data, summary  # noqa: E402
+from annotate.workdir import write_atomically  # noqa: E402
 
 PROTOCOL_TEXT = {
     "seed": "the seed's: the checkpoint chosen by test per-class F1, MCC thresholds chosen on the "
@@ -196,15 +197,15 @@ def write_reports(workdir: Path | str, results: dict, config: ml_collections.Con
     """Write results.json, results.md, thresholds.json (vocabulary, thresholds and the epoch of
     the checkpoint they were chosen for, read by annotate.predict) and the two pictures into
     `workdir`."""
-    workdir = Path(workdir)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (workdir / "thresholds.json").write_text(json.dumps(
+    workdir = Path(workdir)  # the files annotate.predict and summarize read are whole or absent
+    write_atomically(workdir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(workdir / "thresholds.json", json.dumps(
         {"vocabulary": list(vocabulary), "thresholds": results["thresholds"],
          "epoch": results.get("best_epoch")}, indent=2) + "\n")
     seconds = [r["train/epoch_seconds"] for r in summary.read_metrics(workdir)
                if "train/epoch_seconds" in r]
     epoch_seconds = float(np.median(seconds)) if seconds else None
-    (workdir / "results.md").write_text(results_markdown(
+    write_atomically(workdir / "results.md", results_markdown(
         results, config, num_train_images=num_train_images, epoch_seconds=epoch_seconds))
     plot_predictions(workdir / PREDICTIONS_PICTURE, test_images, test_targets, test_probs,
                      results["thresholds"], vocabulary)
