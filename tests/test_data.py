@@ -1,6 +1,7 @@
 """Data layer: JSON validation, multi-hot targets, seed-identical decoding, the disk cache, TFDS."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -408,3 +409,25 @@ def test_a_truncated_cache_file_is_rebuilt(tiny_dataset, cache_dir):
     again = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
     np.testing.assert_array_equal(again.images, first.images)
     assert cached.stat().st_size > 200
+
+
+def test_a_full_cache_disk_is_one_error_naming_the_folder_and_leaves_no_temp_file(
+        tiny_dataset, cache_dir, monkeypatch):
+    """The cache's space is reserved before the memory-mapped decode writes into it: a full disk
+    is a DatasetError, not a bus error (SIGBUS, exit 135) with the temp file left behind."""
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    with pytest.raises(DatasetError) as caught:
+        load_split(tiny_dataset, "train", 256, cache_dir=cache_dir)
+    assert str(caught.value) == (
+        f"no space left on device for the 2 MB image cache in {cache_dir}; free space there, or "
+        f"put the cache elsewhere with $ANNOTATE_CACHE or --config.data.cache_dir")
+    assert cache_files(cache_dir) == []
+
+    def unsupported(fd, offset, length):  # a file system that cannot reserve: decoded as before
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    assert load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir).images.shape[0] == 12
