@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -313,6 +314,34 @@ def test_tfds_build_gives_the_same_arrays_without_tensorflow(tiny_dataset, tmp_p
     rebuilt = load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir, source="tfds")
     np.testing.assert_array_equal(rebuilt.targets, hand_multi_hot(tiny_dataset / "test.json")[1])
     assert "tensorflow" not in sys.modules
+
+
+BUILD_SLOWLY = """
+import sys, time
+from annotate.data import tfds_corel5k
+split_generators = tfds_corel5k.Corel5k._split_generators
+def slowly(self, dl_manager):
+    time.sleep(2)  # the other process reaches the build meanwhile
+    return split_generators(self, dl_manager)
+tfds_corel5k.Corel5k._split_generators = slowly
+print(tfds_corel5k.build_tfds(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_processes_building_the_tfds_copy_at_once_take_turns(tiny_dataset, tmp_path):
+    """Two processes (say, two runs with source="tfds") build the same TFDS copy at once: one
+    builds while the other waits on the lock and then finds the build (it failed renaming its
+    own build onto the first one's with FileExistsError)."""
+    data_dir = tmp_path / "tfds"
+    command = [sys.executable, "-c", BUILD_SLOWLY, str(tiny_dataset), str(data_dir)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    builds = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    outputs = [build.communicate(timeout=120)[0] for build in builds]  # the errors go to stderr
+    assert [build.returncode for build in builds] == [0, 0]
+    build_dir = str(data_dir / "corel5k" / "1.0.0")
+    assert [output.splitlines()[-1] for output in outputs] == [build_dir, build_dir]
+    assert sum("downloaded and prepared" in output for output in outputs) == 1  # built once
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,8 @@ def _mtime(path: Path) -> float:
 
 
 def _reserve_space(path: str) -> None:
-    """Allocate the disk blocks of the (sparse) file at `path` now, so that running out of space
-    is an OSError here: a write into a memory map past the free space kills the process (SIGBUS)."""
+    """Allocate the disk blocks of the (sparse) file at `path` now, so that a full disk is an
+    OSError here: a write into a memory map past the free space kills the process (SIGBUS)."""
     with open(path, "r+b") as file:
         try:
             os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
