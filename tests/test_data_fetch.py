@@ -359,3 +359,26 @@ def test_a_full_disk_while_extracting_is_named_as_such(tiny_dataset, tmp_path, m
     assert str(caught.value) == (f"No space left on device in {destination.parent} (fetching "
                                  f"Corel-5k into {destination})")
     assert list(destination.parent.iterdir()) == []
+
+
+def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_dataset, tmp_path,
+                                                                      monkeypatch):
+    """A --force replacement killed while it deletes the old copy leaves the new one in place
+    (the old one was deleted first: killed then, no copy was left)."""
+    destination = tmp_path / "data" / "corel5k"
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS)
+    (destination / "old.txt").write_text("the copy being replaced")
+    deletions = []
+
+    def killed_after_the_first_deletion(path, *args, **kwargs):
+        shutil_rmtree(path, *args, **kwargs)
+        deletions.append(path)
+        if len(deletions) == 1:
+            raise KeyboardInterrupt
+
+    shutil_rmtree = fetch_module.shutil.rmtree
+    monkeypatch.setattr(fetch_module.shutil, "rmtree", killed_after_the_first_deletion)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS, force=True)
+    assert (destination / "train.json").is_file() and not (destination / "old.txt").exists()

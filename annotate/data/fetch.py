@@ -9,11 +9,13 @@ The default source needs no account: the seed's train.json, test.json and vocabu
 parham1998/CNN_Image_Annotaion (Corel-5k/) and the 4,999 images from ParkByungYoon/corel-5k
 (db/train, db/test), both at pinned commits; the images come in one archive of that repository
 (about 120 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at any archive
-holding one folder with images/, train.json and test.json. Every file is checked against the
-SHA-256 list `corel5k.sha256` beside this module (files byte-identical to the sources above), the
-folder is validated as the loader validates it (JSON structure, labels in the vocabulary, every
-image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260 labels), and only then
-moved into place. `python -m annotate.main` calls this on its first run.
+holding one folder with images/, train.json, test.json and corel5k_vocabulary.txt (the vocabulary
+file is only needed for the checksums: --skip-checksums accepts a folder without it). Every file
+is checked against the SHA-256 list `corel5k.sha256` beside this module (files byte-identical to
+the sources above), the folder is validated as the loader validates it (JSON structure, labels in
+the vocabulary, every image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260
+labels), and only then moved into place (an existing copy, with --force, is moved aside first and
+deleted last). `python -m annotate.main` calls this on its first run.
 """
 from __future__ import annotations
 
@@ -204,14 +206,17 @@ def _refuse_existing(destination: Path, force: bool) -> None:
 def _install(root: Path, destination: Path, *, expected: dict[str, int],
              manifest: dict[str, str] | None, force: bool, source: str | Path) -> Path:
     """Check the assembled folder `root` (checksums, the loader's validation, the counts), then
-    move it to `destination` (replacing an existing one only with `force`)."""
+    move it to `destination` (replacing an existing one only with `force`: the old copy is
+    moved aside and deleted only once the new one is in place)."""
     if manifest is not None:
         verify_manifest(root, manifest, source)
     check_counts(root, expected)
     _refuse_existing(destination, force)
+    replaced = root.with_name(root.name + ".replaced")  # in (or beside) the scratch folder
     if destination.exists():
-        shutil.rmtree(destination)
+        destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
     root.rename(destination)
+    shutil.rmtree(replaced, ignore_errors=True)
     return destination
 
 
