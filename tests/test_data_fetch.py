@@ -361,6 +361,68 @@ def test_a_full_disk_while_extracting_is_named_as_such(tiny_dataset, tmp_path, m
     assert list(destination.parent.iterdir()) == []
 
 
+def test_a_file_in_the_way_of_the_data_folder_is_one_error_line(tiny_dataset, tmp_path, capsys,
+                                                                monkeypatch):
+    (tmp_path / "data").write_text("not a folder")
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    assert fetch_module.main(["--archive", str(archive), "--dest",
+                              str(tmp_path / "data" / "corel5k")]) == 1
+    assert capsys.readouterr().err == (f"error: cannot create the folder {tmp_path / 'data'} for "
+                                       f"corel5k: {tmp_path / 'data'} is a file, not a folder\n")
+
+    from configs import smoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    with pytest.raises(DatasetError, match="^cannot create the folder data for corel5k: data is a "
+                                           "file, not a folder$"):
+        annotate_main.ensure_dataset(smoke.get_config())
+
+
+def test_a_file_system_error_of_the_fetch_is_one_error_line(tmp_path, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "data/corel5k")
+
+    monkeypatch.setattr(fetch_module, "fetch_corel5k", read_only)
+    assert fetch_module.main(["--dest", str(tmp_path / "corel5k")]) == 1
+    assert capsys.readouterr().err == "error: Permission denied: data/corel5k\n"
+
+
+def test_the_main_job_names_its_own_way_out_of_an_incomplete_data_folder(tmp_path, monkeypatch):
+    """annotate.main has no --force: a data/corel5k without train.json names the commands that
+    replace it."""
+    from configs import smoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    (tmp_path / "data" / "corel5k" / "images").mkdir(parents=True)
+    with pytest.raises(DatasetError) as caught:
+        annotate_main.ensure_dataset(smoke.get_config())
+    assert str(caught.value) == (
+        "data/corel5k exists but holds no train.json (an incomplete copy?); delete it "
+        "(`rm -r data/corel5k`) and run again to download Corel-5k, or replace it with "
+        "`python -m annotate.data.fetch --force`")
+
+
+# --------------------------------------------------------------------------- killed fetches
+
+
+def test_the_next_fetch_deletes_the_scratch_folders_of_killed_ones(tiny_dataset, tmp_path):
+    """A fetch killed by SIGTERM/SIGKILL cannot delete its scratch folder; the next fetch, once
+    it holds the lock that every fetch of the command line and annotate.main holds, deletes what
+    such fetches left."""
+    destination = tmp_path / "data" / "corel5k"
+    for name in (".corel5k-fetch-1a2b3c4d", ".corel5k-fetch-5e6f7a8b.replaced"):
+        (destination.parent / name / "Corel-5k").mkdir(parents=True)
+        (destination.parent / name / "corel5k.archive").write_bytes(b"x" * 1000)
+    (destination.parent / ".other-fetch-1").mkdir()  # another folder's: kept
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    assert fetch_module.main(["--archive", str(archive), "--dest", str(destination),
+                              "--skip-checksums"]) == 1  # the tiny dataset's counts
+    assert sorted(path.name for path in destination.parent.iterdir()) == [
+        ".corel5k.lock", ".other-fetch-1"]
+
+
 def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_dataset, tmp_path,
                                                                       monkeypatch):
     """A --force replacement killed while it deletes the old copy leaves the new one in place

@@ -16,12 +16,17 @@ the sources above), the folder is validated as the loader validates it (JSON str
 the vocabulary, every image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260
 labels), and only then moved into place (an existing copy, with --force, is moved aside first and
 deleted last). `python -m annotate.main` calls this on its first run.
+
+The command line and `python -m annotate.main` fetch holding a lock file beside the folder
+(`.corel5k.lock`), so fetches into one folder take turns, and the scratch folders
+(`.corel5k-fetch-*`) of a fetch that was killed are deleted by the next one.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import http.client
 import lzma
@@ -220,11 +225,43 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
     return destination
 
 
+def _make_parent(destination: Path) -> None:
+    """Create the folder that holds `destination`; DatasetError naming what is in the way."""
+    parent = destination.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder should be, no permission, a read-only disk
+        files = [path for path in (*reversed(parent.parents), parent) if path.is_file()]
+        reason = (f"{files[0]} is a file, not a folder" if files
+                  else f"{error.strerror}: {error.filename}")
+        raise DatasetError(f"cannot create the folder {parent} for {destination.name}: "
+                           f"{reason}") from error
+
+
+@contextlib.contextmanager
+def fetch_lock(destination: Path) -> Iterator[None]:
+    """Hold the lock file `.<name>.lock` beside `destination`, as the command line and
+    annotate.main do for their whole fetch: fetches into one folder take turns, and a scratch
+    folder `.<name>-fetch-*` found on taking the lock was left by a fetch that was killed, so it
+    is deleted. DatasetError when the folder or the lock file cannot be created."""
+    _make_parent(destination)
+    lock_path = destination.parent / f".{destination.name}.lock"
+    try:
+        lock = open(lock_path, "w")
+    except OSError as error:
+        raise DatasetError(f"cannot create the lock file {lock_path}: {error.strerror}") from error
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for abandoned in destination.parent.glob(f".{destination.name}-fetch-*"):
+            shutil.rmtree(abandoned, ignore_errors=True)
+        yield
+
+
 @contextlib.contextmanager
 def _work_dir(destination: Path) -> Iterator[Path]:
     """A scratch folder beside `destination` (same file system: the final move is a rename),
     deleted on exit; a full disk meanwhile is a DatasetError naming the folder."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(destination)
     work_dir = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-fetch-"))
     try:
         yield work_dir
@@ -301,7 +338,7 @@ def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: fetch (or take --archive), check, install; 1 on a dataset error."""
+    """Command line: fetch (or take --archive), check, install; 1 on a dataset or file error."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("github", "kaggle"), default="github",
@@ -315,11 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"accept files that differ from {MANIFEST.name}")
     args = parser.parse_args(argv)
     try:
-        installed = fetch_corel5k(args.dest, url=args.url, source=args.source,
-                                  archive=args.archive, checksums=not args.skip_checksums,
-                                  force=args.force)
+        with fetch_lock(args.dest):
+            installed = fetch_corel5k(args.dest, url=args.url, source=args.source,
+                                      archive=args.archive, checksums=not args.skip_checksums,
+                                      force=args.force)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the file system's (a read-only folder): the path, in one line
+        cause = f"{error.strerror}: {error.filename}" if error.filename else error
+        print(f"error: {cause}", file=sys.stderr)
         return 1
     print(f"Corel-5k ready in {installed}; train with --config.data.root={installed} "
           f"or COREL5K_DIR={installed}")
