@@ -8,7 +8,6 @@ latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sys
@@ -56,18 +55,22 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> None:
     """The main job's first run: with no dataset configured (no --config.data.root, no
     $COREL5K_DIR) and none in data/corel5k, download Corel-5k there (annotate.data.fetch:
     $COREL5K_URL if set, else the default GitHub sources, every file checked). Runs started
-    together (the processes of one machine) take turns on a lock file: one downloads, the
-    others wait and then find the data in place."""
+    together (the processes of one machine) take turns on the fetch's lock file: one downloads,
+    the others wait and then find the data in place. A data/corel5k without train.json (an
+    incomplete copy) is a DatasetError saying how to replace it."""
     destination = Path(DEFAULT_DATA_ROOT)
     if config.data.source != "folder" or config.data.root or os.environ.get("COREL5K_DIR"):
         return
     if (destination / "train.json").is_file():
         return
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with open(destination.parent / f".{destination.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with fetch.fetch_lock(destination):
         if (destination / "train.json").is_file():  # another run fetched it meanwhile
             return
+        if destination.exists():
+            raise data.DatasetError(
+                f"{destination} exists but holds no train.json (an incomplete copy?); delete it "
+                f"(`rm -r {destination}`) and run again to download Corel-5k, or replace it with "
+                f"`python -m annotate.data.fetch --force`")
         source = os.environ.get("COREL5K_URL") or f"GitHub, about {fetch.DOWNLOAD_MB} MB"
         print(f"Corel-5k is not in {destination} and neither --config.data.root nor "
               f"$COREL5K_DIR is set: downloading it into {destination} ({source}; 31 MB kept)",
@@ -105,6 +108,8 @@ def main(argv: list[str]) -> None:
         ensure_dataset(config)
     except (data.DatasetError, FileNotFoundError, WorkdirError) as error:
         cli.fail(error)
+    except OSError as error:  # a data folder that cannot be written
+        cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
     if config.distributed:
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     enable_compilation_cache()

@@ -1,10 +1,12 @@
 """Data layer: JSON validation, multi-hot targets, seed-identical decoding, the disk cache, TFDS."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -314,6 +316,34 @@ def test_tfds_build_gives_the_same_arrays_without_tensorflow(tiny_dataset, tmp_p
     assert "tensorflow" not in sys.modules
 
 
+BUILD_SLOWLY = """
+import sys, time
+from annotate.data import tfds_corel5k
+split_generators = tfds_corel5k.Corel5k._split_generators
+def slowly(self, dl_manager):
+    time.sleep(2)  # the other process reaches the build meanwhile
+    return split_generators(self, dl_manager)
+tfds_corel5k.Corel5k._split_generators = slowly
+print(tfds_corel5k.build_tfds(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_processes_building_the_tfds_copy_at_once_take_turns(tiny_dataset, tmp_path):
+    """Two processes (say, two runs with source="tfds") build the same TFDS copy at once: one
+    builds while the other waits on the lock and then finds the build (it failed renaming its
+    own build onto the first one's with FileExistsError)."""
+    data_dir = tmp_path / "tfds"
+    command = [sys.executable, "-c", BUILD_SLOWLY, str(tiny_dataset), str(data_dir)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    builds = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    outputs = [build.communicate(timeout=120)[0] for build in builds]  # the errors go to stderr
+    assert [build.returncode for build in builds] == [0, 0]
+    build_dir = str(data_dir / "corel5k" / "1.0.0")
+    assert [output.splitlines()[-1] for output in outputs] == [build_dir, build_dir]
+    assert sum("downloaded and prepared" in output for output in outputs) == 1  # built once
+
+
 @pytest.fixture(scope="module")
 def corel5k_train(corel5k_dir, tmp_path_factory):
     return load_split(corel5k_dir, "train", 32, cache_dir=tmp_path_factory.mktemp("corel-cache"))
@@ -408,3 +438,25 @@ def test_a_truncated_cache_file_is_rebuilt(tiny_dataset, cache_dir):
     again = load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
     np.testing.assert_array_equal(again.images, first.images)
     assert cached.stat().st_size > 200
+
+
+def test_a_full_cache_disk_is_one_error_naming_the_folder_and_leaves_no_temp_file(
+        tiny_dataset, cache_dir, monkeypatch):
+    """The cache's space is reserved before the memory-mapped decode writes into it: a full disk
+    is a DatasetError, not a bus error (SIGBUS, exit 135) with the temp file left behind."""
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    with pytest.raises(DatasetError) as caught:
+        load_split(tiny_dataset, "train", 256, cache_dir=cache_dir)
+    assert str(caught.value) == (
+        f"no space left on device for the 2 MB image cache in {cache_dir}; free space there, or "
+        f"put the cache elsewhere with $ANNOTATE_CACHE or --config.data.cache_dir")
+    assert cache_files(cache_dir) == []
+
+    def unsupported(fd, offset, length):  # a file system that cannot reserve: decoded as before
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    assert load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir).images.shape[0] == 12

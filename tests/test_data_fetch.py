@@ -3,11 +3,13 @@ default GitHub sources' layout, $COREL5K_URL) against a local HTTP server on 127
 recorded SHA-256 of every Corel-5k file."""
 from __future__ import annotations
 
+import errno
 import filecmp
 import functools
 import http.server
 import io
 import json
+import os
 import tarfile
 import threading
 import time
@@ -88,7 +90,7 @@ def test_main_installs_from_a_local_archive(fetch, tiny_dataset, tmp_path, capsy
 def not_an_archive(source: Path, tmp_path: Path) -> tuple[Path, str]:
     path = tmp_path / "corel5k.zip"
     path.write_bytes(b"<html>Please sign in</html>")
-    return path, "not a zip or tar archive"
+    return path, "corel5k.zip: an HTML page, not a zip or tar archive"
 
 
 def no_dataset_folder(source: Path, tmp_path: Path) -> tuple[Path, str]:
@@ -120,8 +122,17 @@ def truncated_tar(source: Path, tmp_path: Path) -> tuple[Path, str]:
     return archive, "damaged tar archive|not a zip or tar"
 
 
+def damaged_central_directory(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The end record is intact (is_zipfile says yes), a central directory entry is not."""
+    archive = pack(source, tmp_path / "corel5k.zip")
+    data = archive.read_bytes()
+    entry = data.rfind(b"PK\x01\x02")
+    archive.write_bytes(data[:entry] + b"XXXX" + data[entry + 4:])
+    return archive, "corel5k.zip: damaged zip archive \\(Bad magic number for central directory\\)"
+
+
 @pytest.mark.parametrize("spoil", [not_an_archive, no_dataset_folder, wrong_counts, corrupt_image,
-                                   unsafe_member, truncated_tar])
+                                   unsafe_member, truncated_tar, damaged_central_directory])
 def test_bad_archive_gives_a_clear_error_and_installs_nothing(fetch, tiny_dataset, tmp_path, spoil):
     archive, reason = spoil(tiny_dataset, tmp_path)
     destination = tmp_path / "data" / "corel5k"
@@ -245,7 +256,9 @@ def test_default_source_layout_is_assembled_and_verified(server, tiny_dataset, t
     assert sorted(p.name for p in destination.parent.iterdir()) == ["corel5k"]
 
     github_layout(tiny_dataset, folder, spoil="1004.jpeg")  # one image damaged in transit
-    with pytest.raises(DatasetError, match="1 files differ .*first images/1004.jpeg"):
+    with pytest.raises(DatasetError, match="1 files differ .*first images/1004.jpeg; .* "
+                                           r"\(`python -m annotate.data.fetch --skip-checksums` "
+                                           r"with the same source accepts another copy\)"):
         fetch_module.fetch_github(tmp_path / "other", **options)
     assert not (tmp_path / "other").exists()
     with pytest.raises(DatasetError, match="download of .*/absent.zip failed"):
@@ -310,3 +323,124 @@ def test_first_runs_started_together_fetch_corel5k_once(tmp_path, monkeypatch):
         run.join()
     assert len(downloads) == 1
     assert finished == [True, True]  # each run returned only with the data in place
+
+
+# --------------------------------------------------------------------------- errors named
+
+
+def test_a_downloaded_archive_is_named_by_its_url_not_the_scratch_file(server, tiny_dataset,
+                                                                      tmp_path):
+    """An HTML page served instead of the archive (a sign-in page) is called one; any other
+    error about a downloaded archive names the URL, never the deleted scratch file."""
+    url, folder = server
+    (folder / "login.zip").write_text("\n<!DOCTYPE html><html>Please sign in</html>")
+    with pytest.raises(DatasetError) as caught:
+        fetch_module.fetch_corel5k(tmp_path / "data" / "corel5k", url=f"{url}/login.zip")
+    assert str(caught.value) == (
+        f"{url}/login.zip: the server sent an HTML page, not an archive (a sign-in or error "
+        f"page?); download the archive in a browser and run `python -m annotate.data.fetch "
+        f"--archive PATH`")
+    pack(tiny_dataset, folder / "tiny.zip")
+    with pytest.raises(DatasetError, match=rf"^{url}/tiny.zip: 4994 of the 5002 Corel-5k files "
+                                           r"are missing"):
+        fetch_module.fetch_corel5k(tmp_path / "data" / "corel5k", url=f"{url}/tiny.zip")
+    assert list((tmp_path / "data").iterdir()) == []  # no scratch folder left
+
+
+def test_a_full_disk_while_extracting_is_named_as_such(tiny_dataset, tmp_path, monkeypatch):
+    def disk_full(self, path=None, members=None, pwd=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", disk_full)
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    destination = tmp_path / "data" / "corel5k"
+    with pytest.raises(DatasetError) as caught:  # it was "damaged zip archive"
+        fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS)
+    assert str(caught.value) == (f"No space left on device in {destination.parent} (fetching "
+                                 f"Corel-5k into {destination})")
+    assert list(destination.parent.iterdir()) == []
+
+
+def test_a_file_in_the_way_of_the_data_folder_is_one_error_line(tiny_dataset, tmp_path, capsys,
+                                                                monkeypatch):
+    (tmp_path / "data").write_text("not a folder")
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    assert fetch_module.main(["--archive", str(archive), "--dest",
+                              str(tmp_path / "data" / "corel5k")]) == 1
+    assert capsys.readouterr().err == (f"error: cannot create the folder {tmp_path / 'data'} for "
+                                       f"corel5k: {tmp_path / 'data'} is a file, not a folder\n")
+
+    from configs import smoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    with pytest.raises(DatasetError, match="^cannot create the folder data for corel5k: data is a "
+                                           "file, not a folder$"):
+        annotate_main.ensure_dataset(smoke.get_config())
+
+
+def test_a_file_system_error_of_the_fetch_is_one_error_line(tmp_path, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "data/corel5k")
+
+    monkeypatch.setattr(fetch_module, "fetch_corel5k", read_only)
+    assert fetch_module.main(["--dest", str(tmp_path / "corel5k")]) == 1
+    assert capsys.readouterr().err == "error: Permission denied: data/corel5k\n"
+
+
+def test_the_main_job_names_its_own_way_out_of_an_incomplete_data_folder(tmp_path, monkeypatch):
+    """annotate.main has no --force: a data/corel5k without train.json names the commands that
+    replace it."""
+    from configs import smoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    (tmp_path / "data" / "corel5k" / "images").mkdir(parents=True)
+    with pytest.raises(DatasetError) as caught:
+        annotate_main.ensure_dataset(smoke.get_config())
+    assert str(caught.value) == (
+        "data/corel5k exists but holds no train.json (an incomplete copy?); delete it "
+        "(`rm -r data/corel5k`) and run again to download Corel-5k, or replace it with "
+        "`python -m annotate.data.fetch --force`")
+
+
+# --------------------------------------------------------------------------- killed fetches
+
+
+def test_the_next_fetch_deletes_the_scratch_folders_of_killed_ones(tiny_dataset, tmp_path):
+    """A fetch killed by SIGTERM/SIGKILL cannot delete its scratch folder; the next fetch, once
+    it holds the lock that every fetch of the command line and annotate.main holds, deletes what
+    such fetches left."""
+    destination = tmp_path / "data" / "corel5k"
+    for name in (".corel5k-fetch-1a2b3c4d", ".corel5k-fetch-5e6f7a8b.replaced"):
+        (destination.parent / name / "Corel-5k").mkdir(parents=True)
+        (destination.parent / name / "corel5k.archive").write_bytes(b"x" * 1000)
+    (destination.parent / ".other-fetch-1").mkdir()  # another folder's: kept
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    assert fetch_module.main(["--archive", str(archive), "--dest", str(destination),
+                              "--skip-checksums"]) == 1  # the tiny dataset's counts
+    assert sorted(path.name for path in destination.parent.iterdir()) == [
+        ".corel5k.lock", ".other-fetch-1"]
+
+
+def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_dataset, tmp_path,
+                                                                      monkeypatch):
+    """A --force replacement killed while it deletes the old copy leaves the new one in place
+    (the old one was deleted first: killed then, no copy was left)."""
+    destination = tmp_path / "data" / "corel5k"
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS)
+    (destination / "old.txt").write_text("the copy being replaced")
+    deletions = []
+
+    def killed_after_the_first_deletion(path, *args, **kwargs):
+        shutil_rmtree(path, *args, **kwargs)
+        deletions.append(path)
+        if len(deletions) == 1:
+            raise KeyboardInterrupt
+
+    shutil_rmtree = fetch_module.shutil.rmtree
+    monkeypatch.setattr(fetch_module.shutil, "rmtree", killed_after_the_first_deletion)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS, force=True)
+    assert (destination / "train.json").is_file() and not (destination / "old.txt").exists()

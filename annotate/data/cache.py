@@ -2,11 +2,13 @@
 
 One `.npy` file per (dataset folder, split, image size, source); it is written atomically (a temp
 file in the cache folder, then `os.replace`), so an interrupted or failed decode never leaves a
-half-written cache behind (a killed one's temp file is deleted by a later write), and it is
-re-decoded whenever the JSON or any image file changes.
+half-written cache behind (a killed one's temp file is deleted by a later write; a full disk is
+a DatasetError naming the cache folder), and it is re-decoded whenever the JSON or any image file
+changes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annotate.data.folder import SplitIndex, check_images_exist
+from annotate.data.folder import DatasetError, SplitIndex, check_images_exist
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb)
@@ -72,12 +74,24 @@ def _mtime(path: Path) -> float:
         return time.time()
 
 
+def _reserve_space(path: str) -> None:
+    """Allocate the disk blocks of the (sparse) file at `path` now, so that a full disk is an
+    OSError here: a write into a memory map past the free space kills the process (SIGBUS)."""
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # unsupported: go on
+                raise
+
+
 def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[int],
                        fill: Callable[[np.ndarray], None]) -> np.ndarray:
     """Return the cached array `<cache_dir>/<prefix>-<key>.npy`, creating it with `fill` on a miss.
 
     `fill` writes into a memory-mapped temp file in `cache_dir` (so large splits need not fit in
-    RAM twice); only after it returns is the file moved into place. On any error the temp file is
+    RAM twice), whose space is reserved first (DatasetError naming `cache_dir` when the disk is
+    full); only after `fill` returns is the file moved into place. On any error the temp file is
     removed. Older entries with the same prefix (stale versions of this split) are deleted, and so
     are temp files of this prefix left for an hour by a decode that was killed.
     """
@@ -93,12 +107,18 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     os.chmod(temp_name, 0o644)  # mkstemp makes it private; a cache is as readable as the dataset
     try:
         array = np.lib.format.open_memmap(temp_name, mode="w+", dtype=np.uint8, shape=tuple(shape))
+        _reserve_space(temp_name)
         fill(array)
         array.flush()
         del array
         os.replace(temp_name, final_path)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DatasetError(
+                f"no space left on device for the {np.prod(shape) / 1e6:,.0f} MB image cache in "
+                f"{cache_dir}; free space there, or put the cache elsewhere with $ANNOTATE_CACHE "
+                f"or --config.data.cache_dir") from error
         raise
     for stale in cache_dir.iterdir():
         is_same_entry = (stale.name.startswith(f"{prefix}-") and stale.suffix == ".npy"

@@ -9,15 +9,24 @@ The default source needs no account: the seed's train.json, test.json and vocabu
 parham1998/CNN_Image_Annotaion (Corel-5k/) and the 4,999 images from ParkByungYoon/corel-5k
 (db/train, db/test), both at pinned commits; the images come in one archive of that repository
 (about 120 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at any archive
-holding one folder with images/, train.json and test.json. Every file is checked against the
-SHA-256 list `corel5k.sha256` beside this module (files byte-identical to the sources above), the
-folder is validated as the loader validates it (JSON structure, labels in the vocabulary, every
-image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260 labels), and only then
-moved into place. `python -m annotate.main` calls this on its first run.
+holding one folder with images/, train.json, test.json and corel5k_vocabulary.txt (the vocabulary
+file is only needed for the checksums: --skip-checksums accepts a folder without it). Every file
+is checked against the SHA-256 list `corel5k.sha256` beside this module (files byte-identical to
+the sources above), the folder is validated as the loader validates it (JSON structure, labels in
+the vocabulary, every image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260
+labels), and only then moved into place (an existing copy, with --force, is moved aside first and
+deleted last). `python -m annotate.main` calls this on its first run.
+
+The command line and `python -m annotate.main` fetch holding a lock file beside the folder
+(`.corel5k.lock`), so fetches into one folder take turns, and the scratch folders
+(`.corel5k-fetch-*`) of a fetch that was killed are deleted by the next one.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
 import lzma
@@ -30,6 +39,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -53,6 +63,12 @@ ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.
                   lzma.LZMAError)
 
 
+def _no_space(error: BaseException) -> bool:
+    """Whether `error` is the file system's "no space left" (or "quota exceeded"): a full disk,
+    not a failed download or a damaged archive."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def download(url: str, destination: Path) -> Path:
     """Stream `url` to `destination` (via a .part file renamed when complete), with progress bar;
     DatasetError when the connection fails or ends before the announced Content-Length."""
@@ -71,6 +87,8 @@ def download(url: str, destination: Path) -> Path:
                 raise ConnectionError(f"the connection ended after {received:,} of {total:,} bytes")
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut-offs
         partial.unlink(missing_ok=True)
+        if _no_space(error):
+            raise  # named with its folder by _work_dir
         raise DatasetError(f"download of {url} failed ({type(error).__name__}: {error}); get a "
                            f"Corel-5k archive by hand (e.g. from {KAGGLE_PAGE}) and run `python -m "
                            f"annotate.data.fetch --archive PATH`, or point $COREL5K_DIR at a "
@@ -79,38 +97,57 @@ def download(url: str, destination: Path) -> Path:
     return destination
 
 
-def _check_member_name(archive: Path, name: str) -> None:
+def _check_member_name(archive: str | Path, name: str) -> None:
     """Refuse archive members that would land outside the extraction folder."""
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts:
         raise DatasetError(f"{archive}: unsafe member path '{name}' (absolute or containing '..')")
 
 
-def extract_archive(archive: Path, work_dir: Path) -> None:
-    """Extract a zip or tar(.gz/.bz2/.xz) archive into `work_dir`, refusing unsafe member paths."""
+def _not_an_archive(archive: Path, url: str | None) -> DatasetError:
+    """The error for a file that is neither zip nor tar, saying when it is an HTML page (what a
+    server sends instead of the file when it wants a sign-in, or for an error)."""
+    with open(archive, "rb") as file:
+        html = file.read(64).lstrip().startswith(b"<")  # <!DOCTYPE html>, <html>, ...
+    if html and url is not None:
+        return DatasetError(f"{url}: the server sent an HTML page, not an archive (a sign-in or "
+                            f"error page?); download the archive in a browser and run `python -m "
+                            f"annotate.data.fetch --archive PATH`")
+    return DatasetError(f"{url or archive}: {'an HTML page, ' if html else ''}not a zip or tar "
+                        f"archive")
+
+
+def extract_archive(archive: Path, work_dir: Path, *, url: str | None = None) -> None:
+    """Extract a zip or tar(.gz/.bz2/.xz) archive into `work_dir`, refusing unsafe member paths.
+    Errors name `url` (where the archive was downloaded from) when given, else `archive`; a full
+    disk is raised as the OSError it is."""
+    name = url or archive
     if not archive.is_file():
         raise DatasetError(f"{archive}: archive file does not exist")
     if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as bundle:
-            for name in bundle.namelist():
-                _check_member_name(archive, name)
-            try:
-                bundle.extractall(work_dir)
-            except ARCHIVE_ERRORS as error:
-                raise DatasetError(f"{archive}: damaged zip archive ({error})") from error
+        kind = "zip"
     elif tarfile.is_tarfile(archive):
-        try:
+        kind = "tar"
+    else:
+        raise _not_an_archive(archive, url)
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as bundle:  # a damaged central directory raises here
+                for member_name in bundle.namelist():
+                    _check_member_name(name, member_name)
+                bundle.extractall(work_dir)
+        else:
             with tarfile.open(archive) as bundle:
                 for member in bundle.getmembers():
-                    _check_member_name(archive, member.name)
+                    _check_member_name(name, member.name)
                 bundle.extractall(work_dir, filter="data")
-        except ARCHIVE_ERRORS as error:
-            raise DatasetError(f"{archive}: damaged tar archive ({error})") from error
-    else:
-        raise DatasetError(f"{archive}: not a zip or tar archive")
+    except ARCHIVE_ERRORS as error:
+        if _no_space(error):
+            raise  # named with its folder by _work_dir
+        raise DatasetError(f"{name}: damaged {kind} archive ({error})") from error
 
 
-def find_dataset_root(extracted: Path, archive: Path) -> Path:
+def find_dataset_root(extracted: Path, archive: str | Path) -> Path:
     """The single folder under `extracted` holding images/, train.json and test.json."""
     candidates = sorted({path.parent for path in extracted.rglob("train.json")
                          if (path.parent / "test.json").is_file()
@@ -162,7 +199,8 @@ def verify_manifest(root: Path, manifest: dict[str, str], source: str | Path | N
     if different:
         raise DatasetError(f"{source}: {len(different)} files differ from the SHA-256 recorded in "
                            f"{MANIFEST.name}, first {different[0]}; the download is damaged or "
-                           f"not the recorded Corel-5k (--skip-checksums accepts another copy)")
+                           f"not the recorded Corel-5k (`python -m annotate.data.fetch "
+                           f"--skip-checksums` with the same source accepts another copy)")
 
 
 def _refuse_existing(destination: Path, force: bool) -> None:
@@ -173,35 +211,80 @@ def _refuse_existing(destination: Path, force: bool) -> None:
 def _install(root: Path, destination: Path, *, expected: dict[str, int],
              manifest: dict[str, str] | None, force: bool, source: str | Path) -> Path:
     """Check the assembled folder `root` (checksums, the loader's validation, the counts), then
-    move it to `destination` (replacing an existing one only with `force`)."""
+    move it to `destination` (replacing an existing one only with `force`: the old copy is
+    moved aside and deleted only once the new one is in place)."""
     if manifest is not None:
         verify_manifest(root, manifest, source)
     check_counts(root, expected)
     _refuse_existing(destination, force)
+    replaced = root.with_name(root.name + ".replaced")  # in (or beside) the scratch folder
     if destination.exists():
-        shutil.rmtree(destination)
+        destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
     root.rename(destination)
+    shutil.rmtree(replaced, ignore_errors=True)
     return destination
 
 
-def _work_dir(destination: Path) -> Path:
-    """A scratch folder beside `destination` (same file system: the final move is a rename)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-fetch-"))
+def _make_parent(destination: Path) -> None:
+    """Create the folder that holds `destination`; DatasetError naming what is in the way."""
+    parent = destination.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder should be, no permission, a read-only disk
+        files = [path for path in (*reversed(parent.parents), parent) if path.is_file()]
+        reason = (f"{files[0]} is a file, not a folder" if files
+                  else f"{error.strerror}: {error.filename}")
+        raise DatasetError(f"cannot create the folder {parent} for {destination.name}: "
+                           f"{reason}") from error
+
+
+@contextlib.contextmanager
+def fetch_lock(destination: Path) -> Iterator[None]:
+    """Hold the lock file `.<name>.lock` beside `destination`, as the command line and
+    annotate.main do for their whole fetch: fetches into one folder take turns, and a scratch
+    folder `.<name>-fetch-*` found on taking the lock was left by a fetch that was killed, so it
+    is deleted. DatasetError when the folder or the lock file cannot be created."""
+    _make_parent(destination)
+    lock_path = destination.parent / f".{destination.name}.lock"
+    try:
+        lock = open(lock_path, "w")
+    except OSError as error:
+        raise DatasetError(f"cannot create the lock file {lock_path}: {error.strerror}") from error
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for abandoned in destination.parent.glob(f".{destination.name}-fetch-*"):
+            shutil.rmtree(abandoned, ignore_errors=True)
+        yield
+
+
+@contextlib.contextmanager
+def _work_dir(destination: Path) -> Iterator[Path]:
+    """A scratch folder beside `destination` (same file system: the final move is a rename),
+    deleted on exit; a full disk meanwhile is a DatasetError naming the folder."""
+    _make_parent(destination)
+    work_dir = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-fetch-"))
+    try:
+        yield work_dir
+    except OSError as error:
+        if not _no_space(error):
+            raise
+        raise DatasetError(f"{error.strerror} in {destination.parent} (fetching Corel-5k into "
+                           f"{destination})") from error
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def install_dataset(archive: Path, destination: Path, *, expected: dict[str, int] = COREL5K_COUNTS,
-                    manifest: dict[str, str] | None = None, force: bool = False) -> Path:
+                    manifest: dict[str, str] | None = None, force: bool = False,
+                    url: str | None = None) -> Path:
     """Extract `archive` (one folder with images/, train.json, test.json), check it and move it
-    to `destination`. Nothing is written at `destination` unless every check passes."""
+    to `destination`. Nothing is written at `destination` unless every check passes. Errors name
+    `url` (where the archive was downloaded from) when given, else `archive`."""
     _refuse_existing(destination, force)
-    work_dir = _work_dir(destination)
-    try:
-        extract_archive(archive, work_dir)
-        return _install(find_dataset_root(work_dir, archive), destination, expected=expected,
-                        manifest=manifest, force=force, source=archive)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    with _work_dir(destination) as work_dir:
+        extract_archive(archive, work_dir, url=url)
+        return _install(find_dataset_root(work_dir, url or archive), destination,
+                        expected=expected, manifest=manifest, force=force, source=url or archive)
 
 
 def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: str = IMAGES_URL,
@@ -211,27 +294,28 @@ def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: s
     the images under IMAGE_FOLDERS of the repository archive at `images_url`, assembled in the
     seed's folder layout, checked, and moved to `destination`."""
     _refuse_existing(destination, force)
-    work_dir = _work_dir(destination)
-    try:
+    with _work_dir(destination) as work_dir:
         root = work_dir / "corel5k"
         (root / "images").mkdir(parents=True)
         for name in INDEX_FILES:
             download(index_url.format(name=name), root / name)
         archive = download(images_url, work_dir / "images.zip")
+        if not zipfile.is_zipfile(archive):
+            raise _not_an_archive(archive, images_url)
         try:
             with zipfile.ZipFile(archive) as bundle:
                 for member in bundle.infolist():
                     parent, _, name = member.filename.rpartition("/")
                     if name and any(parent.endswith("/" + folder) for folder in IMAGE_FOLDERS):
-                        _check_member_name(archive, name)
+                        _check_member_name(images_url, name)
                         (root / "images" / name).write_bytes(bundle.read(member))
         except ARCHIVE_ERRORS as error:
+            if _no_space(error):
+                raise  # named with its folder by _work_dir
             raise DatasetError(f"{images_url}: damaged zip archive ({error})") from error
         archive.unlink()
         return _install(root, destination, expected=expected, manifest=manifest, force=force,
                         source=images_url)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = None,
@@ -247,16 +331,14 @@ def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = 
     if url is None and source == "github":
         return fetch_github(destination, manifest=manifest, force=force)
     _refuse_existing(destination, force)
-    work_dir = _work_dir(destination)
-    try:
-        downloaded = download(url or KAGGLE_URL, work_dir / "corel5k.archive")
-        return install_dataset(downloaded, destination, manifest=manifest, force=force)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    url = url or KAGGLE_URL
+    with _work_dir(destination) as work_dir:
+        downloaded = download(url, work_dir / "corel5k.archive")
+        return install_dataset(downloaded, destination, manifest=manifest, force=force, url=url)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: fetch (or take --archive), check, install; 1 on a dataset error."""
+    """Command line: fetch (or take --archive), check, install; 1 on a dataset or file error."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("github", "kaggle"), default="github",
@@ -270,11 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"accept files that differ from {MANIFEST.name}")
     args = parser.parse_args(argv)
     try:
-        installed = fetch_corel5k(args.dest, url=args.url, source=args.source,
-                                  archive=args.archive, checksums=not args.skip_checksums,
-                                  force=args.force)
+        with fetch_lock(args.dest):
+            installed = fetch_corel5k(args.dest, url=args.url, source=args.source,
+                                      archive=args.archive, checksums=not args.skip_checksums,
+                                      force=args.force)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the file system's (a read-only folder): the path, in one line
+        cause = f"{error.strerror}: {error.filename}" if error.filename else error
+        print(f"error: {cause}", file=sys.stderr)
         return 1
     print(f"Corel-5k ready in {installed}; train with --config.data.root={installed} "
           f"or COREL5K_DIR={installed}")

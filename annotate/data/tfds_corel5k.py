@@ -9,6 +9,7 @@ order (`disable_shuffling`), so a TFDS split lines up with the folder split row 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,18 +78,23 @@ def build_tfds(root: Path | str, data_dir: Path | str) -> Path:
     """Write (or reuse) the `corel5k` array_record build of folder `root` under `data_dir`.
 
     An existing build is reused only when it was made from the folder's current content; otherwise
-    it is regenerated. Returns the build's version folder.
+    it is regenerated. Processes building at once take turns on the lock file `.corel5k.lock` in
+    `data_dir`: one builds, the others then find its build. Returns the build's version folder.
     """
     root = check_dataset_root(root)
     fingerprint = folder_fingerprint(read_dataset_indices(root))
-    builder = Corel5k(data_dir=os.fspath(Path(data_dir).expanduser()), file_format="array_record")
-    if builder.is_prepared() and builder.info.metadata.get("source_fingerprint") == fingerprint:
+    data_dir = Path(data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".corel5k.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder = Corel5k(data_dir=os.fspath(data_dir), file_format="array_record")  # as it is now
+        if builder.is_prepared() and builder.info.metadata.get("source_fingerprint") == fingerprint:
+            return Path(os.fspath(builder.data_dir))
+        mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if builder.is_prepared()
+                else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(root), download_mode=mode))
         return Path(os.fspath(builder.data_dir))
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if builder.is_prepared()
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(root), download_mode=mode))
-    return Path(os.fspath(builder.data_dir))
 
 
 def read_tfds_split(data_dir: Path | str, split: str) -> tuple[Path, list[str], list[dict]]:
