@@ -500,7 +500,7 @@ def test_wgan_images_of_validation_images_are_held_out_too():
     names = ["1.jpeg", "2.jpeg", "3.jpeg", "1_aug.jpeg", "1_aug_hor_flip.jpeg", "3_aug.jpeg"]
     split = data.Split(np.zeros((6, 2, 2, 3), np.uint8), np.zeros((6, 1), np.float32), names,
                        ["sky"])
-    kept = train._held_out_rows(split, 3, np.array([0]))
+    kept = train._training_rows(split, 3, np.array([0]))
     assert [names[i] for i in kept] == ["2.jpeg", "3.jpeg", "3_aug.jpeg"]
 
 
