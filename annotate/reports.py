@@ -64,13 +64,15 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
     fixed, mcc = results["fixed_0.5"], results["mcc"]
     epoch_time = f"{epoch_seconds:.0f}s" if epoch_seconds is not None else "-"
     image_size = config.data.image_size
+    # the linear head pools; ML-Decoder and CSRA read the spatial map themselves
+    pooling = config.model.global_pool if config.model.head == "linear" else config.model.head
     lines = [
         f"# {config.model.name} + {config.loss.name}: Corel-5k test set",
         "",
         "| model | loss | global-pooling | batch-size | num of training images | image-size | "
         "best epoch | epoch time |",
         "| :---: | :---: | :---: | :---: | :---: | :---: | :---: | :---: |",
-        f"| **{config.model.name}** | {config.loss.name} | {config.model.global_pool} | "
+        f"| **{config.model.name}** | {config.loss.name} | {pooling} | "
         f"{config.train.batch_size} | {num_train_images} | {image_size} * {image_size} | "
         f"{results.get('best_epoch', '-')} | {epoch_time} |",
         "",

@@ -76,6 +76,9 @@ def test_results_markdown_tables(results):
     config = base.get_config(model="resnet101", loss="focal")
     text = reports.results_markdown(results, config, num_train_images=80, epoch_seconds=12.4)
     assert "| **resnet101** | focal | avg | 32 | 80 | 448 * 448 | - | 12s |" in text
+    config.model.head = "csra"  # no global pooling: the head reads the spatial map
+    assert "| **resnet101** | focal | csra | 32 |" in reports.results_markdown(
+        results, config, num_train_images=80, epoch_seconds=12.4)
 
     def row(name):
         match = re.search(r"^\| \*testset\* " + re.escape(name) + r" \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
