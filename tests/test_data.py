@@ -343,6 +343,12 @@ def test_processes_building_the_tfds_copy_at_once_take_turns(tiny_dataset, tmp_p
     assert [output.splitlines()[-1] for output in outputs] == [build_dir, build_dir]
     assert sum("downloaded and prepared" in output for output in outputs) == 1  # built once
 
+    # reusing the current build writes nothing (a read-only copy stays usable): no lock taken
+    (data_dir / ".corel5k.lock").unlink()
+    from annotate.data.tfds_corel5k import build_tfds
+    assert str(build_tfds(tiny_dataset, data_dir)) == build_dir
+    assert not (data_dir / ".corel5k.lock").exists()
+
 
 @pytest.fixture(scope="module")
 def corel5k_train(corel5k_dir, tmp_path_factory):
@@ -460,3 +466,5 @@ def test_a_full_cache_disk_is_one_error_naming_the_folder_and_leaves_no_temp_fil
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
     assert load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir).images.shape[0] == 12
+    monkeypatch.delattr(os, "posix_fallocate")  # macOS has none: decoded as before
+    assert load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir).images.shape[0] == 6

@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import tarfile
 import threading
 import time
@@ -344,6 +345,10 @@ def test_a_downloaded_archive_is_named_by_its_url_not_the_scratch_file(server, t
     with pytest.raises(DatasetError, match=rf"^{url}/tiny.zip: 4994 of the 5002 Corel-5k files "
                                            r"are missing"):
         fetch_module.fetch_corel5k(tmp_path / "data" / "corel5k", url=f"{url}/tiny.zip")
+    with pytest.raises(DatasetError, match=rf"^{url}/tiny.zip: its dataset folder: expected "
+                                           r"\{'train': 4500"):  # the counts, checked after
+        fetch_module.fetch_corel5k(tmp_path / "data" / "corel5k", url=f"{url}/tiny.zip",
+                                   checksums=False)
     assert list((tmp_path / "data").iterdir()) == []  # no scratch folder left
 
 
@@ -421,6 +426,16 @@ def test_the_next_fetch_deletes_the_scratch_folders_of_killed_ones(tiny_dataset,
                               "--skip-checksums"]) == 1  # the tiny dataset's counts
     assert sorted(path.name for path in destination.parent.iterdir()) == [
         ".corel5k.lock", ".other-fetch-1"]
+
+    # killed between --force's two renames: the old copy waits in the scratch folder and no
+    # dataset is in place; the next fetch puts the old copy back before it deletes the folder
+    shutil.rmtree(destination.parent)
+    old_copy = destination.parent / ".corel5k-fetch-9c8d7e6f" / "Corel-5k.replaced"
+    shutil.copytree(tiny_dataset, old_copy)
+    with fetch_module.fetch_lock(destination):
+        assert (destination / "train.json").is_file()
+    assert sorted(path.name for path in destination.parent.iterdir()) == [".corel5k.lock",
+                                                                          "corel5k"]
 
 
 def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_dataset, tmp_path,

@@ -77,9 +77,12 @@ def _mtime(path: Path) -> float:
 def _reserve_space(path: str) -> None:
     """Allocate the disk blocks of the (sparse) file at `path` now, so that a full disk is an
     OSError here: a write into a memory map past the free space kills the process (SIGBUS)."""
+    fallocate = getattr(os, "posix_fallocate", None)  # absent on macOS: no reservation there
+    if fallocate is None:
+        return
     with open(path, "r+b") as file:
         try:
-            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+            fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
         except OSError as error:
             if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # unsupported: go on
                 raise

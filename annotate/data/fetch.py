@@ -203,6 +203,9 @@ def verify_manifest(root: Path, manifest: dict[str, str], source: str | Path | N
                            f"--skip-checksums` with the same source accepts another copy)")
 
 
+REPLACED_SUFFIX = ".replaced"  # the copy that --force replaces, while the new one moves in
+
+
 def _refuse_existing(destination: Path, force: bool) -> None:
     if destination.exists() and not force:
         raise DatasetError(f"{destination} already exists; pass --force to replace it")
@@ -215,12 +218,22 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
     moved aside and deleted only once the new one is in place)."""
     if manifest is not None:
         verify_manifest(root, manifest, source)
-    check_counts(root, expected)
+    try:
+        check_counts(root, expected)
+    except DatasetError as error:  # named by its source: `root` is deleted before it is read
+        message = str(error).replace(f"{root}/", "").replace(str(root), "its dataset folder")
+        raise DatasetError(f"{source}: {message}") from error
     _refuse_existing(destination, force)
-    replaced = root.with_name(root.name + ".replaced")  # in (or beside) the scratch folder
-    if destination.exists():
-        destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
-    root.rename(destination)
+    if not destination.exists():
+        root.rename(destination)
+        return destination
+    replaced = root.with_name(root.name + REPLACED_SUFFIX)  # in the scratch folder
+    destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
+    try:
+        root.rename(destination)
+    except BaseException:
+        replaced.rename(destination)  # the old copy back
+        raise
     shutil.rmtree(replaced, ignore_errors=True)
     return destination
 
@@ -253,6 +266,9 @@ def fetch_lock(destination: Path) -> Iterator[None]:
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         for abandoned in destination.parent.glob(f".{destination.name}-fetch-*"):
+            old_copies = sorted(abandoned.glob(f"*{REPLACED_SUFFIX}"))
+            if old_copies and not destination.exists():  # killed between --force's two renames
+                old_copies[0].rename(destination)
             shutil.rmtree(abandoned, ignore_errors=True)
         yield
 

@@ -84,12 +84,21 @@ def build_tfds(root: Path | str, data_dir: Path | str) -> Path:
     root = check_dataset_root(root)
     fingerprint = folder_fingerprint(read_dataset_indices(root))
     data_dir = Path(data_dir).expanduser()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".corel5k.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+
+    def current_build() -> Path | None:
         builder = Corel5k(data_dir=os.fspath(data_dir), file_format="array_record")  # as it is now
         if builder.is_prepared() and builder.info.metadata.get("source_fingerprint") == fingerprint:
             return Path(os.fspath(builder.data_dir))
+        return None
+
+    if data_dir.is_dir() and (built := current_build()) is not None:  # reading writes nothing
+        return built
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".corel5k.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (built := current_build()) is not None:  # another process built it meanwhile
+            return built
+        builder = Corel5k(data_dir=os.fspath(data_dir), file_format="array_record")
         mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if builder.is_prepared()
                 else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
