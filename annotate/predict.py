@@ -124,6 +124,8 @@ def load_annotator(workdir: Path | str) -> Annotator:
     try:
         state, epoch = train.restore_best(workdir, state)
     except WorkdirError as error:  # e.g. another run's thresholds.json, with another label count
+        if "does not fit" not in str(error):
+            raise
         raise WorkdirError(f"{error}; the model was built for the {len(vocabulary)} labels of "
                            f"{thresholds_path}") from error
     if stored.get("epoch") is not None and stored["epoch"] != epoch:

@@ -143,11 +143,11 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 def _check_distinct(workdirs: Sequence[Path | str]) -> None:
     """ValueError when two of `workdirs` are one folder: a run counted twice would shrink the sd."""
-    seen: dict[Path, Path | str] = {}
-    for workdir in workdirs:
-        first = seen.setdefault(Path(workdir).resolve(), workdir)
-        if first is not workdir:
-            also = f" (also as {first})" if str(first) != str(workdir) else ""
+    seen: dict[Path, int] = {}
+    for position, workdir in enumerate(workdirs):
+        first = seen.setdefault(Path(workdir).resolve(), position)
+        if first != position:
+            also = f" (also as {workdirs[first]})" if str(workdirs[first]) != str(workdir) else ""
             raise ValueError(f"workdir {workdir} is given twice{also}; each run counts once")
 
 

@@ -758,16 +758,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                          f"training images")
     checkpoints = checkpoint_manager(workdir)
     start_epoch = checkpoints.latest_step() or 0
-    experiment, state = create_experiment(config, len(train_split.host.vocabulary),
-                                          config.train.schedule_epochs * steps_per_epoch, mesh,
-                                          load_pretrained=not start_epoch)
-    if start_epoch:
-        state = restore_state(checkpoints, start_epoch, state)
-        log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
+    try:  # until the loop's own try: a refused start closes the manager (its threads) too
+        experiment, state = create_experiment(config, len(train_split.host.vocabulary),
+                                              config.train.schedule_epochs * steps_per_epoch,
+                                              mesh, load_pretrained=not start_epoch)
+        if start_epoch:
+            state = restore_state(checkpoints, start_epoch, state)
+            log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
+        if is_writer and run_data.validation is not None:  # checked before config.json
+            _record_validation_images(run_data, config, workdir, resumed=bool(start_epoch))
+    except BaseException:
+        checkpoints.close()
+        raise
     writer = None
     if is_writer:  # the data load and the model fit: training starts, the workdir records it
-        if run_data.validation is not None:  # checked (a changed dataset) before config.json
-            _record_validation_images(run_data, config, workdir, resumed=bool(start_epoch))
         write_config(workdir, config)
         # drop records of an epoch that was interrupted before its checkpoint
         summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)

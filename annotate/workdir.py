@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,7 +175,8 @@ def write_atomically(path: Path, content: str | Callable[[Path], Any]) -> None:
     """Write `content` (a text, or a function that writes the file at the path it is given) to a
     hidden file beside `path`, then rename it onto `path`: readers, and a run killed mid-write,
     never see a partial file."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    # one name per process and thread: concurrent writers of `path` never share a half file
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         if isinstance(content, str):
             temporary.write_text(content)

@@ -110,6 +110,9 @@ def test_a_workdir_given_twice_is_refused(tmp_path, capsys):
     assert summarize.main([str(tmp_path / "asl1"), str(tmp_path / "asl1")]) == 2
     assert capsys.readouterr().err == (f"error: workdir {tmp_path / 'asl1'} is given twice; "
                                        f"each run counts once\n")
+    same = tmp_path / "asl1"  # one object given twice, as a library call may
+    with pytest.raises(ValueError, match="is given twice; each run counts once"):
+        summarize.summarise([same, same])
 
 
 def test_two_runs_of_one_seed_in_a_group_are_refused(tmp_path, capsys):

@@ -441,6 +441,10 @@ def test_a_corrupt_image_is_one_line_before_any_training_and_keeps_finished_imag
         wgan_run.run(config)
     assert len(list((tmp_path / "out" / "aug-images").iterdir())) == 6  # the first two images'
     assert len(read_augmentation_index(tmp_path / "out").image_names) == 6
+    config.force = True  # a forced rerun deletes the finished images only once decoding passed
+    with pytest.raises(ValueError, match="1 training image\\(s\\) cannot be read"):
+        wgan_run.run(config)
+    assert len(list((tmp_path / "out" / "aug-images").iterdir())) == 6
 
     (root / "images" / train_index.image_names[0]).write_bytes(b"not a jpeg either")
     command = [sys.executable, "-m", "wgan.run", f"--config.data.root={root}",

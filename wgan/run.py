@@ -126,10 +126,11 @@ def run(config: config_dict.ConfigDict) -> Path:
     image_dir = out_dir / AUGMENTATION_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
     check_writable(image_dir)
-    record_run(out_dir, index, config)
     count = len(index.image_names) if config.limit is None else min(config.limit,
                                                                      len(index.image_names))
-    pending = [i for i in range(count) if not is_done(image_dir, index.image_names[i])]
+    # with force every image is made again (record_run deletes them, once the decoding passed)
+    pending = [i for i in range(count)
+               if config.force or not is_done(image_dir, index.image_names[i])]
     setup = WganSetup(width=config.model_width,
                       compute_dtype=jnp.dtype(config.compute_dtype))
     unreadable = []  # decoding every pending image takes seconds; meeting one hours in, not
@@ -142,6 +143,7 @@ def run(config: config_dict.ConfigDict) -> Path:
         raise ValueError(f"{len(unreadable)} training image(s) cannot be read, nothing was "
                          f"trained: {unreadable[0]}" + (f" (and {len(unreadable) - 1} more)"
                                                        if len(unreadable) > 1 else ""))
+    record_run(out_dir, index, config)
     diverged: list[str] = []
     with tqdm(total=count, initial=count - len(pending), unit="image", desc="ML-WGAN") as bar:
         for start in range(0, len(pending), config.pairs):
