@@ -19,7 +19,8 @@ def _kurtosis(values: np.ndarray) -> float:
     return float(np.mean(centred ** 4) / np.mean(centred ** 2) ** 2)
 
 
-@pytest.mark.parametrize("name", ["resnet101", "resnext50_32x4d", "xception", "tresnet_m"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet101", "resnext50_32x4d", "xception",
+                                  "tresnet_m"])
 def test_parameters_start_from_timms_distributions(name):
     torch_model = timm.create_model(model_info(name).timm_name, pretrained=False, num_classes=260)
     model = create_model(name, 260, seed=3)

@@ -34,20 +34,32 @@ def module_name(path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path) -> list[str]:
-    """The project modules imported anywhere in the file at `path`."""
+def imported_modules(module: str, source: str, is_package: bool = False) -> list[str]:
+    """The project modules that `source` (the text of `module`, a package's __init__ when
+    `is_package`) imports anywhere, relative imports resolved."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
     names = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            origin = ".".join(base + ([node.module] if node.module else []))
             # `from annotate import data` imports annotate.data; `from x.y import f`, x.y
-            names += [f"{node.module}.{alias.name}" if node.module in ("annotate", "wgan")
-                      else node.module for alias in node.names]
+            names += [f"{origin}.{alias.name}" if origin in ("annotate", "wgan") else origin
+                      for alias in node.names]
     return [name for name in names if name.split(".")[0] in ("annotate", "wgan")]
 
 
 SOURCES = sorted([*(REPO / "annotate").rglob("*.py"), *(REPO / "wgan").rglob("*.py")])
+
+
+def test_relative_imports_are_resolved():
+    source = "from . import train\nfrom .data import folder\nfrom annotate import reports\n"
+    assert imported_modules("annotate.metrics", source) == [
+        "annotate.train", "annotate.data", "annotate.reports"]
+    assert imported_modules("annotate.data", "from .. import train\n", is_package=True) == [
+        "annotate.train"]
 
 
 def test_rank_reads_the_longest_room():
@@ -62,5 +74,6 @@ def test_no_module_imports_a_higher_room(path):
     module = module_name(path)
     if module in ("annotate", "wgan"):
         return  # the packages' own __init__ files hold no code
-    higher = [name for name in imported_modules(path) if rank(name) > rank(module)]
+    imports = imported_modules(module, path.read_text(), path.name == "__init__.py")
+    higher = [name for name in imports if rank(name) > rank(module)]
     assert not higher, f"{module} (room {rank(module)}) imports {higher}"
