@@ -151,7 +151,9 @@ def test_every_readme_training_command_parses_and_validates(monkeypatch):
                 node = config
                 for part in path.split("."):
                     node = node[part]
-                assert str(node) == value or node == type(node)(value), (arg, node)
+                expected = ({"true": True, "false": False}[value.lower()]
+                            if isinstance(node, bool) else type(node)(value))
+                assert str(node) == value or node == expected, (arg, node)
         if "--config.train.epochs=5" in argv:
             assert (config.train.epochs, config.train.schedule_epochs) == (5, 6)
 
