@@ -45,6 +45,7 @@ def test_stream_training_equals_device_training(tiny_dataset, tiny_backbone, tmp
         evaluation = train.train_and_evaluate(config, tmp_path / pipeline)
         records[pipeline] = (summary.read_metrics(tmp_path / pipeline), evaluation)
     (device, device_eval), (streamed, stream_eval) = records["device"], records["stream"]
+    assert [r["epoch"] for r in streamed] == [r["epoch"] for r in device] == [1, 2, 3]
     for ours, theirs in zip(streamed, device):
         np.testing.assert_allclose(ours["train/loss"], theirs["train/loss"], rtol=1e-6)
         np.testing.assert_allclose(ours["test/per_image_f1"], theirs["test/per_image_f1"],
@@ -81,4 +82,5 @@ def test_stream_layout_on_two_devices(tiny_dataset, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = json.loads(done.stdout.split("LOSSES", 1)[1])
+    assert len(losses["device"]) == 3  # one record per epoch
     np.testing.assert_allclose(losses["stream"], losses["device"], rtol=1e-6)
