@@ -20,10 +20,14 @@ from annotate.models.layers import BatchNorm2d, conv2d
 
 @pytest.fixture(scope="session")
 def corel5k_dir() -> Path:
-    """The real Corel-5k folder; tests that need it are skipped when COREL5K_DIR is unset."""
+    """The real Corel-5k folder: $COREL5K_DIR, else data/corel5k (where the first `make train`
+    fetches it); tests that need it are skipped when neither is there."""
     root = os.environ.get("COREL5K_DIR")
     if not root:
-        pytest.skip("COREL5K_DIR is not set")
+        fetched = Path(__file__).resolve().parents[1] / "data" / "corel5k"
+        if not (fetched / "train.json").is_file():
+            pytest.skip("COREL5K_DIR is not set and data/corel5k holds no dataset")
+        return fetched
     path = Path(root)
     assert (path / "train.json").is_file(), f"COREL5K_DIR={root} has no train.json"
     return path

@@ -8,7 +8,7 @@
 The default source needs no account: the seed's train.json, test.json and vocabulary from
 parham1998/CNN_Image_Annotaion (Corel-5k/) and the 4,999 images from ParkByungYoon/corel-5k
 (db/train, db/test), both at pinned commits; the images come in one archive of that repository
-(about 120 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at any archive
+(about 121 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at any archive
 holding one folder with images/, train.json, test.json and corel5k_vocabulary.txt (the vocabulary
 file is only needed for the checksums: --skip-checksums accepts a folder without it). Every file
 is checked against the SHA-256 list `corel5k.sha256` beside this module (files byte-identical to
@@ -355,7 +355,7 @@ def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: fetch (or take --archive), check, install; 1 on a dataset or file error."""
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m annotate.data.fetch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("github", "kaggle"), default="github",
                         help="where to download from when no --url/$COREL5K_URL is given")
