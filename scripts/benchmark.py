@@ -562,6 +562,31 @@ def count_weight_reads(jaxpr: Any, tracked: set[Any]) -> int:
     return reads
 
 
+def critic_loss_in_calls(setup: Any, calls: Sequence[int]) -> Callable[..., jax.Array]:
+    """wgan.train.critic_loss with (fake, real, interpolate) split into consecutive critic calls
+    of the sizes `calls` ((3,): the one batch-3 call it makes; (1, 1, 1): the seed's three
+    batch-1 calls): (critic params, fake, real, mix weight) -> loss, for counting reads/FLOPs."""
+    from flax import nnx
+
+    from wgan import train as wgan_train
+
+    def loss(params: Any, fake: jax.Array, real: jax.Array, mix_weight: jax.Array) -> jax.Array:
+        critic = nnx.merge(setup.graphs[1], params)
+        images = jnp.stack([fake, real, mix_weight * real + (1.0 - mix_weight) * fake])
+        scores, penalty, first = [], 0.0, 0
+        for size in calls:  # the call holding the interpolate also gives the penalty
+            group = images[first:first + size]
+            if first + size == 3:
+                group_scores, penalty = wgan_train.scores_and_penalty(critic, group, size - 1)
+            else:
+                group_scores = critic(group)
+            scores.append(group_scores)
+            first += size
+        scores = jnp.concatenate(scores)
+        return scores[0] - scores[1] + setup.gradient_penalty_weight * penalty
+    return loss
+
+
 # Memory bandwidth by card (datasheet leads: H100 SXM 3.35 TB/s, H200 4.8 TB/s) for the bound.
 CARD_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 ADAM_BYTES_PER_PARAMETER = 24  # float32 parameter and both moments, each read and written
@@ -596,9 +621,12 @@ def wgan_bound(width: int = 64) -> dict[str, Any]:
     critic_params, generator_params = count(state.critic), count(state.generator)
     bytes_per_iteration = (critic_params * (ADAM_BYTES_PER_PARAMETER * steps + 4 * critic_reads)
                            + generator_params * (ADAM_BYTES_PER_PARAMETER + 4 * generator_reads))
+    weight = jax.ShapeDtypeStruct((), jnp.float32)
     step_flops = first_cost(jax.jit(lambda c, f, r, w: jax.grad(wgan_train.critic_loss)(
-        c, setup, f, r, w)).lower(state.critic, image, image,
-                                  jax.ShapeDtypeStruct((), jnp.float32)).cost_analysis())["flops"]
+        c, setup, f, r, w)).lower(state.critic, image, image, weight).cost_analysis())["flops"]
+    seed_step_flops = first_cost(jax.jit(jax.grad(critic_loss_in_calls(setup, (1, 1, 1))))
+                                 .lower(state.critic, image, image, weight)
+                                 .cost_analysis())["flops"]
     flops = (first_cost(jax.jit(iteration).lower(state, image, jax.random.key(1))
                         .cost_analysis())["flops"] + (steps - 1) * step_flops)
     total = WGAN_RECIPE_ITERATIONS * 4500
@@ -611,6 +639,8 @@ def wgan_bound(width: int = 64) -> dict[str, Any]:
                        "critic_reads_per_critic_step": 4, "generator_reads_per_iteration": 2},
             "bytes_per_pair_iteration": bytes_per_iteration,
             "flops_per_pair_iteration": float(flops),
+            "flops_per_critic_step": float(step_flops),
+            "flops_per_critic_step_seed_calls": float(seed_step_flops),
             "bound_minutes_4500_images": {card: bytes_per_iteration * total / bandwidth / 60
                                           for card, bandwidth in CARD_BANDWIDTH.items()}}
 

@@ -3,6 +3,7 @@ count against torch's flop counter on the same timm model, the profile of the st
 trace summariser, the WGAN record and the report table."""
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import time
@@ -228,21 +229,8 @@ def test_weight_reads_of_a_critic_step_grow_with_its_separate_calls(benchmark, c
     setup = wgan_train.WganSetup(width=4)
     critic_params = nnx.state(setup.critic(jax.random.key(0)), nnx.Param)
     fake, real = jnp.zeros((128, 192, 3)), jnp.ones((128, 192, 3))
-
-    def loss(params):
-        critic = nnx.merge(setup.graphs[1], params)
-        images = jnp.stack([fake, real, 0.3 * real + 0.7 * fake])
-        scores, penalty, first = [], 0.0, 0
-        for size in calls:  # consecutive slices of (fake, real, interpolate), one call each
-            group = images[first:first + size]
-            if first + size == 3:  # the call holding the interpolate also gives the penalty
-                group_scores, penalty = wgan_train.scores_and_penalty(critic, group, size - 1)
-            else:
-                group_scores = critic(group)
-            scores.append(group_scores)
-            first += size
-        scores = jnp.concatenate(scores)
-        return scores[0] - scores[1] + 10.0 * penalty
+    loss = functools.partial(benchmark.critic_loss_in_calls(setup, calls), fake=fake, real=real,
+                             mix_weight=jnp.float32(0.3))
 
     closed = jax.make_jaxpr(jax.grad(loss))(critic_params)
     paths = [jax.tree_util.keystr(path)
