@@ -27,7 +27,7 @@ from absl import logging as absl_logging
 from annotate import cli, data, train
 from annotate.config import validate_config
 from annotate.devices import enable_compilation_cache, make_mesh, put
-from annotate.workdir import WorkdirError
+from annotate.workdir import CheckpointMismatchError, WorkdirError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -123,11 +123,9 @@ def load_annotator(workdir: Path | str) -> Annotator:
                                                 load_pretrained=False)
     try:
         state, epoch = train.restore_best(workdir, state)
-    except WorkdirError as error:  # e.g. another run's thresholds.json, with another label count
-        if "does not fit" not in str(error):
-            raise
-        raise WorkdirError(f"{error}; the model was built for the {len(vocabulary)} labels of "
-                           f"{thresholds_path}") from error
+    except CheckpointMismatchError as error:  # e.g. another run's thresholds.json's label count
+        raise CheckpointMismatchError(f"{error}; the model was built for the {len(vocabulary)} "
+                                      f"labels of {thresholds_path}") from error
     if stored.get("epoch") is not None and stored["epoch"] != epoch:
         raise ValueError(f"{thresholds_path} holds the thresholds of epoch {stored['epoch']}'s "
                          f"checkpoint, but the workdir's selected checkpoint is now epoch {epoch} "

@@ -39,8 +39,8 @@ from annotate import data, losses, metrics, models, summary
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
 from annotate.devices import make_mesh, put, to_host
-from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
-                              require_folder, write_config)
+from annotate.workdir import (CheckpointMismatchError, CheckpointSaveError, WorkdirError,
+                              WorkdirLock, check_config, require_folder, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -426,8 +426,8 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
                       "retrain, or use the version that trained it")
         if isinstance(error, (ValueError, KeyError, TypeError, FileNotFoundError)) and not \
                 isinstance(error, json.JSONDecodeError):
-            raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this "
-                               f"run's model ({cause})") from error
+            raise CheckpointMismatchError(f"checkpoint {epoch} in {manager.directory} does not "
+                                          f"fit this run's model ({cause})") from error
         raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "
                            f"({cause}); delete that folder to resume from an earlier checkpoint, "
                            f"if one is left") from error
@@ -455,9 +455,9 @@ def _require_saved_shapes(manager: ocp.CheckpointManager, epoch: int, abstract: 
     if differ:
         key, shape, saved_shape = differ[0]
         more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
-        raise WorkdirError(f"checkpoint {epoch} in {manager.directory} does not fit this run's "
-                           f"model: {key} is {saved_shape} in the checkpoint, {shape} in the "
-                           f"model{more}")
+        raise CheckpointMismatchError(f"checkpoint {epoch} in {manager.directory} does not fit "
+                                      f"this run's model: {key} is {saved_shape} in the "
+                                      f"checkpoint, {shape} in the model{more}")
 
 
 def has_checkpoint(workdir: Path) -> bool:

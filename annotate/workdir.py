@@ -56,6 +56,10 @@ class CheckpointSaveError(WorkdirError):
     """A checkpoint could not be written (a full disk, a read-only folder)."""
 
 
+class CheckpointMismatchError(WorkdirError):
+    """A checkpoint holds other arrays or shapes than the model it is restored into."""
+
+
 def require_folder(workdir: Path) -> None:
     """Refuse a workdir path that names an existing file."""
     if Path(workdir).exists() and not Path(workdir).is_dir():
