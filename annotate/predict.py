@@ -7,7 +7,8 @@ probability exceeds the label's threshold (thresholds.json, written by the evalu
 printed with their probabilities, most probable first; --output also writes them, as JSON
 (`.json`) or CSV (`.csv`: image, label, probability). Files that are not images, or do not
 decode, are skipped and listed at the end; the exit status is non-zero only when nothing could be
-annotated. User errors are one line, `error: ...`, with exit status 2.
+annotated. User errors are one line, `error: ...`, with exit status 2. Images are decoded and
+annotated train.eval_batch_size at a time, so memory does not grow with their number.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 from absl import logging as absl_logging
+from tqdm import tqdm
 
 from annotate import cli, data, train
 from annotate.config import validate_config
@@ -66,27 +68,46 @@ class Annotator:
         split = train.DeviceSplit(on_device, targets=None, host=None)  # predict reads the images
         return train.predict(self.experiment, self.params, self.batch_stats, split)
 
-    def annotate(self, files: Sequence[Path | str]) -> tuple[list[dict], list[tuple[str, str]]]:
+    @property
+    def chunk_size(self) -> int:
+        """Images decoded and annotated at once: the evaluation batch, rounded up to the device
+        count, so host memory stays bounded for a folder of any size."""
+        devices = self.experiment.mesh.size
+        return -(-self.experiment.config.train.eval_batch_size // devices) * devices
+
+    def annotate(self, files: Sequence[Path | str], chunk_size: int | None = None,
+                 ) -> tuple[list[dict], list[tuple[str, str]]]:
         """([{"image": path, "labels": [{"label", "probability"}, ...]}], [(path, why skipped)])
         for image files: labels above their threshold, most probable first; files that do not
-        decode are skipped with the reason."""
-        decoded, skipped = [], []
-        for path in files:
-            try:
-                decoded.append((path, data.decode_image(path, self.image_size)))
-            except data.DatasetError as error:  # its message starts with the path
-                skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
-        if not decoded:
-            return [], skipped
-        probs = self.probabilities(np.stack([image for _, image in decoded]))
-        annotations = []
-        for (path, _), image_probs in zip(decoded, probs):
-            chosen = np.flatnonzero(image_probs > self.thresholds)
-            chosen = chosen[np.argsort(-image_probs[chosen], kind="stable")]
-            annotations.append({"image": str(path), "labels": [
-                {"label": self.vocabulary[j], "probability": round(float(image_probs[j]), 4)}
-                for j in chosen]})
+        decode are skipped with the reason. Files are decoded and predicted `chunk_size` at a
+        time (default: self.chunk_size), every chunk padded to one shape (one compilation)."""
+        chunk_size = min(chunk_size or self.chunk_size, max(len(files), 1))
+        annotations, skipped = [], []
+        with tqdm(total=len(files), unit="image", desc="annotate", file=sys.stderr,
+                  disable=len(files) <= chunk_size) as bar:
+            for start in range(0, len(files), chunk_size):
+                decoded = []
+                for path in files[start:start + chunk_size]:
+                    try:
+                        decoded.append((path, data.decode_image(path, self.image_size)))
+                    except data.DatasetError as error:  # its message starts with the path
+                        skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
+                if decoded:
+                    images = [image for _, image in decoded]
+                    images += images[-1:] * (chunk_size - len(images))  # the compiled shape
+                    probs = self.probabilities(np.stack(images))
+                    annotations += [self._labels_above_threshold(path, image_probs)
+                                    for (path, _), image_probs in zip(decoded, probs)]
+                bar.update(len(files[start:start + chunk_size]))
         return annotations, skipped
+
+    def _labels_above_threshold(self, path: Path | str, image_probs: np.ndarray) -> dict:
+        """One image's annotation: its labels above their threshold, most probable first."""
+        chosen = np.flatnonzero(image_probs > self.thresholds)
+        chosen = chosen[np.argsort(-image_probs[chosen], kind="stable")]
+        return {"image": str(path), "labels": [
+            {"label": self.vocabulary[j], "probability": round(float(image_probs[j]), 4)}
+            for j in chosen]}
 
 
 def load_annotator(workdir: Path | str) -> Annotator:
@@ -118,7 +139,7 @@ def load_annotator(workdir: Path | str) -> Annotator:
         raise ValueError(f"{thresholds_path} is damaged: it must hold one threshold in [0, 1] per "
                          f"label ({len(vocabulary)} labels, thresholds of shape "
                          f"{thresholds.shape}, NaN or out of range?); write it again with --evaluate")
-    config.data.pipeline = "device"  # the images to annotate are put on the device at once
+    config.data.pipeline = "device"  # each chunk of images to annotate is put on the device
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
     try:

@@ -109,14 +109,19 @@ def test_config_of_another_version_is_named(smoke_workdir, tmp_path):
         predict.load_annotator(tmp_path)
 
 
-def test_annotations_reproduce_test_metrics(smoke_workdir, corel5k_dir):
+def test_annotations_reproduce_test_metrics(smoke_workdir, corel5k_dir, tmp_path):
     """Annotating the 499 test image files reproduces the evaluation's per-image F1 and N+ (MCC
-    thresholds): the same checkpoint, normalisation, image decoding and thresholds."""
+    thresholds): the same checkpoint, normalisation, image decoding and thresholds. They go in
+    chunks of 120 files (the last one padded), with a broken file among them, which is skipped."""
     index = json.loads((corel5k_dir / "test.json").read_text())
     vocabulary = index["labels"]
     paths = [corel5k_dir / "images" / s["image_name"] for s in index["samples"]]
-    annotations, skipped = predict.load_annotator(smoke_workdir).annotate(paths)
-    assert skipped == []
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(paths[0].read_bytes()[:300])
+    annotator = predict.load_annotator(smoke_workdir)
+    assert annotator.chunk_size == 500  # configs/smoke.py's eval_batch_size, on one device
+    annotations, skipped = annotator.annotate([*paths[:200], broken, *paths[200:]], chunk_size=120)
+    assert [path for path, _ in skipped] == [str(broken)]
     assert [a["image"] for a in annotations] == [str(p) for p in paths]
     truth = np.zeros((len(paths), len(vocabulary)), int)
     predicted = np.zeros_like(truth)
