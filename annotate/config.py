@@ -18,7 +18,6 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("onecycle", "constant")
 PROTOCOLS = ("seed", "validation", "final")  # see configs/base.py
 PIPELINES = ("device", "stream")
-DEFAULT_DATA_ROOT = "data/corel5k"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -105,18 +104,27 @@ def head_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def dataset_folder(configured: str | None) -> Path:
     """The dataset folder, absolute: `configured`, else $COREL5K_DIR, else data/corel5k."""
-    root = Path(configured or os.environ.get("COREL5K_DIR") or DEFAULT_DATA_ROOT)
+    root = Path(configured or os.environ.get("COREL5K_DIR") or data.DEFAULT_DATASET_FOLDER)
     return root.expanduser().absolute()
+
+
+def dataset_to_fetch(config: ml_collections.ConfigDict) -> Path | None:
+    """data/corel5k (relative) when `config` names no dataset folder (no data.root, no
+    $COREL5K_DIR): the main job's first run fetches Corel-5k there; else None. Both sources
+    need the folder (a TFDS build is made from it)."""
+    if config.data.root or os.environ.get("COREL5K_DIR"):
+        return None
+    return data.DEFAULT_DATASET_FOLDER
 
 
 def data_root(config: ml_collections.ConfigDict) -> Path:
     """The dataset folder of `config` (dataset_folder of config.data.root), checked to hold a
-    dataset when the source is a folder."""
+    dataset (both sources read it: a TFDS build is made from the folder)."""
     root = dataset_folder(config.data.root)
-    if config.data.source == "folder" and not (root / "train.json").is_file():
+    if not (root / "train.json").is_file():
         raise data.DatasetError(
             f"no Corel-5k dataset at {root} (train.json missing): download it with "
-            f"`python -m annotate.data.fetch` (writes {DEFAULT_DATA_ROOT}), or point "
+            f"`python -m annotate.data.fetch` (writes {data.DEFAULT_DATASET_FOLDER}), or point "
             f"--config.data.root or $COREL5K_DIR at a folder with images/, train.json, test.json")
     return root
 

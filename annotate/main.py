@@ -9,7 +9,6 @@ latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from annotate import cli, data, reports, train
-from annotate.config import DEFAULT_DATA_ROOT, validate_config
+from annotate.config import dataset_to_fetch, validate_config
 from annotate.data import fetch
 from annotate.devices import enable_compilation_cache, initialize_distributed
 from annotate.workdir import WorkdirError, require_folder
@@ -52,30 +51,9 @@ def default_workdir(config_path: str) -> Path:
 
 
 def ensure_dataset(config: ml_collections.ConfigDict) -> None:
-    """The main job's first run: with no dataset configured (no --config.data.root, no
-    $COREL5K_DIR) and none in data/corel5k, download Corel-5k there (annotate.data.fetch:
-    $COREL5K_URL if set, else the default GitHub sources, every file checked). Runs started
-    together (the processes of one machine) take turns on the fetch's lock file: one downloads,
-    the others wait and then find the data in place. A data/corel5k without train.json (an
-    incomplete copy) is a DatasetError saying how to replace it."""
-    destination = Path(DEFAULT_DATA_ROOT)
-    if config.data.source != "folder" or config.data.root or os.environ.get("COREL5K_DIR"):
-        return
-    if (destination / "train.json").is_file():
-        return
-    with fetch.fetch_lock(destination):
-        if (destination / "train.json").is_file():  # another run fetched it meanwhile
-            return
-        if destination.exists():
-            raise data.DatasetError(
-                f"{destination} exists but holds no train.json (an incomplete copy?); delete it "
-                f"(`rm -r {destination}`) and run again to download Corel-5k, or replace it with "
-                f"`python -m annotate.data.fetch --force`")
-        source = os.environ.get("COREL5K_URL") or f"GitHub, about {fetch.DOWNLOAD_MB} MB"
-        print(f"Corel-5k is not in {destination} and neither --config.data.root nor "
-              f"$COREL5K_DIR is set: downloading it into {destination} ({source}; 31 MB kept)",
-              file=sys.stderr)
-        fetch.fetch_corel5k(destination)
+    """Fetch Corel-5k into data/corel5k on the first run of a config that names no dataset."""
+    if (destination := dataset_to_fetch(config)) is not None:
+        fetch.ensure_corel5k(destination)
 
 
 def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from annotate import cli
-from annotate.config import head_options, normalisation, validate_config
+from annotate.config import dataset_to_fetch, head_options, normalisation, validate_config
 from configs import base
 from modules import REPO
 
@@ -23,6 +23,21 @@ def test_normalisation_choice():
     assert normalisation(config) == ((0.4249, 0.4365, 0.3926), (0.1955, 0.1830, 0.1987))
     config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     assert normalisation(config) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_only_a_config_naming_no_dataset_folder_fetches_one(monkeypatch):
+    """data/corel5k is fetched into only when neither data.root nor $COREL5K_DIR names a folder,
+    for either source (a TFDS build is made from the folder)."""
+    monkeypatch.delenv("COREL5K_DIR", raising=False)
+    config = base.get_config(model="resnet18", loss="asl")
+    assert str(dataset_to_fetch(config)) == "data/corel5k"
+    config.data.source = "tfds"
+    assert str(dataset_to_fetch(config)) == "data/corel5k"
+    config.data.root = "elsewhere"
+    assert dataset_to_fetch(config) is None
+    config.data.root = None
+    monkeypatch.setenv("COREL5K_DIR", "/data/corel5k")
+    assert dataset_to_fetch(config) is None
 
 
 def test_config_errors_name_the_key():

@@ -17,7 +17,7 @@ import numpy as np
 from annotate.data.cache import (CACHE_FORMAT_VERSION, cached_uint8_array, default_cache_dir,
                                  directory_fingerprint_parts, hash_parts, index_fingerprint_parts,
                                  short_hash)
-from annotate.data.folder import (SPLITS, DatasetError, SplitIndex, as_rgb,
+from annotate.data.folder import (DEFAULT_DATASET_FOLDER, SPLITS, DatasetError, SplitIndex, as_rgb,
                                   check_same_vocabulary, decode_image, decode_into, multi_hot,
                                   read_dataset_indices, read_index_file, read_split_index,
                                   validate_dataset)
@@ -36,7 +36,7 @@ AUGMENTATION_IMAGES = "aug-images"
 
 __all__ = [
     "COREL5K_AUGMENTED_MEAN", "COREL5K_AUGMENTED_STD", "COREL5K_MEAN", "COREL5K_STD",
-    "DatasetError", "Split", "SplitIndex", "as_rgb",
+    "DEFAULT_DATASET_FOLDER", "DatasetError", "Split", "SplitIndex", "as_rgb",
     "decode_image",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
     "read_dataset_indices", "read_split_index", "split_sources", "SplitSources", "tfds_data_dir",

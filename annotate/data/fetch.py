@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from annotate.data.folder import DatasetError, validate_dataset
+from annotate.data.folder import DEFAULT_DATASET_FOLDER, DatasetError, validate_dataset
 
 KAGGLE_PAGE = "https://www.kaggle.com/datasets/parhamsalar/corel5k"
 KAGGLE_URL = "https://www.kaggle.com/api/v1/datasets/download/parhamsalar/corel5k"
@@ -55,7 +55,6 @@ IMAGES_URL = ("https://codeload.github.com/ParkByungYoon/corel-5k/zip/"
               "6fc96e09b1922bf08a53ca44831a958337205d2b")
 IMAGE_FOLDERS = ("db/train", "db/test")  # inside the repository archive's top folder
 DOWNLOAD_MB = 121  # what the default source downloads: the images' archive and the JSON files
-DEFAULT_DESTINATION = Path("data") / "corel5k"
 MANIFEST = Path(__file__).with_name("corel5k.sha256")
 COREL5K_COUNTS = {"train": 4500, "test": 499, "labels": 260}
 # What reading a damaged or truncated zip/tar(.gz/.bz2/.xz) can raise.
@@ -334,7 +333,7 @@ def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: s
                         source=images_url)
 
 
-def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = None,
+def fetch_corel5k(destination: Path = DEFAULT_DATASET_FOLDER, *, url: str | None = None,
                   source: str = "github", archive: Path | None = None, checksums: bool = True,
                   force: bool = False) -> Path:
     """Corel-5k into `destination` from a local `archive`, else an archive `url` (default
@@ -353,6 +352,29 @@ def fetch_corel5k(destination: Path = DEFAULT_DESTINATION, *, url: str | None = 
         return install_dataset(downloaded, destination, manifest=manifest, force=force, url=url)
 
 
+def ensure_corel5k(destination: Path = DEFAULT_DATASET_FOLDER) -> None:
+    """The main job's first run (no dataset configured): download Corel-5k into `destination`
+    unless it is there (fetch_corel5k: $COREL5K_URL if set, else the default GitHub sources,
+    every file checked). Runs started together (the processes of one machine) take turns on
+    fetch_lock: one downloads, the others wait and then find the data in place. A `destination`
+    without train.json (an incomplete copy) is a DatasetError saying how to replace it."""
+    if (destination / "train.json").is_file():
+        return
+    with fetch_lock(destination):
+        if (destination / "train.json").is_file():  # another run fetched it meanwhile
+            return
+        if destination.exists():
+            raise DatasetError(
+                f"{destination} exists but holds no train.json (an incomplete copy?); delete it "
+                f"(`rm -r {destination}`) and run again to download Corel-5k, or replace it with "
+                f"`python -m annotate.data.fetch --force`")
+        source = os.environ.get("COREL5K_URL") or f"GitHub, about {DOWNLOAD_MB} MB"
+        print(f"Corel-5k is not in {destination} and neither --config.data.root nor "
+              f"$COREL5K_DIR is set: downloading it into {destination} ({source}; 31 MB kept)",
+              file=sys.stderr)
+        fetch_corel5k(destination)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: fetch (or take --archive), check, install; 1 on a dataset or file error."""
     parser = argparse.ArgumentParser(prog="python -m annotate.data.fetch", description=__doc__,
@@ -361,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to download from when no --url/$COREL5K_URL is given")
     parser.add_argument("--url", help="an archive in the seed's layout (default: $COREL5K_URL)")
     parser.add_argument("--archive", type=Path, help="use this local zip/tar instead of downloading")
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DESTINATION,
-                        help=f"dataset folder to create (default: {DEFAULT_DESTINATION})")
+    parser.add_argument("--dest", type=Path, default=DEFAULT_DATASET_FOLDER,
+                        help=f"dataset folder to create (default: {DEFAULT_DATASET_FOLDER})")
     parser.add_argument("--force", action="store_true", help="replace an existing --dest")
     parser.add_argument("--skip-checksums", action="store_true",
                         help=f"accept files that differ from {MANIFEST.name}")

@@ -19,9 +19,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 SPLITS: tuple[str, ...] = ("train", "test")
-FETCH_HINT = ("get Corel-5k with `python -m annotate.data.fetch` (writes data/corel5k), or "
-              "point COREL5K_DIR / --config.data.root at a folder holding images/, train.json "
-              "and test.json")
+DEFAULT_DATASET_FOLDER = Path("data") / "corel5k"  # where the fetch writes, relative to the cwd
+FETCH_HINT = (f"get Corel-5k with `python -m annotate.data.fetch` (writes "
+              f"{DEFAULT_DATASET_FOLDER}), or point COREL5K_DIR / --config.data.root at a "
+              "folder holding images/, train.json and test.json")
 
 
 class DatasetError(ValueError):
