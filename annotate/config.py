@@ -36,7 +36,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
 
     train = config.train
-    require(config.model.global_pool in ("avg", "max"), "model.global_pool", "use 'avg' or 'max'")
+    require(config.model.global_pool in models.GLOBAL_POOLS, "model.global_pool",
+            f"use one of {list(models.GLOBAL_POOLS)}")
     if config.model.head == "ml_decoder":
         decoder = config.model.ml_decoder
         for key in ("num_groups", "embedding_dim", "num_heads", "feedforward_dim"):
@@ -45,8 +46,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                 f"must be divisible by model.ml_decoder.num_heads={decoder.num_heads}")
         require(0 <= decoder.dropout < 1, "model.ml_decoder.dropout", "must lie in [0, 1)")
     if config.model.head == "csra":
-        require(config.model.csra.num_heads in (1, 2, 4, 6, 8), "model.csra.num_heads",
-                "use 1, 2, 4, 6 or 8 (the official temperature settings)")
+        require(config.model.csra.num_heads in models.CSRA_TEMPERATURES, "model.csra.num_heads",
+                f"use one of {list(models.CSRA_TEMPERATURES)} (the official temperature settings)")
         require(config.model.csra.lam >= 0, "model.csra.lam", "must be >= 0")
     require(0 <= config.model.drop_rate < 1, "model.drop_rate", "must lie in [0, 1)")
     require(config.model.dtype in COMPUTE_DTYPES, "model.dtype",

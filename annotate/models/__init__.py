@@ -46,7 +46,8 @@ _REGISTRY: dict[str, ModelInfo] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-# head name -> "module:class" in annotate.models; class(num_features, num_classes, *, rngs, **options)
+# head name -> "module:class" in annotate.models;
+# class(num_features, num_classes, *, rngs, **options)
 _HEADS: dict[str, str] = {
     "linear": "heads:LinearHead",
     "ml_decoder": "heads:MLDecoderHead",
@@ -54,6 +55,10 @@ _HEADS: dict[str, str] = {
 }
 
 HEAD_NAMES: tuple[str, ...] = tuple(_HEADS)
+GLOBAL_POOLS: tuple[str, ...] = ("avg", "max")  # the linear head's pooling
+# CSRA's official temperature settings by number of heads (99 stands for max pooling)
+CSRA_TEMPERATURES: dict[int, tuple[int, ...]] = {
+    1: (1,), 2: (1, 99), 4: (1, 2, 4, 99), 6: (1, 2, 3, 4, 5, 99), 8: (1, 2, 3, 4, 5, 6, 7, 99)}
 
 
 def check_model_name(name: str) -> None:

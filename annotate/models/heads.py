@@ -1,8 +1,9 @@
 """Classifier heads: feature map [B, h, w, C] -> float32 logits [B, num_classes].
 
 Every head takes (num_features, num_classes, *, rngs, **options) and is registered by name in
-annotate.models (`_HEADS`); `Classifier` joins a backbone and a head. "linear" is the seed's head (global average or max pool,
-dropout, linear), named `fc` like timm's classifier, so timm checkpoints load into it.
+annotate.models (`_HEADS`, with the option values config checks); `Classifier` joins a backbone
+and a head. "linear" is the seed's head (global average or max pool, dropout, linear), named `fc`
+like timm's classifier, so timm checkpoints load into it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from annotate.models import CSRA_TEMPERATURES, GLOBAL_POOLS
 from annotate.models.layers import torch_default_uniform
 
 
@@ -22,7 +24,7 @@ def global_pool(x: jax.Array, kind: str) -> jax.Array:
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if kind == "max":
         return jnp.max(x, axis=(1, 2)).astype(jnp.float32)
-    raise ValueError(f"global_pool must be 'avg' or 'max', got {kind!r}")
+    raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, got {kind!r}")
 
 
 class LinearHead(nnx.Module):
@@ -34,8 +36,9 @@ class LinearHead(nnx.Module):
 
     def __init__(self, in_features: int, num_classes: int, *, global_pool: str = "avg",
                  drop_rate: float = 0.3, init_std: float | None = None, rngs: nnx.Rngs):
-        if global_pool not in ("avg", "max"):
-            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, "
+                             f"got {global_pool!r}")
         self.global_pool = global_pool
         self.dropout = nnx.Dropout(drop_rate, rngs=rngs)
         torch_default = torch_default_uniform(in_features)
@@ -143,15 +146,12 @@ class CSRAHead(nnx.Module):
     class weight's norm; logit = mean over positions + lam x (max over positions for temperature
     99, else the scores weighted by their softmax over positions at that temperature); heads add."""
 
-    TEMPERATURES = {1: (1,), 2: (1, 99), 4: (1, 2, 4, 99), 6: (1, 2, 3, 4, 5, 99),
-                    8: (1, 2, 3, 4, 5, 6, 7, 99)}
-
     def __init__(self, in_features: int, num_classes: int, *, num_heads: int = 1,
                  lam: float = 0.1, rngs: nnx.Rngs):
-        if num_heads not in self.TEMPERATURES:
-            raise ValueError(f"CSRA num_heads must be one of {list(self.TEMPERATURES)}, "
+        if num_heads not in CSRA_TEMPERATURES:
+            raise ValueError(f"CSRA num_heads must be one of {list(CSRA_TEMPERATURES)}, "
                              f"got {num_heads}")
-        self.temperatures = self.TEMPERATURES[num_heads]
+        self.temperatures = CSRA_TEMPERATURES[num_heads]
         self.lam = lam
         self.heads = nnx.List([torch_linear(in_features, num_classes, rngs=rngs, bias=False)
                                for _ in self.temperatures])
