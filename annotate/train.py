@@ -40,7 +40,8 @@ from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
 from annotate.devices import make_mesh, put, to_host
 from annotate.workdir import (CheckpointMismatchError, CheckpointSaveError, WorkdirError,
-                              WorkdirLock, check_config, require_folder, write_config)
+                              WorkdirLock, check_config, require_folder, write_atomically,
+                              write_config)
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +290,8 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
     ema = (params, batch_stats) if config.train.ema_decay > 0 else (None, None)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params), ema_params=ema[0], ema_batch_stats=ema[1])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    layout = Experiment(config, mesh, train_steps=None, predict_step=None)  # its shardings
+    replicated, batch_sharding = layout.replicated, layout.batch_sharding
     # "device": the whole split on every device; "stream": each call's images only, split over
     # "data" in the layout of stream_chunk (every device gathers from its own rows)
     images_sharding = batch_sharding if config.data.pipeline == "stream" else replicated
@@ -303,7 +304,7 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
                           preprocess=preprocess, ema_decay=config.train.ema_decay,
                           batch_sharding=batch_sharding),
         in_shardings=(replicated, images_sharding, images_sharding,
-                      NamedSharding(mesh, PartitionSpec(None, "data")), replicated),
+                      layout.steps_sharding, replicated),
         out_shardings=(replicated, replicated), donate_argnums=0)
     jitted_predict = jax.jit(
         functools.partial(predict_step, model_def=model_def, preprocess=preprocess,
@@ -311,7 +312,7 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
         in_shardings=(replicated, replicated, images_sharding, batch_sharding),
         out_shardings=replicated)
     state = jax.tree.map(lambda leaf: put(np.asarray(leaf), replicated), state)
-    return Experiment(config, mesh, jitted_train, jitted_predict), state
+    return dataclasses.replace(layout, train_steps=jitted_train, predict_step=jitted_predict), state
 
 
 def stream_chunk(experiment: Experiment, split: "StreamSplit", local_images: np.ndarray,
@@ -613,11 +614,17 @@ def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDi
     path = workdir / "validation_images.json"
     record = {"seed": config.seed, "size": config.eval.validation_size,
               "image_names": run_data.validation.host.image_names}
-    if resumed and path.exists() and json.loads(path.read_text()) != record:
-        raise ValueError(f"{path} lists other validation images than this run holds out (the "
-                         f"dataset, config.seed or config.eval.validation_size changed); "
-                         f"use a new workdir")
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    if resumed and path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is damaged ({error}); it names the images this run held "
+                             f"out, so the run cannot be resumed safely: use a new workdir") from error
+        if stored != record:
+            raise ValueError(f"{path} lists other validation images than this run holds out (the "
+                             f"dataset, config.seed or config.eval.validation_size changed); "
+                             f"use a new workdir")
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- the loop

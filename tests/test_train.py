@@ -442,6 +442,30 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_a_new_confi
         train.train_and_evaluate(config, workdir)
 
 
+def test_the_validation_record_is_checked_on_resume_and_a_damaged_one_named(tmp_path):
+    """validation_images.json records the held-out images; a resume holding out others, or
+    finding the record unreadable, is refused with the file named."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    def run_data(names):
+        return SimpleNamespace(validation=SimpleNamespace(host=SimpleNamespace(image_names=names)))
+
+    config = ml_collections.ConfigDict({"seed": 3, "eval": {"validation_size": 2}})
+    path = tmp_path / "validation_images.json"
+    train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, False)
+    assert json.loads(path.read_text()) == {"seed": 3, "size": 2,
+                                            "image_names": ["1.jpeg", "7.jpeg"]}
+    train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, True)
+    with pytest.raises(ValueError, match="lists other validation images than this run holds out"):
+        train._record_validation_images(run_data(["1.jpeg", "8.jpeg"]), config, tmp_path, True)
+    path.write_text('{"seed": 3, "size"')  # damaged by hand
+    with pytest.raises(ValueError, match=f"^{path} is damaged"):
+        train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["validation_images.json"]
+
+
 def _shuffle_test_labels(root: Path, seed: int) -> None:
     """Shuffle test.json's labels: each image's label set moves to another image and every label
     is renamed to another vocabulary entry (same vocabulary, other targets)."""
