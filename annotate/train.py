@@ -618,8 +618,9 @@ def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDi
         try:
             stored = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is damaged ({error}); it names the images this run held "
-                             f"out, so the run cannot be resumed safely: use a new workdir") from error
+            raise ValueError(f"{path} is damaged ({error}); it names the images this run "
+                             f"held out, so the run cannot be resumed safely: use a new "
+                             f"workdir") from error
         if stored != record:
             raise ValueError(f"{path} lists other validation images than this run holds out (the "
                              f"dataset, config.seed or config.eval.validation_size changed); "
@@ -634,7 +635,8 @@ def _epoch_permutation(key: jax.Array, epoch: int, num_images: int) -> np.ndarra
     return np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_images))
 
 
-def _check_finite(losses_so_far: np.ndarray, first_step: int, epoch: int, steps_per_epoch: int) -> None:
+def _check_finite(losses_so_far: np.ndarray, first_step: int, epoch: int,
+                  steps_per_epoch: int) -> None:
     bad = np.flatnonzero(~np.isfinite(losses_so_far))
     if bad.size:
         step = first_step + int(bad[0])

@@ -137,8 +137,9 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     """Refuse to resume or evaluate `workdir` with a config (resolved: annotate.config.
     resolved_config) that differs from its config.json in SHAPE_KEYS, EVALUATION_KEYS (and
     VALIDATION_KEYS under protocol "validation"), the options of its head (LINEAR_HEAD_KEYS, or
-    those under config.model.<head>, dropout only when training) or in what its checkpoints hold (state_layout), and to resume
-    its training (`training`) with other RESUME_KEYS; nothing to check before the first run."""
+    those under config.model.<head>, dropout only when training) or in what its checkpoints
+    hold (state_layout), and to resume its training (`training`) with other RESUME_KEYS;
+    nothing to check before the first run."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
