@@ -53,7 +53,7 @@ if ((TORCH_EPOCHS > 0)); then
   note "PyTorch reference: $TORCH_EPOCHS epochs of the same recipe (timeout ${TORCH_TRAIN_TIMEOUT_S:-90} s)"
   timeout --kill-after=5 "${TORCH_TRAIN_TIMEOUT_S:-90}" "$PY" .bench/torch_reference.py train \
     --data "$DATA" --res "${TORCH_TRAIN_RES:-224}" --epochs "$TORCH_EPOCHS" 2>&1 | tee -a "$LOG" |
-    { grep '^{' >>"$MEASUREMENTS" || true; }
+    { grep --line-buffered '^{' >>"$MEASUREMENTS" || true; }
   note "PyTorch reference exit ${PIPESTATUS[0]}"
 fi
 
@@ -71,7 +71,7 @@ for name in results.json results.md metrics.jsonl; do
   [[ -f $WORKDIR/$name ]] && cp "$WORKDIR/$name" "$OUT/"
 done
 
-"$PY" - "$WORKDIR" "$MEASUREMENTS" <<'EOF' 2>&1 | tee "$OUT/summary.md" | tee -a "$LOG"
+"$PY" - "$WORKDIR" "$MEASUREMENTS" "$OVERRIDES" <<'EOF' 2>&1 | tee "$OUT/summary.md" | tee -a "$LOG"
 """Final- and best-epoch test metrics of the run beside the PyTorch reference's."""
 import json, sys
 from pathlib import Path
@@ -85,8 +85,11 @@ records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().
            if line.strip()] if (workdir / "metrics.jsonl").is_file() else []
 if not records:
     sys.exit(f"no epochs recorded in {workdir}/metrics.jsonl")
+# the split scored after every epoch: "test", or "val" under --config.eval.protocol=validation
+prefix = "test" if "test/per_class_f1" in records[-1] else "val"
 final = records[-1]
-best = max(records, key=lambda r: r["test/per_class_f1"])
+best = max(records, key=lambda r: r[f"{prefix}/per_class_f1"])
+config = json.loads((workdir / "config.json").read_text())
 epoch_s = sorted(r["train/epoch_seconds"] for r in records)[len(records) // 2]
 results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").is_file() else {}
 
@@ -97,13 +100,15 @@ def row(name, metrics, reference):
            for k in ("per_class_f1", "per_image_f1", "n_plus")]
     return f"| {name} | " + " | ".join(f"{c} ({r})" for c, r in zip(cells, ref)) + " |"
 
-strip = lambda r: {k[len("test/"):]: v for k, v in r.items() if k.startswith("test/")}
-print("| test set, ours (reference) | per-class F1 | per-image F1 | N+ |")
+strip = lambda r: {k[len(prefix) + 1:]: v for k, v in r.items() if k.startswith(prefix + "/")}
+print(f"| {prefix} set, ours (reference) | per-class F1 | per-image F1 | N+ |")
 print("| --- | ---: | ---: | ---: |")
 print(row(f"final epoch {final['epoch']}, at 0.5", strip(final), REFERENCE["at 0.5"]))
 print(row(f"best epoch {best['epoch']} by per-class F1, at 0.5", strip(best), REFERENCE["at 0.5"]))
 if results:
-    print(row(f"best checkpoint (epoch {results.get('best_epoch')}), MCC thresholds",
+    print(row(f"test set, checkpoint of epoch {results.get('best_epoch')}, at 0.5",
+              results["fixed_0.5"], REFERENCE["at 0.5"]))
+    print(row(f"test set, checkpoint of epoch {results.get('best_epoch')}, MCC thresholds",
               results["mcc"], REFERENCE["MCC thresholds"]))
 same_call = [json.loads(line) for line in measurements.read_text().splitlines()
              if line.startswith('{"what": "train_from_scratch"')] if measurements.is_file() else []
@@ -114,17 +119,25 @@ if same_call:
           f"{torch_epoch_s / epoch_s:.2f}x the reference's speed (target 2x)")
 with measurements.open("a") as handle:
     handle.write(json.dumps({"what": "annotate_train", "config": "configs/reference_tresnet_asl_224.py",
+                             "overrides": sys.argv[3], "head": config["model"].get("head", "linear"),
+                             "protocol": config["eval"]["protocol"], "monitored": prefix,
                              "epochs_run": len(records), "epoch_s_median": epoch_s,
                              "epoch_s": [r["train/epoch_seconds"] for r in records],
-                             "final": strip(final), "best_epoch_by_test_f1": best["epoch"],
+                             "final": strip(final), f"best_epoch_by_{prefix}_f1": best["epoch"],
                              "mcc": results.get("mcc")}) + "\n")
+    if results:  # the run's test metrics as annotate.summarize --runs-jsonl writes them
+        from annotate import summarize
+        handle.write(json.dumps(summarize.run_record(summarize.read_run(workdir))) + "\n")
 print(f"\nmedian epoch: {epoch_s:.2f} s (H100 reference of 2026-11-26: {REFERENCE['epoch_s']} s), "
       f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
       f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
-planned = json.loads((workdir / "config.json").read_text())["train"]["epochs"]
-ok = final["test/per_class_f1"] >= TARGET["per_class_f1"] and final["test/n_plus"] >= TARGET["n_plus"]
+planned = config["train"]["epochs"]
+ok = (prefix == "test" and final["test/per_class_f1"] >= TARGET["per_class_f1"]
+      and final["test/n_plus"] >= TARGET["n_plus"])
 verdict = ("MET" if ok else "MISSED") if final["epoch"] == planned else (
     f"NOT DECIDED: the run stopped after epoch {final['epoch']} of {planned}")
+if prefix != "test":
+    verdict = "not applicable: the epochs were scored on the validation images"
 print(f"parity target (final epoch, at 0.5: per-class F1 >= {TARGET['per_class_f1']}, "
       f"N+ >= {TARGET['n_plus']}): {verdict}")
 EOF

@@ -116,8 +116,10 @@ def train_step_table() -> str:
                 rate = record.get("img_per_s")
                 per_image = flops.get((model, record.get("head", "linear"), record.get("dtype"),
                                        res, record.get("batch")))
+                head = record.get("head", "linear")
                 rows.append([
-                    model, str(res), str(record.get("steps_per_call", "-")), number(rate),
+                    model if head == "linear" else f"{model} + {head}", str(res),
+                    str(record.get("steps_per_call", "-")), number(rate),
                     number(record.get("step_ms"), 2),
                     number(per_image / 1e9 if per_image else None, 1),
                     number(per_image * rate / 1e12 if per_image and rate else None),
@@ -152,11 +154,20 @@ def profile_table() -> str:
                   "top kernel families, ms/step", "file"], rows, "lrrrrll")
 
 
-def train_runs() -> list[tuple[Path, list[dict[str, Any]]]]:
-    """Files of full training runs (device_train.sh's measurements), oldest first."""
+def _reference_recipe(record: dict[str, Any]) -> bool:
+    """An annotate_train line of the reference recipe as issue #6 compares it: linear head,
+    protocol "final" (lines written before device_train.sh recorded them are that recipe)."""
+    return (record.get("head", "linear") == "linear"
+            and record.get("protocol", "final") == "final")
+
+
+def train_runs(reference_only: bool = False) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Files of full training runs (device_train.sh's measurements), oldest first; with
+    `reference_only`, those of the reference recipe alone (the parity comparison)."""
     return [(path, records) for path in sorted(MEASUREMENTS.glob("*.jsonl"))
             for records in [read_lines(path)]
-            if any(r.get("what") == "annotate_train" for r in records)]
+            if any(r.get("what") == "annotate_train"
+                   and (_reference_recipe(r) or not reference_only) for r in records)]
 
 
 def epoch_table() -> str:
@@ -167,7 +178,9 @@ def epoch_table() -> str:
         ours = next(r for r in records if r.get("what") == "annotate_train")
         torch = next((r for r in records if r.get("what") == "train_from_scratch"), None)
         torch_s = torch["epoch_s_median"] if torch else None
-        rows.append([f"{ours['epochs_run']} epochs", f"{ours['epoch_s_median']:.2f}",
+        head = ours.get("head", "linear")
+        rows.append([f"{ours['epochs_run']} epochs" + ("" if head == "linear" else f", {head} head"),
+                     f"{ours['epoch_s_median']:.2f}",
                      f"{torch['epochs']} epochs" if torch else "-", number(torch_s, 2),
                      f"{torch_s / ours['epoch_s_median']:.2f}x" if torch_s else "-",
                      f"`{path.name}`", card(records)])
@@ -184,7 +197,7 @@ def parity_table() -> str:
     """Test metrics of each full run: final and best epoch at 0.5, best checkpoint with MCC
     thresholds, beside the reference's 40-epoch figures (issue #6) and the target."""
     rows = []
-    for path, records in train_runs():
+    for path, records in train_runs(reference_only=True):
         ours = next(r for r in records if r.get("what") == "annotate_train")
         folder = path.with_suffix("")
         epochs = read_lines(folder / "metrics.jsonl")
@@ -213,7 +226,7 @@ def parity_table() -> str:
 def epochs_table() -> str:
     """Every fifth epoch of each full run (from its metrics.jsonl), test metrics at 0.5."""
     rows = []
-    for path, _ in train_runs():
+    for path, _ in train_runs(reference_only=True):
         for record in read_lines(path.with_suffix("") / "metrics.jsonl"):
             if record["epoch"] in (1, 2) or record["epoch"] % 5 == 0:
                 rows.append([str(record["epoch"]), f"{record['train/loss']:.5f}",
@@ -301,6 +314,27 @@ def wgan_bound_table() -> str:
                   "float32 compute h", "TF32 compute min", "file"], rows, "rrrrrrrrrl")
 
 
+def wgan_throughput_table() -> str:
+    """benchmark.py wgan lines: per K pairs and compute dtype, seconds per iteration and images
+    per hour of the 1,001-iteration recipe, extrapolated from the timed iterations."""
+    rows = []
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        records = read_lines(path)
+        for record in records:
+            if record.get("what") != "wgan_throughput" or not record.get("images_per_hour"):
+                continue
+            peak = record.get("device_peak_bytes")
+            rows.append([str(record["pairs"]), record.get("dtype", "-"), str(record.get("width")),
+                         f"{record['s_per_iteration']:.4f}", number(record["images_per_hour"]),
+                         f"{record['hours_for_4500_images']:.2f}",
+                         number(record.get("speedup_vs_seed")),
+                         number(peak / 1e9 if peak else None, 1), f"`{path.name}`",
+                         card(records)])
+    return table(["K pairs", "compute dtype", "width", "s per iteration", "images / hour",
+                  "hours for 4,500 images", "vs seed (77 ms/iteration)", "peak GPU GB", "file",
+                  "card"], rows, "rlrrrrrrll")
+
+
 def stream_table() -> str:
     """Images/s of the "stream" pipeline's decoding on the CPU beside the fastest JAX train step
     measured at the same size (bf16, any GPU): the share of the step's demand it covers."""
@@ -371,6 +405,31 @@ def cpu_parity_table() -> str:
     return table(["run", *COMPARED_HEADER, "file"], rows, "lrrrrrrl")
 
 
+def gpu_heads_table() -> str:
+    """Each head's runs on a GPU (annotate_run lines that device_train.sh writes, in files whose
+    machine line names a GPU) as mean ± sd over seeds, per head, size, epochs and protocol."""
+    groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
+    files: dict[tuple[str, int, int, str], dict[str, None]] = {}
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        records = read_lines(path)
+        if not any(r.get("what") == "machine" and isinstance(r.get("gpus"), list) and r["gpus"]
+                   for r in records):
+            continue
+        for record in records:
+            if record.get("what") == "annotate_run":
+                key = (record["head"], record["image_size"], record["epochs"],
+                       record["protocol"])
+                groups.setdefault(key, []).append(record)
+                files.setdefault(key, {})[f"`{path.name}`"] = None
+    rows = [[head, str(size), str(epochs), protocol,
+             ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
+             *_metric_cells(runs), ", ".join(files[(head, size, epochs, protocol)])]
+            for (head, size, epochs, protocol), runs in sorted(
+                groups.items(), key=lambda item: (item[0][1:], item[0][0] != "linear"))]
+    return table(["head", "px", "epochs", "protocol", "seeds", *COMPARED_HEADER, "file"], rows,
+                 "lrrllrrrrrrl")
+
+
 def cpu_heads_table() -> str:
     """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds."""
     by_head: dict[str, list[dict[str, Any]]] = {}
@@ -389,8 +448,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
     "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table,
     "head-step": head_step_table,
-    "wgan-bound": wgan_bound_table, "stream": stream_table, "cpu-parity": cpu_parity_table,
-    "cpu-heads": cpu_heads_table}
+    "wgan-bound": wgan_bound_table, "wgan-throughput": wgan_throughput_table,
+    "stream": stream_table, "cpu-parity": cpu_parity_table, "cpu-heads": cpu_heads_table,
+    "gpu-heads": gpu_heads_table}
 
 
 def render(page: str) -> str:
