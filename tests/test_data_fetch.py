@@ -79,11 +79,11 @@ def test_main_installs_from_a_local_archive(fetch, tiny_dataset, tmp_path, capsy
     archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
     destination = tmp_path / "data" / "corel5k"
     args = ["--archive", str(archive), "--dest", str(destination)]
-    assert fetch.main(args) == 1  # the tiny dataset is not the recorded Corel-5k
+    assert fetch.main(args) == 2  # the tiny dataset is not the recorded Corel-5k
     assert f"{archive}: 4994 of the 5002 Corel-5k files are missing" in capsys.readouterr().err
     assert fetch.main(args + ["--skip-checksums"]) == 0
     assert "ready" in capsys.readouterr().out
-    assert fetch.main(args + ["--skip-checksums"]) == 1
+    assert fetch.main(args + ["--skip-checksums"]) == 2
     assert "--force" in capsys.readouterr().err
     assert fetch.main(args + ["--skip-checksums", "--force"]) == 0
 
@@ -371,7 +371,7 @@ def test_a_file_in_the_way_of_the_data_folder_is_one_error_line(tiny_dataset, tm
     (tmp_path / "data").write_text("not a folder")
     archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
     assert fetch_module.main(["--archive", str(archive), "--dest",
-                              str(tmp_path / "data" / "corel5k")]) == 1
+                              str(tmp_path / "data" / "corel5k")]) == 2
     assert capsys.readouterr().err == (f"error: cannot create the folder {tmp_path / 'data'} for "
                                        f"corel5k: {tmp_path / 'data'} is a file, not a folder\n")
 
@@ -389,7 +389,7 @@ def test_a_file_system_error_of_the_fetch_is_one_error_line(tmp_path, capsys, mo
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "data/corel5k")
 
     monkeypatch.setattr(fetch_module, "fetch_corel5k", read_only)
-    assert fetch_module.main(["--dest", str(tmp_path / "corel5k")]) == 1
+    assert fetch_module.main(["--dest", str(tmp_path / "corel5k")]) == 2
     assert capsys.readouterr().err == "error: Permission denied: data/corel5k\n"
 
 
@@ -423,7 +423,7 @@ def test_the_next_fetch_deletes_the_scratch_folders_of_killed_ones(tiny_dataset,
     (destination.parent / ".other-fetch-1").mkdir()  # another folder's: kept
     archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
     assert fetch_module.main(["--archive", str(archive), "--dest", str(destination),
-                              "--skip-checksums"]) == 1  # the tiny dataset's counts
+                              "--skip-checksums"]) == 2  # the tiny dataset's counts
     assert sorted(path.name for path in destination.parent.iterdir()) == [
         ".corel5k.lock", ".other-fetch-1"]
 

@@ -376,7 +376,8 @@ def ensure_corel5k(destination: Path = DEFAULT_DATASET_FOLDER) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: fetch (or take --archive), check, install; 1 on a dataset or file error."""
+    """Command line: fetch (or take --archive), check, install; exit status 2 and one line
+    `error: ...` on a dataset or file error, as the other apps."""
     parser = argparse.ArgumentParser(prog="python -m annotate.data.fetch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("github", "kaggle"), default="github",
@@ -396,11 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                                       force=args.force)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as error:  # the file system's (a read-only folder): the path, in one line
         cause = f"{error.strerror}: {error.filename}" if error.filename else error
         print(f"error: {cause}", file=sys.stderr)
-        return 1
+        return 2
     print(f"Corel-5k ready in {installed}; train with --config.data.root={installed} "
           f"or COREL5K_DIR={installed}")
     return 0
