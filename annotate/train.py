@@ -9,8 +9,9 @@ cast, forward, loss, gradients, the optax update and the BatchNorm statistics up
 and a pure `TrainState`; every random number derives from (config.seed, epoch, step), so a run
 resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted one.
 
-Workdir layout: config.json, metrics.jsonl, tensorboard/, checkpoints/<epoch>/ (the latest
-and the best epoch); the apps write the reports of the evaluation beside them (annotate.reports).
+Workdir layout: config.json, vocabulary.json (the labels of the outputs), metrics.jsonl,
+tensorboard/, checkpoints/<epoch>/ (the latest and the best epoch); the apps write the reports
+of the evaluation beside them (annotate.reports).
 """
 from __future__ import annotations
 
