@@ -94,6 +94,28 @@ def _config_file_failure(error: BaseException) -> str:
     return f"the config file failed to load ({where}): {type(error).__name__}: {message}"
 
 
+PARSE_FAILURE = ": Error whilst parsing config file:"  # ml_collections' flag error
+
+
+def _parse_failure(text: str) -> str | None:
+    """One line for ml_collections' flag error for a get_config() that raised (a --config with
+    arguments after ':', e.g. configs/base.py:resnet18): it carries the traceback as text; the
+    line names the flag, the innermost frame outside the libraries and annotate (the config
+    file's) and the exception."""
+    if PARSE_FAILURE not in text or "Traceback" not in text:
+        return None
+    flag = text.split(PARSE_FAILURE, 1)[0]
+    cause = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep  # the checks it called
+    frames = [(file, line) for file, line in re.findall(r'File "([^"]+)", line (\d+)', text)
+              if "site-packages" not in file and "<frozen" not in file
+              and not os.path.abspath(file).startswith(package)]
+    where = f" ({frames[-1][0]}, line {frames[-1][1]})" if frames else ""
+    hint = ("; the text after ':' in --config is passed to get_config() as its arguments"
+            if cause.startswith("TypeError: get_config()") else "")
+    return f"{flag}: the config file failed to load{where}: {cause}{hint}"
+
+
 def _returned_none(argv: Sequence[str]) -> str:
     return f"get_config() of {_config_file(argv)} returned None; it must return the config"
 
@@ -113,7 +135,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             fail(_returned_none(argv) if given else
                  "--config is required: the experiment's config file, e.g. "
                  "--config=configs/smoke.py")
-        fail(error)
+        fail(_parse_failure(str(error)) or error)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         fail(explain(error, argv))
     except Exception as error:  # whatever the config file's own code raised

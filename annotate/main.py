@@ -89,7 +89,13 @@ def main(argv: list[str]) -> None:
     except OSError as error:  # a data folder that cannot be written
         cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
     if config.distributed:
-        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        try:
+            initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+        except ValueError as error:  # no cluster detected, or flags that do not fit together
+            cli.fail(f"--config.distributed=True: {error} (outside SLURM, Open MPI and the other "
+                     f"clusters jax detects, give --coordinator_address=HOST:PORT, "
+                     f"--num_processes and --process_id in [0, num_processes))")
     enable_compilation_cache()
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
@@ -107,7 +113,13 @@ def main(argv: list[str]) -> None:
                  f"most likely because another process stopped (its error names the cause): "
                  f"{str(error).splitlines()[0][:300]}")
     if jax.process_index() == 0:  # one set of reports in a multi-process run
-        write_reports(workdir, evaluation)
+        try:
+            write_reports(workdir, evaluation)
+        except OSError as error:  # a full disk, a folder in a report's place
+            where = f": {error.filename}" if error.filename else ""
+            cli.fail(f"writing the reports into {workdir} failed ({error.strerror or error}"
+                     f"{where}); its checkpoints are kept: make room and rerun the command "
+                     f"with --evaluate to write them")
         mcc = evaluation.results["mcc"]
         print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
               f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see "

@@ -216,10 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown(summary))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    if args.runs_jsonl:
-        Path(args.runs_jsonl).write_text("".join(json.dumps(run) + "\n" for run in runs))
+    try:
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        if args.runs_jsonl:
+            Path(args.runs_jsonl).write_text("".join(json.dumps(run) + "\n" for run in runs))
+    except OSError as error:  # a missing folder, a folder in the file's place, a full disk
+        print(f"error: cannot write {error.filename or args.json or args.runs_jsonl}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 2
     return 0
 
 

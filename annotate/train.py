@@ -9,8 +9,9 @@ cast, forward, loss, gradients, the optax update and the BatchNorm statistics up
 and a pure `TrainState`; every random number derives from (config.seed, epoch, step), so a run
 resumed from its latest checkpoint ends with exactly the parameters of an uninterrupted one.
 
-Workdir layout: config.json, metrics.jsonl, tensorboard/, checkpoints/<epoch>/ (the latest
-and the best epoch); the apps write the reports of the evaluation beside them (annotate.reports).
+Workdir layout: config.json, vocabulary.json (the labels of the outputs), metrics.jsonl,
+tensorboard/, checkpoints/<epoch>/ (the latest and the best epoch); the apps write the reports
+of the evaluation beside them (annotate.reports).
 """
 from __future__ import annotations
 
@@ -607,6 +608,45 @@ def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
     return RunData(prepared(train), prepared(test), prepared(validation))
 
 
+VOCABULARY_RECORD = "vocabulary.json"  # the labels of the workdir's outputs, in their order
+
+
+def _trained_vocabulary(workdir: Path) -> tuple[list[str] | None, Path | None]:
+    """The labels the workdir's checkpoints output, and the file that says so: vocabulary.json
+    (written when training starts), else, in a workdir of an earlier version, the vocabulary
+    of its last evaluation's thresholds.json; (None, None) when neither holds one."""
+    for name, key in ((VOCABULARY_RECORD, "labels"), ("thresholds.json", "vocabulary")):
+        path = workdir / name
+        try:
+            vocabulary = json.loads(path.read_text())[key]
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise WorkdirError(f"{path} is damaged ({type(error).__name__}: {error}); it names the "
+                               f"labels of the workdir's outputs, so they cannot be checked: "
+                               f"restore it, or use another --workdir") from error
+        if isinstance(vocabulary, list):
+            return vocabulary, path
+    return None, None
+
+
+def check_vocabulary(workdir: Path, vocabulary: Sequence[str]) -> None:
+    """WorkdirError when `vocabulary` (the dataset's labels) is not the one the workdir's
+    checkpoints were trained on: a resume or an evaluation would read every output from a
+    moved, renamed or replaced label as another label."""
+    trained, path = _trained_vocabulary(workdir)
+    if trained is None or list(trained) == list(vocabulary):
+        return
+    if len(trained) != len(vocabulary):
+        detail = f"{len(trained)} labels there, {len(vocabulary)} here"
+    else:
+        j = next(j for j, (a, b) in enumerate(zip(trained, vocabulary)) if a != b)
+        detail = f"output {j} is {trained[j]!r} there, {vocabulary[j]!r} here"
+    raise WorkdirError(f"{workdir} was trained on other labels than this dataset's ({detail}; "
+                       f"see {path}): its outputs would be read as other labels; use the "
+                       f"dataset it was trained on (config.data.root), or another --workdir")
+
+
 def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDict,
                               workdir: Path, resumed: bool) -> None:
     """Write workdir/validation_images.json, or check that a `resumed` run holds out the same
@@ -765,9 +805,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     if steps_per_epoch == 0:
         raise ValueError(f"config.train.batch_size = {batch_size} exceeds the {num_images} "
                          f"training images")
+    vocabulary = train_split.host.vocabulary
     checkpoints = checkpoint_manager(workdir)
     start_epoch = checkpoints.latest_step() or 0
     try:  # until the loop's own try: a refused start closes the manager (its threads) too
+        if start_epoch:
+            check_vocabulary(workdir, vocabulary)
         experiment, state = create_experiment(config, len(train_split.host.vocabulary),
                                               config.train.schedule_epochs * steps_per_epoch,
                                               mesh, load_pretrained=not start_epoch)
@@ -782,6 +825,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     writer = None
     if is_writer:  # the data load and the model fit: training starts, the workdir records it
         write_config(workdir, config)
+        write_atomically(workdir / VOCABULARY_RECORD,
+                         json.dumps({"labels": list(vocabulary)}, indent=1) + "\n")
         # drop records of an epoch that was interrupted before its checkpoint
         summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)
                                           if r["epoch"] <= start_epoch])
@@ -893,6 +938,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluati
     with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         mesh = make_mesh()
         run_data = load_data(config, mesh)
+        check_vocabulary(workdir, run_data.train.host.vocabulary)
         experiment, state = create_experiment(config, len(run_data.train.host.vocabulary), 1,
                                               mesh, load_pretrained=False)
         return evaluate_best(experiment, state, run_data, workdir)

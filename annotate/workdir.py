@@ -132,6 +132,21 @@ def _value(config: ml_collections.ConfigDict | dict, dotted_key: str) -> Any:
     return node
 
 
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """A workdir's config.json as a dict; WorkdirError naming it when it is not a JSON object
+    (edited by hand, or damaged)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        detail = f"{type(error).__name__}: {error}"
+    else:
+        if isinstance(saved, dict):
+            return saved
+        detail = f"a JSON {type(saved).__name__}, not an object"
+    raise WorkdirError(f"{path} is damaged ({detail}); it records the config the workdir's "
+                       f"checkpoints were trained with: restore it, or use another --workdir")
+
+
 def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
                  training: bool = False) -> None:
     """Refuse to resume or evaluate `workdir` with a config (resolved: annotate.config.
@@ -143,7 +158,7 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    saved = read_saved_config(path)
     keys = list(SHAPE_KEYS) + list(EVALUATION_KEYS) + (list(RESUME_KEYS) if training else [])
     if _value(saved, "eval.protocol") == "validation":
         keys += list(VALIDATION_KEYS)
@@ -171,8 +186,14 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     (check_config allowed them) says so and records the new ones."""
     path = Path(workdir) / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if path.exists() and json.loads(path.read_text()) != json.loads(text):
-        log.warning("config differs from the one in %s; the run continues with the new one", path)
+    if path.exists():  # a damaged one (no checkpoint yet, or check_config would have refused)
+        try:  # is replaced too
+            differs = read_saved_config(path) != json.loads(text)
+        except WorkdirError:
+            differs = True
+        if differs:
+            log.warning("config differs from the one in %s; the run continues with the new one",
+                        path)
     write_atomically(path, text)
 
 

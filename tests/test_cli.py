@@ -206,3 +206,27 @@ def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again():
                           text=True, timeout=60)
     assert done.stdout.strip() == "interrupted", done.stderr[-2000:]
     assert "Exception ignored" not in done.stderr
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("annotate.main", ["--config=configs/smoke.py:resnet50"],
+     "error: flag --config=configs/smoke.py:resnet50: the config file failed to load: "
+     "TypeError: get_config() takes 0 positional arguments but 1 was given; the text after ':' "
+     "in --config is passed to get_config() as its arguments"),
+    ("wgan.run", ["--config=configs/wgan.py:4"],
+     "error: flag --config=configs/wgan.py:4: the config file failed to load: TypeError: "
+     "get_config() takes 0 positional arguments but 1 was given"),
+    ("annotate.main", ["--config=configs/base.py:vgg16"],
+     "error: flag --config=configs/base.py:vgg16: the config file failed to load "
+     "(configs/base.py, line "),
+])
+def test_a_get_config_argument_that_fails_is_one_line_without_the_traceback(module, args,
+                                                                             message):
+    """The text after ':' in --config goes to get_config(); when that call raises, ml_collections
+    puts the whole traceback into its flag error: the line keeps the flag, the config file's
+    frame and the exception only."""
+    done = run_app(module, *args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "site-packages" not in done.stderr

@@ -459,3 +459,14 @@ def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_datas
     with pytest.raises(KeyboardInterrupt):
         fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS, force=True)
     assert (destination / "train.json").is_file() and not (destination / "old.txt").exists()
+
+
+@pytest.mark.parametrize("url", ["github.com/owner/corel5k.zip", "corel5k.zip"])
+def test_a_url_without_its_scheme_is_one_error_line(tmp_path, capsys, url):
+    """A URL typed without https:// is a DatasetError (one `error:` line), not urllib's
+    ValueError traceback, and leaves nothing behind."""
+    destination = tmp_path / "corel5k"
+    assert fetch_module.main(["--url", url, "--dest", str(destination)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {url!r} is not a URL (unknown url type")
+    assert "https://" in line and not destination.exists()

@@ -56,3 +56,41 @@ def test_evaluate_reproduces_results(smoke_workdir, corel5k_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((workdir / "results.json").read_text()) == trained
     assert f"per-image F1 {trained['mcc']['per_image_f1']:.3f}" in done.stdout
+
+
+def test_distributed_without_a_cluster_or_coordinator_is_one_line(tmp_path):
+    """--config.distributed=True where jax detects no cluster, or with a process index out of
+    range: one line naming the flags to give, before any data is read."""
+    from conftest import write_dataset
+
+    root = write_dataset(tmp_path / "tiny")
+    common = ("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}",
+              f"--config.data.root={root}", "--config.distributed=True")
+    for extra in ([], ["--coordinator_address=localhost:12399", "--num_processes=2",
+                       "--process_id=5"]):
+        done = run_main(*common, *extra)
+        assert done.returncode == 2, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: --config.distributed=True: ") and \
+            "--coordinator_address=HOST:PORT" in last, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+
+
+def test_reports_that_cannot_be_written_are_one_line_and_keep_the_checkpoints(tmp_path):
+    """A report that cannot be written (a full disk; here a folder in a picture's place) after
+    the training: one line naming the workdir and the way out, the checkpoint kept."""
+    from conftest import write_dataset
+
+    root = write_dataset(tmp_path / "tiny")
+    workdir = tmp_path / "run"
+    (workdir / "test_predictions.png").mkdir(parents=True)
+    done = run_main("--config=configs/smoke.py", f"--workdir={workdir}",
+                    f"--config.data.root={root}", "--config.train.epochs=1",
+                    "--config.train.batch_size=4", "--config.eval.bootstrap_resamples=100",
+                    env={"ANNOTATE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing the reports into {workdir} failed (") and \
+        "--evaluate" in last, done.stderr[-3000:]
+    assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "results.json").is_file()

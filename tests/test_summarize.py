@@ -125,3 +125,13 @@ def test_two_runs_of_one_seed_in_a_group_are_refused(tmp_path, capsys):
         f"error: {tmp_path / 'asl0'} and {tmp_path / 'copy'} are both seed 0 of one "
         f"configuration: the same run, not two samples; give each seed once\n")
     assert summarize.main([str(tmp_path / name) for name in ("asl0", "bce0")]) == 0
+
+
+@pytest.mark.parametrize("option", ["--json", "--runs-jsonl"])
+def test_an_output_file_that_cannot_be_written_is_one_line(tmp_path, capsys, option):
+    _write_run(tmp_path / "run0", loss="asl", seed=0, scale=1.0)
+    for target in (tmp_path / "missing" / "out.json", tmp_path):  # no folder; a folder
+        assert summarize.main([str(tmp_path / "run0"), option, str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(f"error: cannot write {target}: ")
+        assert "Traceback" not in err

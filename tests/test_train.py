@@ -603,3 +603,35 @@ def test_a_long_cpu_run_says_what_it_will_cost(tiny_dataset, tiny_backbone, tmp_
     assert "s/step" in warnings[0] and "3 epochs to go" in warnings[0]
     assert "make train CONFIG=configs/smoke.py" in warnings[0]
     assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_dataset_with_other_labels_is_refused_on_resume_and_evaluation(
+        tiny_dataset, tiny_backbone, tmp_path):
+    """The workdir records its outputs' labels (vocabulary.json) when training starts; a dataset
+    whose vocabulary has as many labels in another order (a label removed and another added,
+    a rename) would read every output as another label: a resume and an evaluation refuse it
+    before writing anything (results.json and thresholds.json stay those of the trained labels).
+    A workdir without the record is checked against its thresholds.json."""
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.train.epochs = 1
+    workdir = tmp_path / "run"
+    evaluation = train.train_and_evaluate(config, workdir)
+    labels = evaluation.test.vocabulary
+    assert json.loads((workdir / "vocabulary.json").read_text()) == {"labels": labels}
+    (workdir / "thresholds.json").write_text(json.dumps({"vocabulary": labels}))
+    for split in ("train", "test"):
+        index = json.loads((tiny_dataset / f"{split}.json").read_text())
+        index["labels"] = index["labels"][::-1]
+        (tiny_dataset / f"{split}.json").write_text(json.dumps(index))
+    message = (rf"{workdir} was trained on other labels than this dataset's \(output 0 is "
+               rf"'{labels[0]}' there, '{labels[-1]}' here; see {workdir}/")
+    with pytest.raises(train.WorkdirError, match=message + "vocabulary.json"):
+        train.evaluate(config, workdir)
+    config.train.epochs = 2
+    with pytest.raises(train.WorkdirError, match=message + "vocabulary.json"):
+        train.train_and_evaluate(config, workdir)
+    assert [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    (workdir / "vocabulary.json").unlink()  # a workdir of an earlier version
+    with pytest.raises(train.WorkdirError, match=message + "thresholds.json"):
+        train.evaluate(config, workdir)
+    train.check_vocabulary(workdir, labels)

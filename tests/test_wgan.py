@@ -516,3 +516,22 @@ def test_a_diverged_pair_is_named_and_not_saved(tmp_path, monkeypatch):
                         or np.zeros((images.shape[0], 3, 128, 192, 3), np.float32))
     wgan_run.run(config)
     assert retrained == [2] and wgan_run.is_done(tmp_path / "out" / "aug-images", names[1])
+
+
+def test_training_images_whose_augmentations_share_names_are_refused_before_any_work(tmp_path):
+    """1000.a.jpeg and 1000.b.jpeg would both be augmented as 1000_aug*.jpeg: the second's
+    images would replace the first's and train_aug.json would list each name twice (which
+    training then refuses); the run is refused at once, naming both images."""
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    index = json.loads((root / "train.json").read_text())
+    for sample, name in zip(index["samples"], ["1000.a.jpeg", "1000.b.jpeg"]):
+        (root / "images" / sample["image_name"]).rename(root / "images" / name)
+        sample["image_name"] = name
+    (root / "train.json").write_text(json.dumps(index))
+    config = wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"), iterations=3,
+                         pairs=2, model_width=WIDTH, limit=1)
+    with pytest.raises(ValueError, match=r"training images '1000\.a\.jpeg' and '1000\.b\.jpeg' "
+                                         r"of .*train\.json would both be augmented as "
+                                         r"1000_aug\.jpeg"):
+        wgan_run.run(config)
+    assert not (tmp_path / "out").exists()

@@ -222,3 +222,21 @@ def test_write_atomically_replaces_whole_files_or_nothing(tmp_path):
         write_atomically(path, fails_half_way)
     assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == [
         "results.json"]
+
+
+@pytest.mark.parametrize("content,detail", [('{"model": ', "JSONDecodeError: "),
+                                            ("[]", "a JSON list, not an object")])
+def test_a_damaged_config_json_is_named(tiny_dataset, tmp_path, caplog, content, detail):
+    """A config.json that is not a JSON object (edited by hand, damaged) is named when a resume
+    or an evaluation checks it; a run without checkpoints replaces it."""
+    config = tiny_config(tiny_dataset, tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(content)
+    for training in (True, False):
+        with pytest.raises(WorkdirError, match=re.escape(
+                f"{workdir / 'config.json'} is damaged ({detail}")):
+            check_config(workdir, config, training=training)
+    write_config(workdir, config)
+    assert json.loads((workdir / "config.json").read_text())["seed"] == config.seed
+    assert "config differs" in caplog.text

@@ -50,6 +50,22 @@ def is_done(image_dir: Path, image_name: str) -> bool:
     return all((image_dir / name).is_file() for name in augmented_names(image_name))
 
 
+def check_distinct_outputs(index: SplitIndex) -> None:
+    """ValueError when two training images would write the same augmented files: names with one
+    stem before their first '.' (a.jpg and a.png, or photo.1.jpg and photo.2.jpg). The second
+    would overwrite the first's images, and train_aug.json would list each name twice, under
+    the labels of both."""
+    first: dict[str, str] = {}
+    for name in index.image_names:
+        output = augmented_names(name)[0]
+        if output in first:
+            raise ValueError(
+                f"training images '{first[output]}' and '{name}' of {index.json_path} would both "
+                f"be augmented as {output} (the seed names the augmentations by the image name "
+                f"up to its first '.'); rename one of them, in images/ and in train.json")
+        first[output] = name
+
+
 def write_augmentation_index(out_dir: Path, index: SplitIndex) -> int:
     """Rewrite `train_aug.json` from the training images whose three files exist (split order);
     returns the number of samples."""
@@ -122,6 +138,7 @@ def run(config: config_dict.ConfigDict) -> Path:
                          f"(the images are the fakes of the last {SAVED_PER_IMAGE} iterations)")
     root = dataset_folder(config.data.root)
     index = read_split_index(root, "train")
+    check_distinct_outputs(index)
     out_dir = Path(config.out_dir).expanduser() if config.out_dir else root
     image_dir = out_dir / AUGMENTATION_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)

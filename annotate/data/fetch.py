@@ -72,7 +72,12 @@ def download(url: str, destination: Path) -> Path:
     """Stream `url` to `destination` (via a .part file renamed when complete), with progress bar;
     DatasetError when the connection fails or ends before the announced Content-Length."""
     partial = destination.with_name(destination.name + ".part")
-    request = urllib.request.Request(url, headers={"User-Agent": "annotate-fetch-corel5k"})
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "annotate-fetch-corel5k"})
+    except ValueError as error:  # "unknown url type": no scheme, e.g. a typed github.com/...
+        raise DatasetError(f"{url!r} is not a URL ({error}); give it with its scheme "
+                           f"(https://..., or file:///... for a local file), or a local "
+                           f"archive with --archive PATH") from None
     try:
         with urllib.request.urlopen(request, timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
