@@ -37,11 +37,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def image_paths(paths: Sequence[Path | str]) -> tuple[list[Path], list[Path]]:
     """(image files, other files) named by `paths`: files as given (an image file as far as the
     decoder is concerned), folders expanded to their image files (sorted), their other files
-    listed apart. FileNotFoundError for a missing path."""
+    listed apart (a broken link named like an image is kept: it is then skipped with its
+    reason, not lost). FileNotFoundError for a missing path."""
     found, others = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if p.is_file())
+            entries = sorted(p for p in path.iterdir() if not p.is_dir())  # broken links too
             found += [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
             others += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
         elif path.is_file():

@@ -25,10 +25,12 @@ def test_image_paths(tmp_path):
     folder.mkdir()
     for name in ("b.JPG", "a.png", "notes.txt"):
         (folder / name).write_bytes(b"x")
+    (folder / "c.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link: listed, then skipped
+    (folder / "sub").mkdir()
     single = tmp_path / "single.jpeg"
     single.write_bytes(b"x")
-    assert predict.image_paths([folder, single]) == ([folder / "a.png", folder / "b.JPG", single],
-                                                     [folder / "notes.txt"])
+    assert predict.image_paths([folder, single]) == (
+        [folder / "a.png", folder / "b.JPG", folder / "c.jpg", single], [folder / "notes.txt"])
     with pytest.raises(FileNotFoundError, match="missing.jpg does not exist"):
         predict.image_paths([tmp_path / "missing.jpg"])
     (tmp_path / "empty").mkdir()
