@@ -466,7 +466,7 @@ def test_a_url_without_its_scheme_is_one_error_line(tmp_path, capsys, url):
     """A URL typed without https:// is a DatasetError (one `error:` line), not urllib's
     ValueError traceback, and leaves nothing behind."""
     destination = tmp_path / "corel5k"
-    assert fetch_module.main(["--url", url, "--dest", str(destination)]) == 1
+    assert fetch_module.main(["--url", url, "--dest", str(destination)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: {url!r} is not a URL (unknown url type")
     assert "https://" in line and not destination.exists()
