@@ -533,6 +533,20 @@ def test_wgan_images_of_validation_images_are_held_out_too():
     assert [names[i] for i in kept] == ["2.jpeg", "3.jpeg", "3_aug.jpeg"]
 
 
+def test_wgan_images_of_a_validation_image_whose_name_holds_aug_are_held_out_too():
+    names = ["my_augusta.jpeg", "my.jpeg", "my_augusta_aug.jpeg", "my_augusta_aug_hor_flip.jpeg",
+             "my_augusta_aug_rot_90.jpeg", "my_aug.jpeg", "my_aug_rot_90.jpeg"]
+    split = data.Split(np.zeros((7, 2, 2, 3), np.uint8), np.zeros((7, 1), np.float32), names,
+                       ["sky"])
+    from wgan.run import VIEW_SUFFIXES
+    assert sorted(train.WGAN_VIEW_SUFFIXES) == sorted(VIEW_SUFFIXES)
+    kept = train._training_rows(split, 2, np.array([0]))  # my_augusta held out
+    assert [names[i] for i in kept] == ["my.jpeg", "my_aug.jpeg", "my_aug_rot_90.jpeg"]
+    kept = train._training_rows(split, 2, np.array([1]))  # my held out
+    assert [names[i] for i in kept] == ["my_augusta.jpeg", "my_augusta_aug.jpeg",
+                                        "my_augusta_aug_hor_flip.jpeg", "my_augusta_aug_rot_90.jpeg"]
+
+
 def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
     """--config.data.augmentation=True: train_aug.json's images (in the data root by default, where
     wgan.run writes them) join the train split with their labels; the test split is unchanged."""
