@@ -24,6 +24,7 @@ import ml_collections
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+TORN_LOCK_SECONDS = 10.0  # an unreadable lock older than this was left by a run that died
 # what a checkpoint of the workdir only fits: the network, its head, the input size
 SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
 # what an evaluation of the workdir must keep too: the protocol that chose its checkpoint and the
@@ -100,8 +101,19 @@ class WorkdirLock:
     def _take_over_or_refuse(self) -> None:
         try:
             holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):  # a torn lock file: its writer died while writing it
-            holder = {"host": self.record["host"], "pid": -1}
+        except (OSError, ValueError):  # torn: its writer died while writing it, or a run that
+            # started a moment ago is still writing it (then it is young: refused)
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:  # released meanwhile: try again
+                return
+            if age < TORN_LOCK_SECONDS:
+                raise WorkdirError(f"{self.path.parent} is being locked by another run that "
+                                   f"started a moment ago; wait for it to end or use another "
+                                   f"--workdir") from None
+            log.warning("taking over %s, a lock file its run died while writing", self.path)
+            self.path.unlink(missing_ok=True)
+            return
         if holder.get("host") == self.record["host"] and not _alive(int(holder.get("pid", -1))):
             log.warning("taking over %s, left by process %s, which is no longer running",
                         self.path, holder.get("pid"))

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import time
 
 import pytest
 
@@ -240,3 +241,16 @@ def test_a_damaged_config_json_is_named(tiny_dataset, tmp_path, caplog, content,
     write_config(workdir, config)
     assert json.loads((workdir / "config.json").read_text())["seed"] == config.seed
     assert "config differs" in caplog.text
+
+
+def test_a_torn_lock_is_taken_over_once_it_is_old_and_refused_while_young(tmp_path):
+    lock = tmp_path / ".lock"
+    lock.write_text("")  # created, not yet written: a run starting right now
+    with pytest.raises(WorkdirError, match="a moment ago"):
+        with WorkdirLock(tmp_path):
+            pass
+    old = time.time() - 3600  # its writer died while writing it an hour ago
+    os.utime(lock, (old, old))
+    with WorkdirLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
