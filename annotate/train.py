@@ -557,10 +557,6 @@ class RunData:
         return self.validation if self.validation is not None else self.train
 
 
-# wgan.run.VIEW_SUFFIXES, longest first: the names of an original's three WGAN images
-WGAN_VIEW_SUFFIXES = ("_aug_hor_flip", "_aug_rot_90", "_aug")
-
-
 def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) -> np.ndarray:
     """Rows of `train` that stay for training when the original images `held_out` are validation
     images: the other originals and the WGAN images not made from a held-out image (wgan.run
@@ -570,7 +566,8 @@ def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) 
 
     def original_stem(name: str) -> str:  # its stem less the view's suffix (a stem may hold "_aug")
         stem = name.split(".")[0]
-        suffix = next((s for s in WGAN_VIEW_SUFFIXES if stem.endswith(s)), "")
+        suffix = max((s for s in data.AUGMENTATION_SUFFIXES if stem.endswith(s)), key=len,
+                     default="")
         return stem[:len(stem) - len(suffix)]
 
     keep = [i for i in range(num_originals) if i not in held]

@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from annotate import cli
-from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
-                           read_split_index)
+from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, AUGMENTATION_SUFFIXES,
+                           DatasetError, SplitIndex, read_split_index)
 from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.devices import enable_compilation_cache
 from annotate.workdir import write_atomically
@@ -31,13 +31,12 @@ from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys,
                         train_chunk)
 
 
-VIEW_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")  # the seed's file names, in save order
 
 
 def augmented_names(image_name: str) -> list[str]:
     """The seed's three output names for a training image: stem (up to the first '.') + suffix."""
     stem = image_name.split(".")[0]
-    return [f"{stem}{suffix}.jpeg" for suffix in VIEW_SUFFIXES]
+    return [f"{stem}{suffix}.jpeg" for suffix in AUGMENTATION_SUFFIXES]
 
 
 def save_jpeg(path: Path, pixels: np.ndarray) -> None:

@@ -33,6 +33,8 @@ COREL5K_AUGMENTED_STD = (0.1955, 0.1830, 0.1987)
 SOURCES = ("folder", "tfds")
 AUGMENTATION_INDEX = "train_aug.json"
 AUGMENTATION_IMAGES = "aug-images"
+# the seed's names of an original's three WGAN images: <stem><suffix>.jpeg, in save order
+AUGMENTATION_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")
 
 __all__ = [
     "COREL5K_AUGMENTED_MEAN", "COREL5K_AUGMENTED_STD", "COREL5K_MEAN", "COREL5K_STD",
