@@ -23,12 +23,21 @@ INTERRUPTED = 130
 REDELIVERY_SECONDS = 0.05
 
 
+def describe(error: object) -> str:
+    """The text of an error line: an operating-system error as its cause and path ("Permission
+    denied: runs/x", without errno and quotes), anything else as str()."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
+
+
 def fail(message: object) -> None:
-    """End the app with `error: <message>` on one line and exit status 2. In a multi-process
-    run the process ends at once (os._exit): the interpreter's teardown would wait at
-    jax.distributed's shutdown barrier while the other processes wait in the next collective,
-    all of them aborting minutes later; ended at once, the others fail within seconds."""
-    text = " ".join(str(message).split())
+    """End the app with `error: <message>` on one line (`describe`) and exit status 2. In a
+    multi-process run the process ends at once (os._exit): the interpreter's teardown would
+    wait at jax.distributed's shutdown barrier while the other processes wait in the next
+    collective, all of them aborting minutes later; ended at once, the others fail within
+    seconds."""
+    text = " ".join(describe(message).split())
     print(f"error: {text}", file=sys.stderr)
     jax = sys.modules.get("jax")  # cli stays jax-free: only a run that imported jax can be joined
     if jax is not None and jax.distributed.is_initialized():

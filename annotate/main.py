@@ -84,10 +84,8 @@ def main(argv: list[str]) -> None:
         if FLAGS.evaluate:  # nothing to evaluate: said before any download
             train.require_checkpoint(workdir)
         ensure_dataset(config)
-    except (data.DatasetError, FileNotFoundError, WorkdirError) as error:
-        cli.fail(error)
-    except OSError as error:  # a data folder that cannot be written
-        cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
+    except (data.DatasetError, OSError, WorkdirError) as error:  # OSError: a missing or
+        cli.fail(error)  # unwritable data folder
     if config.distributed:
         try:
             initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -100,12 +98,12 @@ def main(argv: list[str]) -> None:
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
     try:
         evaluation = run(config, workdir)
-    except (data.DatasetError, FloatingPointError, ImportError, ValueError, WorkdirError) as error:
+    except (data.DatasetError, FloatingPointError, ImportError, OSError, ValueError,
+            WorkdirError) as error:
         # the cause, named, without a traceback (an ImportError: a pretrained checkpoint's
-        # optional reader, torch or timm, is missing); checkpoints already written stay put
+        # optional reader, torch or timm, is missing; an OSError: a missing file, a read-only
+        # workdir, a workdir under a file); checkpoints already written stay put
         cli.fail(error)
-    except OSError as error:  # a missing file, a read-only workdir, a workdir under a file
-        cli.fail(f"{error.strerror}: {error.filename}" if error.filename else error)
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise
@@ -116,10 +114,9 @@ def main(argv: list[str]) -> None:
         try:
             write_reports(workdir, evaluation)
         except OSError as error:  # a full disk, a folder in a report's place
-            where = f": {error.filename}" if error.filename else ""
-            cli.fail(f"writing the reports into {workdir} failed ({error.strerror or error}"
-                     f"{where}); its checkpoints are kept: make room and rerun the command "
-                     f"with --evaluate to write them")
+            cli.fail(f"writing the reports into {workdir} failed ({cli.describe(error)}); its "
+                     f"checkpoints are kept: make room and rerun the command with --evaluate "
+                     f"to write them")
         mcc = evaluation.results["mcc"]
         print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
               f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see "

@@ -87,8 +87,8 @@ class Annotator:
         with tqdm(total=len(files), unit="image", desc="annotate", file=sys.stderr,
                   disable=len(files) <= chunk_size) as bar:
             for start in range(0, len(files), chunk_size):
-                decoded = []
-                for path in files[start:start + chunk_size]:
+                chunk, decoded = files[start:start + chunk_size], []
+                for path in chunk:
                     try:
                         decoded.append((path, data.decode_image(path, self.image_size)))
                     except data.DatasetError as error:  # its message starts with the path
@@ -99,7 +99,7 @@ class Annotator:
                     probs = self.probabilities(np.stack(images))
                     annotations += [self._labels_above_threshold(path, image_probs)
                                     for (path, _), image_probs in zip(decoded, probs)]
-                bar.update(len(files[start:start + chunk_size]))
+                bar.update(len(chunk))
         return annotations, skipped
 
     def _labels_above_threshold(self, path: Path | str, image_probs: np.ndarray) -> dict:

@@ -818,7 +818,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     try:  # until the loop's own try: a refused start closes the manager (its threads) too
         if start_epoch:
             check_vocabulary(workdir, vocabulary)
-        experiment, state = create_experiment(config, len(train_split.host.vocabulary),
+        experiment, state = create_experiment(config, len(vocabulary),
                                               config.train.schedule_epochs * steps_per_epoch,
                                               mesh, load_pretrained=not start_epoch)
         if start_epoch:

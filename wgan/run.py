@@ -31,8 +31,6 @@ from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys,
                         train_chunk)
 
 
-
-
 def augmented_names(image_name: str) -> list[str]:
     """The seed's three output names for a training image: stem (up to the first '.') + suffix."""
     stem = image_name.split(".")[0]

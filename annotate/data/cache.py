@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annotate.data.folder import DatasetError, SplitIndex, check_images_exist
+from annotate.data.folder import DatasetError, SplitIndex, check_images_exist, is_disk_full
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb)
@@ -117,7 +117,7 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
         os.replace(temp_name, final_path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             raise DatasetError(
                 f"no space left on device for the {np.prod(shape) / 1e6:,.0f} MB image cache in "
                 f"{cache_dir}; free space there, or put the cache elsewhere with $ANNOTATE_CACHE "

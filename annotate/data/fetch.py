@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import hashlib
 import http.client
@@ -44,7 +43,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from annotate.data.folder import DEFAULT_DATASET_FOLDER, DatasetError, validate_dataset
+from annotate.data.folder import (DEFAULT_DATASET_FOLDER, DatasetError, is_disk_full,
+                                  validate_dataset)
 
 KAGGLE_PAGE = "https://www.kaggle.com/datasets/parhamsalar/corel5k"
 KAGGLE_URL = "https://www.kaggle.com/api/v1/datasets/download/parhamsalar/corel5k"
@@ -60,12 +60,6 @@ COREL5K_COUNTS = {"train": 4500, "test": 499, "labels": 260}
 # What reading a damaged or truncated zip/tar(.gz/.bz2/.xz) can raise.
 ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error,
                   lzma.LZMAError)
-
-
-def _no_space(error: BaseException) -> bool:
-    """Whether `error` is the file system's "no space left" (or "quota exceeded"): a full disk,
-    not a failed download or a damaged archive."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def download(url: str, destination: Path) -> Path:
@@ -91,7 +85,7 @@ def download(url: str, destination: Path) -> Path:
                 raise ConnectionError(f"the connection ended after {received:,} of {total:,} bytes")
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut-offs
         partial.unlink(missing_ok=True)
-        if _no_space(error):
+        if is_disk_full(error):
             raise  # named with its folder by _work_dir
         raise DatasetError(f"download of {url} failed ({type(error).__name__}: {error}); get a "
                            f"Corel-5k archive by hand (e.g. from {KAGGLE_PAGE}) and run `python -m "
@@ -146,7 +140,7 @@ def extract_archive(archive: Path, work_dir: Path, *, url: str | None = None) ->
                     _check_member_name(name, member.name)
                 bundle.extractall(work_dir, filter="data")
     except ARCHIVE_ERRORS as error:
-        if _no_space(error):
+        if is_disk_full(error):
             raise  # named with its folder by _work_dir
         raise DatasetError(f"{name}: damaged {kind} archive ({error})") from error
 
@@ -286,7 +280,7 @@ def _work_dir(destination: Path) -> Iterator[Path]:
     try:
         yield work_dir
     except OSError as error:
-        if not _no_space(error):
+        if not is_disk_full(error):
             raise
         raise DatasetError(f"{error.strerror} in {destination.parent} (fetching Corel-5k into "
                            f"{destination})") from error
@@ -330,7 +324,7 @@ def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: s
                         _check_member_name(images_url, name)
                         (root / "images" / name).write_bytes(bundle.read(member))
         except ARCHIVE_ERRORS as error:
-            if _no_space(error):
+            if is_disk_full(error):
                 raise  # named with its folder by _work_dir
             raise DatasetError(f"{images_url}: damaged zip archive ({error})") from error
         archive.unlink()

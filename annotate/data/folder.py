@@ -6,6 +6,7 @@ A dataset folder holds `images/`, `train.json` and `test.json`; each JSON file i
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -27,6 +28,12 @@ FETCH_HINT = (f"get Corel-5k with `python -m annotate.data.fetch` (writes "
 
 class DatasetError(ValueError):
     """A dataset file is missing or malformed; the message names the file and what is wrong."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is the file system's "no space left" (or "quota exceeded"): a full disk,
+    not a failed download, a damaged archive or a bad image."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
