@@ -14,7 +14,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -405,42 +405,38 @@ def cpu_parity_table() -> str:
     return table(["run", *COMPARED_HEADER, "file"], rows, "lrrrrrrl")
 
 
+def _head_rows(runs: list[tuple[Path, dict[str, Any]]], key: Sequence[str]) -> list[list[str]]:
+    """One row per group of annotate_run lines with equal `key` fields (the head first): those
+    fields, the seeds, mean ± sd over the runs and their files; the linear head first."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    files: dict[tuple, dict[str, None]] = {}  # per group, its files in order (an ordered set)
+    for path, record in runs:
+        if record.get("what") == "annotate_run":
+            group = tuple(record[field] for field in key)
+            groups.setdefault(group, []).append(record)
+            files.setdefault(group, {})[f"`{path.name}`"] = None
+    return [[*map(str, group),
+             ", ".join(str(r["seed"]) for r in sorted(group_runs, key=lambda r: r["seed"])),
+             *_metric_cells(group_runs), ", ".join(files[group])]
+            for group, group_runs in sorted(groups.items(),
+                                            key=lambda item: (item[0][1:], item[0][0] != "linear"))]
+
+
 def gpu_heads_table() -> str:
     """Each head's runs on a GPU (annotate_run lines that device_train.sh writes, in files whose
     machine line names a GPU) as mean ± sd over seeds, per head, size, epochs and protocol."""
-    groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
-    files: dict[tuple[str, int, int, str], dict[str, None]] = {}
-    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
-        records = read_lines(path)
-        if not any(r.get("what") == "machine" and isinstance(r.get("gpus"), list) and r["gpus"]
-                   for r in records):
-            continue
-        for record in records:
-            if record.get("what") == "annotate_run":
-                key = (record["head"], record["image_size"], record["epochs"],
-                       record["protocol"])
-                groups.setdefault(key, []).append(record)
-                files.setdefault(key, {})[f"`{path.name}`"] = None
-    rows = [[head, str(size), str(epochs), protocol,
-             ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
-             *_metric_cells(runs), ", ".join(files[(head, size, epochs, protocol)])]
-            for (head, size, epochs, protocol), runs in sorted(
-                groups.items(), key=lambda item: (item[0][1:], item[0][0] != "linear"))]
+    runs = _runs("*.jsonl")
+    on_gpu = {path for path, record in runs if record.get("what") == "machine"
+              and isinstance(record.get("gpus"), list) and record["gpus"]}
+    rows = _head_rows([(path, record) for path, record in runs if path in on_gpu],
+                      ("head", "image_size", "epochs", "protocol"))
     return table(["head", "px", "epochs", "protocol", "seeds", *COMPARED_HEADER, "file"], rows,
                  "lrrllrrrrrrl")
 
 
 def cpu_heads_table() -> str:
     """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds."""
-    by_head: dict[str, list[dict[str, Any]]] = {}
-    files: dict[str, dict[str, None]] = {}  # per head, its files in order (an ordered set)
-    for path, record in _runs("*cpu-heads*.jsonl"):
-        if record.get("what") == "annotate_run":
-            by_head.setdefault(record["head"], []).append(record)
-            files.setdefault(record["head"], {})[path.name] = None
-    rows = [[head, ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
-             *_metric_cells(runs), ", ".join(f"`{name}`" for name in files[head])]
-            for head, runs in sorted(by_head.items(), key=lambda item: item[0] != "linear")]
+    rows = _head_rows(_runs("*cpu-heads*.jsonl"), ("head",))
     return table(["head", "seeds", *COMPARED_HEADER, "file"], rows, "llrrrrrrl")
 
 
