@@ -831,7 +831,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         raise
     writer = None
     if is_writer:  # the data load and the model fit: training starts, the workdir records it
-        write_config(workdir, config)
+        write_config(workdir, config, start_epoch)
         write_atomically(workdir / VOCABULARY_RECORD,
                          json.dumps({"labels": list(vocabulary)}, indent=1) + "\n")
         # drop records of an epoch that was interrupted before its checkpoint

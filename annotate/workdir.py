@@ -193,20 +193,44 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
             + "; use another --workdir, or the same values to resume or evaluate it")
 
 
-def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Write config.json atomically when training starts; a resumed run with other settings
-    (check_config allowed them) says so and records the new ones."""
+def write_config(workdir: Path, config: ml_collections.ConfigDict,
+                 start_epoch: int = 0) -> None:
+    """Write config.json atomically when training starts. A run resumed after `start_epoch`
+    epochs with other settings (check_config allowed them) logs the changed keys and keeps the
+    config that trained those epochs as config.until-epoch-<start_epoch>.json."""
     path = Path(workdir) / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     if path.exists():  # a damaged one (no checkpoint yet, or check_config would have refused)
         try:  # is replaced too
-            differs = read_saved_config(path) != json.loads(text)
+            saved = read_saved_config(path)
         except WorkdirError:
-            differs = True
-        if differs:
-            log.warning("config differs from the one in %s; the run continues with the new one",
-                        path)
+            saved = None
+        new = json.loads(text)
+        if saved != new:
+            changes = (", ".join(f"{key}: {value!r} -> {_value(new, key)!r}"
+                                 for key, value in _changed_keys(saved, new))
+                       if saved is not None else "unreadable before")
+            log.warning("config differs from the one in %s (%s); the run continues with the new "
+                        "one", path, changes)
+            trained = path.with_name(f"config.until-epoch-{start_epoch}.json")
+            # the first config resumed from this epoch trained it; a later one trained nothing kept
+            if saved is not None and start_epoch and not trained.exists():
+                write_atomically(trained, path.read_text())
     write_atomically(path, text)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any],
+                  prefix: str = "") -> list[tuple[str, Any]]:
+    """The dotted keys whose values differ between two nested dicts, with the old value (None
+    where `old` lacks the key), keys of either side."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += _changed_keys(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changed.append((f"{prefix}{key}", before))
+    return changed
 
 
 def write_atomically(path: Path, content: str | Callable[[Path], Any]) -> None:

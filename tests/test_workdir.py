@@ -159,8 +159,27 @@ def test_write_config_is_atomic_and_warns_on_a_change(tiny_dataset, tmp_path, ca
     config.train.learning_rate = 0.5
     write_config(workdir, config)
     assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 0.5
-    assert "config differs" in caplog.text
+    assert "config differs" in caplog.text and "train.learning_rate: " in caplog.text
     assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]  # no temporary left
+
+
+def test_a_resume_with_other_settings_keeps_the_config_that_trained_the_epochs_so_far(
+        tiny_dataset, tmp_path, caplog):
+    config = tiny_config(tiny_dataset, tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    first_rate = config.train.learning_rate
+    config.train.learning_rate, config.train.log_every = 0.5, 7
+    write_config(workdir, config, start_epoch=3)  # resumed after 3 epochs with two changes
+    assert (f"train.learning_rate: {first_rate!r} -> 0.5" in caplog.text
+            and "train.log_every: " in caplog.text and "-> 7" in caplog.text)
+    config.train.learning_rate = 0.25  # killed before epoch 4's checkpoint, resumed again
+    write_config(workdir, config, start_epoch=3)
+    trained = json.loads((workdir / "config.until-epoch-3.json").read_text())
+    assert trained["train"]["learning_rate"] == first_rate  # not 0.5, which trained nothing kept
+    assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 0.25
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "config.until-epoch-3.json"]
 
 
 class _FailingSaves:
