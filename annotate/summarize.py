@@ -7,7 +7,8 @@ configs differ only in `seed` (and in where their data and caches live) form one
 group gets the seed's precision / recall / F1 table and N+ table, each cell the mean +- sample
 standard deviation over its runs. The markdown goes to stdout, the numbers (with every run's
 value) optionally to a JSON file. Each run counts once: a workdir given twice, or two runs of one
-group with the same seed (one run, not two samples), is refused.
+group with the same seed (one run, not two samples), is refused, and so is a run resumed with
+other settings (its config.until-epoch-N.json), which belongs to no one configuration.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from annotate import reports
+from annotate.workdir import changed_keys, flat_config, trained_configs
 
 # config keys that do not make two runs different experiments
 RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir",
@@ -76,7 +78,8 @@ def _check_keys(path: Path, content: dict[str, Any], keys: Sequence[tuple[str, .
 
 def read_run(workdir: Path | str) -> dict[str, Any]:
     """A run's config.json and results.json: FileNotFoundError naming a missing file, ValueError
-    naming a file that is not a JSON object or lacks what the summary reads."""
+    naming a file that is not a JSON object or lacks what the summary reads, or a run resumed
+    with settings other than those it started with (beyond RUN_ONLY_KEYS)."""
     workdir = Path(workdir)
     paths = {name: workdir / name for name in ("config.json", "results.json")}
     for name, path in paths.items():
@@ -87,6 +90,12 @@ def read_run(workdir: Path | str) -> dict[str, Any]:
     config, results = (_json_object(path) for path in paths.values())
     _check_keys(paths["config.json"], config, CONFIG_KEYS, numbers=False)
     _check_keys(paths["results.json"], results, RESULT_KEYS, numbers=True)
+    for epoch, earlier in trained_configs(workdir).items():  # a resume with other settings
+        changed = [key for key in changed_keys(earlier, config) if key not in RUN_ONLY_KEYS]
+        if changed:
+            raise ValueError(f"{workdir} was resumed after epoch {epoch} with other settings "
+                             f"({', '.join(changed)}; config.until-epoch-{epoch}.json holds the "
+                             f"earlier ones): not one configuration, so not a sample of one")
     return {"workdir": str(workdir), "config": config, "results": results}
 
 
@@ -110,21 +119,10 @@ def _label(config: dict[str, Any]) -> str:
             f"{data['image_size']} px, {train['epochs']} epochs, protocol {protocol})")
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train.learning_rate": 0.001, ...}: the leaves of a nested config by dotted key."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _distinguished(labels: list[str], configs: list[dict[str, Any]]) -> list[str]:
     """`labels`, where several groups share one, followed by the config values that set those
     groups apart ("[train.learning_rate=0.001]")."""
-    flats = [_flat(config) for config in configs]
+    flats = [flat_config(config) for config in configs]
     result = []
     for label, flat in zip(labels, flats):
         peers = [other for other_label, other in zip(labels, flats) if other_label == label]

@@ -207,8 +207,8 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict,
             saved = None
         new = json.loads(text)
         if saved != new:
-            changes = (", ".join(f"{key}: {value!r} -> {_value(new, key)!r}"
-                                 for key, value in _changed_keys(saved, new))
+            changes = (", ".join(f"{key}: {_value(saved, key)!r} -> {_value(new, key)!r}"
+                                 for key in changed_keys(saved, new))
                        if saved is not None else "unreadable before")
             log.warning("config differs from the one in %s (%s); the run continues with the new "
                         "one", path, changes)
@@ -219,18 +219,31 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict,
     write_atomically(path, text)
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any],
-                  prefix: str = "") -> list[tuple[str, Any]]:
-    """The dotted keys whose values differ between two nested dicts, with the old value (None
-    where `old` lacks the key), keys of either side."""
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key), new.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            changed += _changed_keys(before, after, f"{prefix}{key}.")
-        elif before != after:
-            changed.append((f"{prefix}{key}", before))
-    return changed
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train.learning_rate": 0.001, ...}: the leaves of a nested config by dotted key."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two nested configs (held by either)."""
+    old, new = flat_config(old), flat_config(new)
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
+
+def trained_configs(workdir: Path) -> dict[int, dict[str, Any]]:
+    """The configs a resumed run left behind (write_config), by the epoch they trained up to."""
+    found = {}
+    for path in Path(workdir).glob("config.until-epoch-*.json"):
+        epoch = path.name.removeprefix("config.until-epoch-").removesuffix(".json")
+        if epoch.isdigit():
+            found[int(epoch)] = read_saved_config(path)
+    return dict(sorted(found.items()))
 
 
 def write_atomically(path: Path, content: str | Callable[[Path], Any]) -> None:

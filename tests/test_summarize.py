@@ -135,3 +135,21 @@ def test_an_output_file_that_cannot_be_written_is_one_line(tmp_path, capsys, opt
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1].startswith(f"error: cannot write {target}: ")
         assert "Traceback" not in err
+
+
+def test_a_run_resumed_with_other_settings_is_refused_by_name(tmp_path, capsys):
+    """A resume that changed the learning rate (write_config keeps the earlier config as
+    config.until-epoch-N.json) trained two configurations: not a sample of either. A change of
+    a run-only key (log_every) is not a change of experiment."""
+    _write_run(tmp_path / "mixed", loss="asl", seed=0, scale=1.0)
+    _write_run(tmp_path / "logged", loss="asl", seed=1, scale=1.0)
+    for name, key, value in (("mixed", "learning_rate", 0.5), ("logged", "log_every", 3)):
+        earlier = json.loads((tmp_path / name / "config.json").read_text())
+        earlier["train"][key] = value
+        (tmp_path / name / "config.until-epoch-2.json").write_text(json.dumps(earlier))
+    assert summarize.main([str(tmp_path / "logged")]) == 0
+    capsys.readouterr()
+    assert summarize.main([str(tmp_path / "logged"), str(tmp_path / "mixed")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {tmp_path / 'mixed'} was resumed after epoch 2 with other "
+                            f"settings (train.learning_rate; config.until-epoch-2.json")
