@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -33,10 +35,48 @@ def initialize_distributed(coordinator_address: str | None = None,
     """Join a multi-process run (jax.distributed): with the three values given, or detected from
     SLURM, Open MPI and the other clusters jax knows when they are None. On CPU devices the
     processes talk through gloo."""
+    if coordinator_address is not None:
+        check_coordinator(coordinator_address, process_id, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s)
+
+
+def check_coordinator(address: str, process_id: int | None, timeout_s: float) -> None:
+    """Say, as an exception, what jax.distributed would meet by aborting the interpreter (a
+    segfault, or status 134 after its timeout): ValueError for an address that is not HOST:PORT;
+    for process 0, which serves the coordinator, OSError when the port is taken on this host;
+    for the others, TimeoutError when nothing accepts connections there within `timeout_s`."""
+    host, separator, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
+    if not (separator and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"coordinator address {address!r} is not HOST:PORT")
+    if process_id == 0:  # jax serves on every interface ([::]:port)
+        family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            try:
+                probe.bind(("::" if family == socket.AF_INET6 else "", int(port)))
+            except OSError as error:
+                raise OSError(f"process 0 serves the coordinator on port {port} of this host, "
+                              f"which it cannot take ({error.strerror or error}); pick a free "
+                              f"port for --coordinator_address") from None
+        return
+    if process_id is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no coordinator answered at {address} within {timeout_s:g} s "
+                    f"({error.strerror or error}); start process 0 with the same "
+                    f"--coordinator_address on that host, or correct the address") from None
+            time.sleep(0.5)
 
 
 def enable_compilation_cache() -> str:

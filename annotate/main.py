@@ -42,6 +42,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
                          flag_values=flag_values)
+    flags.DEFINE_integer("initialization_timeout", 300, "Seconds a process waits for the "
+                         "coordinator and the other processes.", flag_values=flag_values)
     flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
@@ -89,7 +91,9 @@ def main(argv: list[str]) -> None:
     if config.distributed:
         try:
             initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                   FLAGS.process_id)
+                                   FLAGS.process_id, FLAGS.initialization_timeout)
+        except OSError as error:  # the coordinator's port taken, or no coordinator answering
+            cli.fail(f"--config.distributed=True: {error}")
         except ValueError as error:  # no cluster detected, or flags that do not fit together
             cli.fail(f"--config.distributed=True: {error} (outside SLURM, Open MPI and the other "
                      f"clusters jax detects, give --coordinator_address=HOST:PORT, "

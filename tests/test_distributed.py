@@ -107,3 +107,17 @@ def test_a_corrupt_image_met_by_one_streaming_process_ends_both_at_once(tmp_path
     assert "9.jpeg: cannot decode image" in last_lines[0], last_lines
     assert "another process stopped (its error names the cause)" in last_lines[1], last_lines
     assert not any("is smaller than num_threads" in run.stderr for run in runs)  # grain's warning
+
+
+def test_a_process_without_its_coordinator_ends_with_one_line_naming_it(tmp_path):
+    """Process 1 started where no process 0 serves: one line and status 2 after
+    --initialization_timeout (before: jax aborted the interpreter, status 134, after 300 s)."""
+    address = f"127.0.0.1:{_free_port()}"
+    run = subprocess.run(
+        _command(tmp_path / "run", write_dataset(tmp_path / "data"), 1,
+                 "--config.distributed=True", f"--coordinator_address={address}",
+                 "--num_processes=2", "--process_id=1", "--initialization_timeout=2"),
+        cwd=REPO, env=_environment(1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"error: --config.distributed=True: no coordinator answered at {address} within 2 s")
