@@ -35,6 +35,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         if not ok:
             raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
 
+    try:
+        models.check_head_options(config.model.head, head_options(config))
+    except ValueError as error:
+        raise ValueError(f"config.model.{config.model.head}: {error}") from None
     train = config.train
     require(config.model.global_pool in models.GLOBAL_POOLS, "model.global_pool",
             f"use one of {list(models.GLOBAL_POOLS)}")

@@ -93,3 +93,13 @@ def test_other_heads_take_their_config_section():
     config.model.csra.num_heads = 3
     with pytest.raises(ValueError, match=re.escape("config.model.csra.num_heads = 3: use one of [1, 2, 4, 6, 8]")):
         validate_config(config)
+
+
+def test_an_unknown_head_option_is_named_with_the_accepted_ones():
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.head = "csra"
+    config.model.csra.temperature = 2.0
+    with pytest.raises(ValueError, match=re.escape(
+            "config.model.csra: head 'csra' got unknown options ['temperature']; it accepts "
+            "['num_heads', 'lam']")):
+        validate_config(config)
