@@ -47,11 +47,13 @@ def test_config_errors_name_the_key():
         validate_config(config)
     config = base.get_config(model="resnet18", loss="asl")
     config.model.name = "no_such_net"
-    with pytest.raises(ValueError, match="valid models: .*tresnet_m"):
+    with pytest.raises(ValueError, match="^config.model.name: unknown model 'no_such_net'; "
+                                         "valid models: .*tresnet_m"):
         validate_config(config)
     config = base.get_config(model="resnet18", loss="asl")
     config.model.head = "no_such_head"
-    with pytest.raises(ValueError, match="unknown head 'no_such_head'; valid heads: linear"):
+    with pytest.raises(ValueError, match="^config.model.head: unknown head 'no_such_head'; "
+                                         "valid heads: linear"):
         validate_config(config)
     for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
         config = base.get_config(model="resnet18", loss="asl")
