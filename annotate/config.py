@@ -24,9 +24,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
     from annotate import losses  # jax: only here, to check the loss's hyper-parameters
 
-    def named(key: str, check: Any, *arguments: Any) -> None:
+    def named(key: str, check: Any, *arguments: Any, **keywords: Any) -> None:
         try:
-            check(*arguments)
+            check(*arguments, **keywords)
         except ValueError as error:
             raise ValueError(f"config.{key}: {error}") from None
 
@@ -35,7 +35,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if config.loss.name not in losses.LOSS_NAMES:
         raise ValueError(f"config.loss.name: unknown loss {config.loss.name!r}; valid losses: "
                          f"{', '.join(losses.LOSS_NAMES)}")
-    losses.make_loss(config.loss.name, **loss_hyper(config))
+    named(f"loss.{config.loss.name}", losses.make_loss, config.loss.name, **loss_hyper(config))
 
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:

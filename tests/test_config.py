@@ -105,3 +105,11 @@ def test_an_unknown_head_option_is_named_with_the_accepted_ones():
             "config.model.csra: head 'csra' got unknown options ['temperature']; it accepts "
             "['num_heads', 'lam']")):
         validate_config(config)
+
+
+def test_an_unknown_loss_hyper_parameter_names_its_config_section():
+    config = base.get_config(model="resnet18", loss="asl")
+    config.loss.asl.gamma = 2.0
+    with pytest.raises(ValueError, match=re.escape(
+            "config.loss.asl: loss 'asl' got unknown hyper-parameters ['gamma']")):
+        validate_config(config)
