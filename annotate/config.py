@@ -24,17 +24,25 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
     from annotate import losses  # jax: only here, to check the loss's hyper-parameters
 
-    models.check_model_name(config.model.name)
-    models.check_head_name(config.model.head)
+    def named(key: str, check: Any, *arguments: Any, **keywords: Any) -> None:
+        try:
+            check(*arguments, **keywords)
+        except ValueError as error:
+            raise ValueError(f"config.{key}: {error}") from None
+
+    named("model.name", models.check_model_name, config.model.name)
+    named("model.head", models.check_head_name, config.model.head)
     if config.loss.name not in losses.LOSS_NAMES:
         raise ValueError(f"config.loss.name: unknown loss {config.loss.name!r}; valid losses: "
                          f"{', '.join(losses.LOSS_NAMES)}")
-    losses.make_loss(config.loss.name, **loss_hyper(config))
+    named(f"loss.{config.loss.name}", losses.make_loss, config.loss.name, **loss_hyper(config))
 
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
 
+    named(f"model.{config.model.head}", models.check_head_options, config.model.head,
+          head_options(config))
     train = config.train
     require(config.model.global_pool in models.GLOBAL_POOLS, "model.global_pool",
             f"use one of {list(models.GLOBAL_POOLS)}")

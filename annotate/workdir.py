@@ -178,7 +178,10 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     if head in (None, "linear"):
         keys += list(LINEAR_HEAD_KEYS)
     else:
-        keys += [f"model.{head}.{option}" for option in config.model[head]
+        # a head may have no config.model.<head> section (annotate.config.head_options: none)
+        options = (set(_value(saved, f"model.{head}") or {})
+                   | set(_value(config, f"model.{head}") or {}))
+        keys += [f"model.{head}.{option}" for option in sorted(options)
                  if training or "dropout" not in option]
     changed = [key for key in keys if _comparable(_value(saved, key)) != _comparable(
         _value(config, key))]

@@ -47,11 +47,13 @@ def test_config_errors_name_the_key():
         validate_config(config)
     config = base.get_config(model="resnet18", loss="asl")
     config.model.name = "no_such_net"
-    with pytest.raises(ValueError, match="valid models: .*tresnet_m"):
+    with pytest.raises(ValueError, match="^config.model.name: unknown model 'no_such_net'; "
+                                         "valid models: .*tresnet_m"):
         validate_config(config)
     config = base.get_config(model="resnet18", loss="asl")
     config.model.head = "no_such_head"
-    with pytest.raises(ValueError, match="unknown head 'no_such_head'; valid heads: linear"):
+    with pytest.raises(ValueError, match="^config.model.head: unknown head 'no_such_head'; "
+                                         "valid heads: linear"):
         validate_config(config)
     for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
         config = base.get_config(model="resnet18", loss="asl")
@@ -92,4 +94,22 @@ def test_other_heads_take_their_config_section():
     assert head_options(config) == {"num_heads": 1, "lam": 0.1}
     config.model.csra.num_heads = 3
     with pytest.raises(ValueError, match=re.escape("config.model.csra.num_heads = 3: use one of [1, 2, 4, 6, 8]")):
+        validate_config(config)
+
+
+def test_an_unknown_head_option_is_named_with_the_accepted_ones():
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.head = "csra"
+    config.model.csra.temperature = 2.0
+    with pytest.raises(ValueError, match=re.escape(
+            "config.model.csra: head 'csra' got unknown options ['temperature']; it accepts "
+            "['num_heads', 'lam']")):
+        validate_config(config)
+
+
+def test_an_unknown_loss_hyper_parameter_names_its_config_section():
+    config = base.get_config(model="resnet18", loss="asl")
+    config.loss.asl.gamma = 2.0
+    with pytest.raises(ValueError, match=re.escape(
+            "config.loss.asl: loss 'asl' got unknown hyper-parameters ['gamma']")):
         validate_config(config)

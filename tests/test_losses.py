@@ -249,7 +249,7 @@ def test_shape_mismatch_raises():
 
 def test_make_loss_binds_hyper_parameters(batch):
     logits, targets = batch
-    assert LOSS_NAMES == ("bce", "focal", "asl", "lsep")
+    assert {"bce", "focal", "asl", "lsep"} <= set(LOSS_NAMES)  # the seed's; more may be added
     bound = make_loss("asl", gamma_neg=2, gamma_pos=1, clip=0.1)
     expected = seed_multilabel_loss(logits.astype(np.float64), targets, 2.0, 1.0, 0.1)
     np.testing.assert_allclose(value_of(bound, logits, targets), expected, rtol=1e-5)
@@ -259,7 +259,7 @@ def test_make_loss_binds_hyper_parameters(batch):
 
 
 def test_make_loss_rejects_bad_names_and_hyper_parameters():
-    with pytest.raises(ValueError, match="valid losses: bce, focal, asl, lsep"):
+    with pytest.raises(ValueError, match=f"valid losses: {', '.join(LOSS_NAMES)}$"):
         make_loss("bceloss")
     with pytest.raises(ValueError, match="unknown hyper-parameters"):
         make_loss("lsep", gamma=2.0)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from annotate import data, summary, train
+from annotate import data, models, summary, train
 from annotate.config import resolved_config
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
                               write_atomically, write_config)
@@ -273,3 +273,17 @@ def test_a_torn_lock_is_taken_over_once_it_is_old_and_refused_while_young(tmp_pa
     with WorkdirLock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_a_head_without_a_config_section_resumes_and_evaluates(tiny_dataset, tmp_path,
+                                                               monkeypatch):
+    """A registered head with no config.model.<head> options (head_options gives it none) passes
+    the checks of a resume or an evaluation instead of failing with a KeyError."""
+    monkeypatch.setitem(models._HEADS, "bare", "heads:LinearHead")
+    config = tiny_config(tiny_dataset, tmp_path)
+    config.model.head = "bare"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    for training in (True, False):
+        check_config(workdir, config, training=training)

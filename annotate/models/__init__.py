@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,6 +74,19 @@ def check_head_name(name: str) -> None:
         raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(HEAD_NAMES)}")
 
 
+def check_head_options(name: str, options: dict[str, Any]) -> None:
+    """Raise a ValueError listing what head `name` accepts when `options` holds a keyword its
+    class does not take (a misspelt config.model.<head> key); imports the head (jax)."""
+    check_head_name(name)
+    parameters = inspect.signature(_constructor(_HEADS[name]).__init__).parameters
+    accepted = [key for key, parameter in parameters.items()
+                if parameter.kind == parameter.KEYWORD_ONLY and key != "rngs"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"head {name!r} got unknown options {unknown}; it accepts "
+                         f"{accepted or 'none'}")
+
+
 def _constructor(spec: str) -> Any:
     """The callable named by a registry spec "module:attribute" of annotate.models."""
     module_name, attribute = spec.split(":")
@@ -101,7 +115,7 @@ def create_model(name: str, num_classes: int, *, head: str = "linear", dtype: An
 
     from annotate.models.heads import Classifier
 
-    check_head_name(head)
+    check_head_options(head, head_options)
     info = model_info(name)
     rngs = nnx.Rngs(seed)
     backbone = _build_backbone(name, dtype, rngs)  # first: the seed's draws come in this order

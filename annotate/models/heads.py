@@ -1,7 +1,9 @@
 """Classifier heads: feature map [B, h, w, C] -> float32 logits [B, num_classes].
 
 Every head takes (num_features, num_classes, *, rngs, **options) and is registered by name in
-annotate.models (`_HEADS`, with the option values config checks); `Classifier` joins a backbone
+annotate.models (`_HEADS`); its options come from config.model.<head> (annotate.config.
+head_options), whose keys are checked against the keyword-only arguments and whose values
+annotate.config.validate_config checks where a head needs more; `Classifier` joins a backbone
 and a head. "linear" is the seed's head (global average or max pool, dropout, linear), named `fc`
 like timm's classifier, so timm checkpoints load into it.
 """
