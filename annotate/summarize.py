@@ -3,7 +3,8 @@
     python -m annotate.summarize runs/tresnet_asl_seed0 runs/tresnet_asl_seed1 ... [--json out.json]
 
 Each workdir needs the config.json and results.json that `annotate.main` writes. Runs whose
-configs differ only in `seed` (and in where their data and caches live) form one group; every
+configs differ only in `seed` (and in where their data and caches live, or in the option
+sections of losses and heads they do not use) form one group; every
 group gets the seed's precision / recall / F1 table and N+ table, each cell the mean +- sample
 standard deviation over its runs. The markdown goes to stdout, the numbers (with every run's
 value) optionally to a JSON file. Each run counts once: a workdir given twice, or two runs of one
@@ -41,6 +42,21 @@ def _without(config: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, An
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
+    return config
+
+
+def _in_use(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` without the option sections of the losses and heads it does not use
+    (config.loss.<other>, config.model.<other head>): a section added to the configs since an
+    older run, or left at its defaults, does not make that run another experiment."""
+    config = json.loads(json.dumps(config))
+    for section, choice, default in (("loss", "name", None), ("model", "head", "linear")):
+        options = config.get(section)
+        if isinstance(options, dict):
+            chosen = options.get(choice, default)
+            for key in [key for key, value in options.items()
+                        if isinstance(value, dict) and key != chosen]:
+                del options[key]
     return config
 
 
@@ -91,7 +107,8 @@ def read_run(workdir: Path | str) -> dict[str, Any]:
     _check_keys(paths["config.json"], config, CONFIG_KEYS, numbers=False)
     _check_keys(paths["results.json"], results, RESULT_KEYS, numbers=True)
     for epoch, earlier in trained_configs(workdir).items():  # a resume with other settings
-        changed = [key for key in changed_keys(earlier, config) if key not in RUN_ONLY_KEYS]
+        changed = [key for key in changed_keys(_in_use(earlier), _in_use(config))
+                   if key not in RUN_ONLY_KEYS]
         if changed:
             raise ValueError(f"{workdir} was resumed after epoch {epoch} with other settings "
                              f"({', '.join(changed)}; config.until-epoch-{epoch}.json holds the "
@@ -156,7 +173,7 @@ def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
     _check_distinct(workdirs)
     groups: dict[str, dict[str, Any]] = {}
     for run in map(read_run, workdirs):
-        shared = _without(run["config"], RUN_ONLY_KEYS)
+        shared = _without(_in_use(run["config"]), RUN_ONLY_KEYS)
         key = json.dumps(shared, sort_keys=True)
         group = groups.setdefault(key, {"label": _label(run["config"]), "config": shared,
                                         "runs": []})

@@ -153,3 +153,20 @@ def test_a_run_resumed_with_other_settings_is_refused_by_name(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith(f"error: {tmp_path / 'mixed'} was resumed after epoch 2 with other "
                             f"settings (train.learning_rate; config.until-epoch-2.json")
+
+
+def test_sections_of_unused_losses_and_heads_do_not_split_a_group(tmp_path):
+    """An older run whose config.json lacks a head section added since (or holds other defaults
+    for an unused loss) is the same experiment; the used loss's options still split groups."""
+    _write_run(tmp_path / "old", loss="asl", seed=0, scale=1.0)
+    _write_run(tmp_path / "new", loss="asl", seed=1, scale=1.0)
+    _write_run(tmp_path / "clip", loss="asl", seed=2, scale=1.0)
+    for name, edit in (("old", lambda c: c["model"].pop("csra")),
+                       ("new", lambda c: c["loss"]["focal"].update(gamma=5.0)),
+                       ("clip", lambda c: c["loss"]["asl"].update(clip=0.1))):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        edit(config)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    groups = summarize.summarise([tmp_path / name for name in ("old", "new", "clip")])
+    assert [group["seeds"] for group in groups] == [[0, 1], [2]]
+    assert groups[1]["label"].endswith("[loss.asl.clip=0.1]")
