@@ -164,7 +164,7 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     """Refuse to resume or evaluate `workdir` with a config (resolved: annotate.config.
     resolved_config) that differs from its config.json in SHAPE_KEYS, EVALUATION_KEYS (and
     VALIDATION_KEYS under protocol "validation"), the options of its head (LINEAR_HEAD_KEYS, or
-    those under config.model.<head>, dropout only when training) or in what its checkpoints
+    those under config.model.<head> but dropout) or in what its checkpoints
     hold (state_layout), and to resume its training (`training`) with other RESUME_KEYS;
     nothing to check before the first run."""
     path = Path(workdir) / "config.json"
@@ -181,8 +181,10 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
         # a head may have no config.model.<head> section (annotate.config.head_options: none)
         options = (set(_value(saved, f"model.{head}") or {})
                    | set(_value(config, f"model.{head}") or {}))
+        # dropout is a training setting like model.drop_rate and the learning rate: it may
+        # change on a resume (write_config records it) and means nothing to an evaluation
         keys += [f"model.{head}.{option}" for option in sorted(options)
-                 if training or "dropout" not in option]
+                 if "dropout" not in option]
     changed = [key for key in keys if _comparable(_value(saved, key)) != _comparable(
         _value(config, key))]
     saved_layout, layout = state_layout(saved), state_layout(config)

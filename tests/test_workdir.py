@@ -81,7 +81,8 @@ def test_config_json_only_when_training_starts_and_refusals_name_the_keys(
     ("seed", "model.global_pool", "max", "both"), ("seed", "data.mean", (0.5, 0.5, 0.5), "both"),
     ("seed", "seed", 1, "neither"), ("seed", "eval.validation_size", 7, "neither"),
     ("validation", "seed", 1, "both"), ("validation", "eval.validation_size", 7, "both"),
-    ("seed", "model.ml_decoder.dropout", 0.0, "resume"),
+    ("seed", "model.ml_decoder.dropout", 0.0, "neither"),
+    ("seed", "model.drop_rate", 0.0, "neither"),
     ("seed", "model.ml_decoder.num_heads", 4, "both")])
 def test_a_resume_or_evaluation_keeps_what_its_checkpoints_and_images_depend_on(
         tiny_dataset, tmp_path, protocol, key, value, refused):
@@ -90,7 +91,9 @@ def test_a_resume_or_evaluation_keeps_what_its_checkpoints_and_images_depend_on(
     set would mix held-out images into training or choose thresholds on trained-on images, and
     another normalisation or pooling would evaluate another network: those are refused for an
     evaluation too (which would write results.json and thresholds.json from them); a head's
-    dropout matters only to training; the seed only to which images a "validation" run holds out."""
+    dropout, like the linear head's drop_rate, is a training setting a resume may change (its
+    config is kept, write_config); the seed matters only to which images a "validation" run holds
+    out."""
     config = tiny_config(tiny_dataset, tmp_path)
     config.eval.protocol = protocol
     if key.startswith("model.ml_decoder"):
