@@ -20,9 +20,11 @@ import dataclasses
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -792,6 +794,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
         return _train_and_evaluate(config, workdir, is_writer)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt) until the block ends, then raise it;
+    a second Ctrl-C raises at once. Outside the main thread, or where SIGINT is handled otherwise
+    (ignored in a background job), nothing changes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _checkpoint_error(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointSaveError:
     return CheckpointSaveError(f"saving a checkpoint in {manager.directory} failed "
                                f"({type(error).__name__}: {error}); the run stopped, the "
@@ -869,20 +896,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 show_progress=is_writer,
                 on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None,
                 check_saves=check_saves)
-            probs = predict(experiment, *eval_variables(state), monitored)
-            epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
-            hyper = state.opt_state.hyperparams
-            record = {"epoch": epoch, "train/loss": train_loss,
-                      "train/learning_rate": float(to_host(hyper["learning_rate"])),
-                      "train/beta1": float(to_host(hyper["b1"])), "train/epoch_seconds": seconds,
-                      "train/images_per_second": steps_per_epoch * batch_size / seconds,
-                      **{f"{monitor_prefix}/{k}": v for k, v in epoch_metrics.items()}}
-            if writer:
-                writer.write(int(to_host(state.step)), record)
-                log.info("epoch %d: %s", epoch, json.dumps(record))
-            selection = selection_value(config.eval.protocol, epoch, epoch_metrics)
-            checkpoints.save(epoch, args=ocp.args.StandardSave(state),
-                             metrics={"selection": selection, "epoch": epoch})
+            with interrupts_deferred():  # the epoch is trained: its record and save are kept
+                probs = predict(experiment, *eval_variables(state), monitored)
+                epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
+                hyper = state.opt_state.hyperparams
+                record = {"epoch": epoch, "train/loss": train_loss,
+                          "train/learning_rate": float(to_host(hyper["learning_rate"])),
+                          "train/beta1": float(to_host(hyper["b1"])),
+                          "train/epoch_seconds": seconds,
+                          "train/images_per_second": steps_per_epoch * batch_size / seconds,
+                          **{f"{monitor_prefix}/{k}": v for k, v in epoch_metrics.items()}}
+                if writer:
+                    writer.write(int(to_host(state.step)), record)
+                    log.info("epoch %d: %s", epoch, json.dumps(record))
+                selection = selection_value(config.eval.protocol, epoch, epoch_metrics)
+                checkpoints.save(epoch, args=ocp.args.StandardSave(state),
+                                 metrics={"selection": selection, "epoch": epoch})
     except BaseException:  # an interrupted or failed run still completes the save already begun
         try:
             checkpoints.close()  # waits for the save, then ends the manager's threads
@@ -891,7 +920,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         raise
     else:
         try:
-            checkpoints.close()
+            with interrupts_deferred():  # the last epoch's save is being completed
+                checkpoints.close()
         except Exception as error:
             raise _checkpoint_error(checkpoints, error) from error
     finally:

@@ -3,12 +3,15 @@ and the checkpoints' fit to a config.
 
 A run takes `<workdir>/.lock` (process id, host, start time) for its whole length; a second run on
 the same workdir stops with one line, and a lock left by a dead process on this host is taken
-over. config.json is written once training starts and never by an evaluation; a resume or an
-evaluation whose config differs from it where the checkpoints' shapes or meaning depend on it
-(SHAPE_KEYS, state_layout) is refused.
+over (the run holds the file's flock, which the kernel drops when the process dies, so a killed
+run restarted in a container under its old pid is not mistaken for a live one). config.json is
+written once training starts and never by an evaluation; a resume or an evaluation whose config
+differs from it where the checkpoints' shapes or meaning depend on it (SHAPE_KEYS, state_layout)
+is refused.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -67,6 +70,23 @@ def require_folder(workdir: Path) -> None:
         raise WorkdirError(f"workdir {workdir} is a file, not a folder")
 
 
+def _held_by_live_process(path: Path, pid: int) -> bool:
+    """Whether the lock file at `path`, written on this host by process `pid`, belongs to a running
+    process: its flock is held (whatever the pid namespace, and a reused pid does not count); where
+    flock is not supported, whether `pid` runs."""
+    try:
+        with open(path) as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False  # closing the file releases the probe's flock
+    except FileNotFoundError:  # released meanwhile
+        return False
+    except OSError:  # no flock on this file system
+        return _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -93,8 +113,13 @@ class WorkdirLock:
             except FileExistsError:
                 self._take_over_or_refuse()
                 continue
-            with os.fdopen(descriptor, "w") as file:
-                json.dump(self.record, file)
+            self.file = os.fdopen(descriptor, "w")
+            try:  # held until __exit__ closes the file, or the process dies (waits only for
+                fcntl.flock(self.file, fcntl.LOCK_EX)  # another run's probe of the lock)
+            except OSError:  # no flock on this file system: the process id alone tells
+                pass
+            json.dump(self.record, self.file)
+            self.file.flush()
             return self
         raise WorkdirError(f"{self.path.parent}: could not take its lock {self.path}")
 
@@ -114,7 +139,8 @@ class WorkdirLock:
             log.warning("taking over %s, a lock file its run died while writing", self.path)
             self.path.unlink(missing_ok=True)
             return
-        if holder.get("host") == self.record["host"] and not _alive(int(holder.get("pid", -1))):
+        if holder.get("host") == self.record["host"] and not _held_by_live_process(
+                self.path, int(holder.get("pid", -1))):
             log.warning("taking over %s, left by process %s, which is no longer running",
                         self.path, holder.get("pid"))
             self.path.unlink(missing_ok=True)
@@ -130,6 +156,8 @@ class WorkdirLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+        finally:
+            self.file.close()
 
 
 def _comparable(value: Any) -> Any:

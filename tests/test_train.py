@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -411,6 +412,28 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert resumed.results == uninterrupted.results
     epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_ctrl_c_while_a_checkpoint_is_saved_keeps_that_checkpoint(tiny_dataset, tiny_backbone,
+                                                                   tmp_path, monkeypatch):
+    """Ctrl-C as epoch 1's checkpoint is being saved: the save is completed first, then the run
+    stops (before, the epoch was lost and left an orbax temporary folder)."""
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    real_save = ocp.CheckpointManager.save
+
+    def interrupted_save(self, step, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C at the start of the save
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_a_new_config(

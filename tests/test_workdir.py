@@ -3,6 +3,7 @@ training starts and never by an evaluation, refusals that name the keys, a faile
 stopping the run at once, and a torn metrics.jsonl line dropped on resume."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -37,6 +38,24 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, caplo
     with pytest.raises(WorkdirError, match="on another-machine since yesterday.*delete"):
         with WorkdirLock(tmp_path):
             pass
+
+
+def test_a_lock_is_live_by_its_flock_not_by_its_pid(tmp_path, caplog):
+    """A container restarted after a kill runs the same command as the same pid (often 1): the
+    lock naming that pid is the killed run's, not a live one's."""
+    left = {"pid": os.getpid(), "host": socket.gethostname(), "started": "before the restart"}
+    (tmp_path / ".lock").write_text(json.dumps(left))
+    with WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["started"] != left["started"]
+    assert "no longer running" in caplog.text
+    assert not (tmp_path / ".lock").exists()
+    # a live run in another pid namespace: its pid means nothing here, its flock does
+    (tmp_path / ".lock").write_text(json.dumps(dict(left, pid=2 ** 22 + 12345)))
+    with open(tmp_path / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(WorkdirError, match="in use by process"):
+            with WorkdirLock(tmp_path):
+                pass
 
 
 def test_busy_workdir_is_refused_before_any_work(tiny_dataset, tiny_backbone, tmp_path):

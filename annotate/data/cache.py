@@ -2,13 +2,15 @@
 
 One `.npy` file per (dataset folder, split, image size, source); it is written atomically (a temp
 file in the cache folder, then `os.replace`), so an interrupted or failed decode never leaves a
-half-written cache behind (a killed one's temp file is deleted by a later write; a full disk is
+half-written cache behind (a killed one's temp file is deleted by the next write, such as the
+rerun's: the writer holds its flock, which the kernel drops when the process dies; a full disk is
 a DatasetError naming the cache folder), and it is re-decoded whenever the JSON or any image file
 changes.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -22,7 +24,8 @@ from annotate.data.folder import DatasetError, SplitIndex, check_images_exist, i
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb)
-# A temp file older than this is a killed decode's, not a concurrent writer's; it is deleted.
+# Where flock is not supported: a temp file older than this is a killed decode's, not a
+# concurrent writer's; it is deleted.
 ABANDONED_TEMP_SECONDS = 3600.0
 
 
@@ -74,6 +77,22 @@ def _mtime(path: Path) -> float:
         return time.time()
 
 
+def _is_abandoned(temp: Path) -> bool:
+    """Whether the temp file `temp` was left by a decode that was killed: no process holds its
+    flock (without flock support: untouched for ABANDONED_TEMP_SECONDS)."""
+    try:
+        with open(temp, "rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its writer is running
+                return False
+            return True
+    except FileNotFoundError:  # renamed or deleted meanwhile
+        return False
+    except OSError:
+        return time.time() - _mtime(temp) > ABANDONED_TEMP_SECONDS
+
+
 def _reserve_space(path: str) -> None:
     """Allocate the disk blocks of the (sparse) file at `path` now, so that a full disk is an
     OSError here: a write into a memory map past the free space kills the process (SIGBUS)."""
@@ -96,7 +115,7 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     RAM twice), whose space is reserved first (DatasetError naming `cache_dir` when the disk is
     full); only after `fill` returns is the file moved into place. On any error the temp file is
     removed. Older entries with the same prefix (stale versions of this split) are deleted, and so
-    are temp files of this prefix left for an hour by a decode that was killed.
+    are temp files of this prefix left by a decode that was killed (_is_abandoned).
     """
     final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
     if final_path.is_file():
@@ -106,7 +125,10 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
             final_path.unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{final_path.name}.", suffix=".tmp")
-    os.close(handle)
+    try:  # held until the handle closes, or the process dies (waits only for another
+        fcntl.flock(handle, fcntl.LOCK_EX)  # write's probe of this temp file)
+    except OSError:  # no flock on this file system: its age tells
+        pass
     os.chmod(temp_name, 0o644)  # mkstemp makes it private; a cache is as readable as the dataset
     try:
         array = np.lib.format.open_memmap(temp_name, mode="w+", dtype=np.uint8, shape=tuple(shape))
@@ -123,12 +145,14 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
                 f"{cache_dir}; free space there, or put the cache elsewhere with $ANNOTATE_CACHE "
                 f"or --config.data.cache_dir") from error
         raise
+    finally:
+        os.close(handle)
     for stale in cache_dir.iterdir():
         is_same_entry = (stale.name.startswith(f"{prefix}-") and stale.suffix == ".npy"
                          and len(stale.name) == len(final_path.name))
-        # the temp file of a decode that was killed (no exception ran): untouched for an hour
+        # the temp file of a decode that was killed (no exception ran)
         is_abandoned_temp = (stale.name.startswith(f".{prefix}-") and stale.suffix == ".tmp"
-                             and time.time() - _mtime(stale) > ABANDONED_TEMP_SECONDS)
+                             and _is_abandoned(stale))
         if (is_same_entry and stale != final_path) or is_abandoned_temp:
             stale.unlink(missing_ok=True)
     return np.load(final_path)
