@@ -795,10 +795,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
 
 
 @contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt) until the block ends, then raise it;
-    a second Ctrl-C raises at once. Outside the main thread, or where SIGINT is handled otherwise
-    (ignored in a background job), nothing changes."""
+def interrupts_deferred(finishing: str) -> Iterator[None]:
+    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt) until the block ends, saying on
+    stderr that it is `finishing` something first, then raise it; a second Ctrl-C raises at once.
+    Outside the main thread, or where SIGINT is handled otherwise (ignored in a background job),
+    nothing changes."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
@@ -809,6 +810,8 @@ def interrupts_deferred() -> Iterator[None]:
         if received:
             raise KeyboardInterrupt
         received.append(signum)
+        print(f"Ctrl-C: {finishing} first (Ctrl-C again stops at once)", file=sys.stderr,
+              flush=True)
 
     signal.signal(signal.SIGINT, hold)
     try:
@@ -896,7 +899,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                 show_progress=is_writer,
                 on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None,
                 check_saves=check_saves)
-            with interrupts_deferred():  # the epoch is trained: its record and save are kept
+            # the epoch is trained: its record and save are kept
+            with interrupts_deferred(f"recording epoch {epoch} and saving its checkpoint"):
                 probs = predict(experiment, *eval_variables(state), monitored)
                 epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
                 hyper = state.opt_state.hyperparams
@@ -920,7 +924,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         raise
     else:
         try:
-            with interrupts_deferred():  # the last epoch's save is being completed
+            with interrupts_deferred("completing the last checkpoint"):
                 checkpoints.close()
         except Exception as error:
             raise _checkpoint_error(checkpoints, error) from error

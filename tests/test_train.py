@@ -415,7 +415,7 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
 
 
 def test_ctrl_c_while_a_checkpoint_is_saved_keeps_that_checkpoint(tiny_dataset, tiny_backbone,
-                                                                   tmp_path, monkeypatch):
+                                                                   tmp_path, monkeypatch, capsys):
     """Ctrl-C as epoch 1's checkpoint is being saved: the save is completed first, then the run
     stops (before, the epoch was lost and left an orbax temporary folder)."""
     config = tiny_config(tiny_dataset, tmp_path / "cache")
@@ -434,6 +434,8 @@ def test_ctrl_c_while_a_checkpoint_is_saved_keeps_that_checkpoint(tiny_dataset, 
         signal.signal(signal.SIGINT, previous)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
     assert signal.getsignal(signal.SIGINT) is previous
+    assert ("Ctrl-C: recording epoch 1 and saving its checkpoint first (Ctrl-C again stops at "
+            "once)") in capsys.readouterr().err
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_a_new_config(
