@@ -169,9 +169,18 @@ def plot_predictions(path: Path | str, images: Sequence[np.ndarray | Path], targ
     figure.legend(handles=[matplotlib.patches.Patch(color=colour, label=status)
                            for status, colour in LABEL_COLOURS.items()],
                   loc="upper center", ncol=3, fontsize=12)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    _save_atomically(figure, Path(path), dpi=80)
     return Path(path)
+
+
+def _save_atomically(figure: matplotlib.figure.Figure, path: Path, dpi: int) -> None:
+    """Save and close `figure` at `path` whole or not at all (a run killed mid-save leaves the
+    previous picture), in the format its suffix names."""
+    try:
+        write_atomically(path, lambda temporary: figure.savefig(
+            temporary, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(figure)
 
 
 def plot_f1_vs_frequency(path: Path | str, per_label: Sequence[dict]) -> Path:
@@ -187,8 +196,7 @@ def plot_f1_vs_frequency(path: Path | str, per_label: Sequence[dict]) -> Path:
     axis.set_title(f"per-label F1 vs label frequency ({len(per_label)} labels)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_atomically(figure, Path(path), dpi=100)
     return Path(path)
 
 

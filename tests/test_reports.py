@@ -170,3 +170,25 @@ def test_prediction_picture_compares_in_the_probabilities_dtype(tmp_path, monkey
                              np.ones((1, 2), int), probs, thresholds, ["sky", "tree"], columns=1)
     assert seen == [[False, True]]
     assert metrics.annotation_metrics(np.ones((1, 2)), probs, np.asarray(thresholds))["n_plus"] == 1
+
+
+def test_a_picture_save_that_fails_midway_leaves_the_previous_picture(tmp_path, predictions,
+                                                                      results, monkeypatch):
+    """The pictures are written whole or not at all, as the JSON reports are: a save that dies
+    after writing part of the file (a full disk, a kill) leaves the earlier picture and no
+    temporary file."""
+    import matplotlib.figure
+
+    previous = b"the earlier run's picture"
+    (tmp_path / reports.F1_PICTURE).write_bytes(previous)
+
+    def torn_save(figure, path, **options):
+        with open(path, "wb") as file:
+            file.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        reports.plot_f1_vs_frequency(tmp_path / reports.F1_PICTURE, results["per_label"])
+    assert (tmp_path / reports.F1_PICTURE).read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == [reports.F1_PICTURE]
