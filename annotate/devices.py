@@ -35,8 +35,10 @@ def initialize_distributed(coordinator_address: str | None = None,
     """Join a multi-process run (jax.distributed): with the three values given, or detected from
     SLURM, Open MPI and the other clusters jax knows when they are None. On CPU devices the
     processes talk through gloo."""
-    if coordinator_address is not None:
-        check_coordinator(coordinator_address, process_id, timeout_s)
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id {process_id} is not in [0, num_processes={num_processes})")
+    if coordinator_address is not None:  # checked after the values, so that a wrong process_id
+        check_coordinator(coordinator_address, process_id, timeout_s)  # fails before any wait
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,

@@ -1,4 +1,4 @@
-"""annotate.devices.check_coordinator: what jax.distributed would meet by aborting the
+"""annotate.devices.check_coordinator and initialize_distributed: what jax.distributed would meet by aborting the
 interpreter (a segfault for a taken port, status 134 after its timeout for a missing
 coordinator, an IndexError for an address without a port) is an exception naming it."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from annotate.devices import check_coordinator
+from annotate.devices import check_coordinator, initialize_distributed
 
 
 @pytest.fixture
@@ -49,3 +49,14 @@ def test_other_processes_wait_for_the_coordinator_then_name_its_absence(listenin
                                            f"\\(Connection refused\\); start process 0"):
         check_coordinator(address, 1, timeout_s=1.5)
     assert 1.5 <= time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("process_id", [2, 5, -1])
+def test_a_process_id_out_of_range_is_named_before_any_wait(process_id):
+    """Nothing listens at the address: were the coordinator waited for first, this would take
+    the whole timeout before jax named the index."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=f"process_id {process_id} is not in "
+                                         f"\\[0, num_processes=2\\)"):
+        initialize_distributed(f"127.0.0.1:{_free_port()}", 2, process_id, timeout_s=30)
+    assert time.monotonic() - started < 5
