@@ -85,12 +85,16 @@ def enable_compilation_cache() -> str:
     """Turn on JAX's persistent compilation cache, so that a rerun, resumed or evaluated
     experiment loads its compiled steps (same shapes) instead of compiling them again.
     The folder is $JAX_COMPILATION_CACHE_DIR (read by JAX itself) or, by default,
-    $XDG_CACHE_HOME/annotate/jax (~/.cache/annotate/jax). Call before the first compilation;
-    returns the folder."""
+    $XDG_CACHE_HOME/annotate/jax (~/.cache/annotate/jax). Every compilation is kept, however
+    short (unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise): a model's eager
+    initialisers are about a hundred compilations of a tenth of a second each, most of a CPU
+    run's start. Call before the first compilation; returns the folder."""
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
         cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
                                                                        ".cache")
         directory = os.path.join(cache_home, "annotate", "jax")
         jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory
