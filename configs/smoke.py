@@ -1,4 +1,4 @@
-"""A CPU smoke run of about two minutes on the real Corel-5k: ResNet-18 at 32 px, BCE, 2 epochs.
+"""A CPU smoke run of two to three minutes on the real Corel-5k: ResNet-18, 32 px, BCE, 2 epochs.
 
 Not the seed's recipe (448 px for 60 epochs); it shows that the whole pipeline learns: with the
 MCC thresholds it beats annotating every test image with the 3 most frequent training labels.
