@@ -14,6 +14,7 @@ other settings (its config.until-epoch-N.json), which belongs to no one configur
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -34,22 +35,18 @@ METRICS = ("per_image_precision", "per_image_recall", "per_image_f1", "per_class
            "per_class_recall", "per_class_f1", "n_plus")
 
 
-def _without(config: dict[str, Any], dotted_keys: Sequence[str]) -> dict[str, Any]:
-    config = json.loads(json.dumps(config))
-    for key in dotted_keys:
+def _experiment(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes runs one experiment: `config` without RUN_ONLY_KEYS and without the option
+    sections of the losses and heads it does not use (config.loss.<other>, config.model.<other
+    head>: a section added to the configs since an older run, or left at its defaults, does not
+    make that run another experiment)."""
+    config = copy.deepcopy(config)
+    for key in RUN_ONLY_KEYS:
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
-    return config
-
-
-def _in_use(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` without the option sections of the losses and heads it does not use
-    (config.loss.<other>, config.model.<other head>): a section added to the configs since an
-    older run, or left at its defaults, does not make that run another experiment."""
-    config = json.loads(json.dumps(config))
     for section, choice, default in (("loss", "name", None), ("model", "head", "linear")):
         options = config.get(section)
         if isinstance(options, dict):
@@ -107,8 +104,7 @@ def read_run(workdir: Path | str) -> dict[str, Any]:
     _check_keys(paths["config.json"], config, CONFIG_KEYS, numbers=False)
     _check_keys(paths["results.json"], results, RESULT_KEYS, numbers=True)
     for epoch, earlier in trained_configs(workdir).items():  # a resume with other settings
-        changed = [key for key in changed_keys(_in_use(earlier), _in_use(config))
-                   if key not in RUN_ONLY_KEYS]
+        changed = changed_keys(_experiment(earlier), _experiment(config))
         if changed:
             raise ValueError(f"{workdir} was resumed after epoch {epoch} with other settings "
                              f"({', '.join(changed)}; config.until-epoch-{epoch}.json holds the "
@@ -173,7 +169,7 @@ def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
     _check_distinct(workdirs)
     groups: dict[str, dict[str, Any]] = {}
     for run in map(read_run, workdirs):
-        shared = _without(_in_use(run["config"]), RUN_ONLY_KEYS)
+        shared = _experiment(run["config"])
         key = json.dumps(shared, sort_keys=True)
         group = groups.setdefault(key, {"label": _label(run["config"]), "config": shared,
                                         "runs": []})
