@@ -27,4 +27,4 @@ train: $(VENV)/.installed-train
 	$(VENV)/bin/python -m annotate.main --config=$(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 $(ARGS)

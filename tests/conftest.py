@@ -1,6 +1,7 @@
 """Shared fixtures: the real Corel-5k (from $COREL5K_DIR) and tiny synthetic datasets in its format."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -65,17 +66,31 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory, corel5k_dir: Path) -> Path:
     """The workdir of one `python -m annotate.main --config=configs/smoke.py` run on the real
-    Corel-5k, trained once per pytest session and shared by the train, main and predict tests.
-    Its JAX compilation cache goes to the default folder under XDG_CACHE_HOME=<workdir>/../cache."""
-    workdir = tmp_path_factory.mktemp("smoke") / "run"
-    env = dict(os.environ, COREL5K_DIR=str(corel5k_dir),
-               XDG_CACHE_HOME=str(workdir.parent / "cache"))
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py", f"--workdir={workdir}"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-        timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    Corel-5k, shared read-only by the train, main and predict tests. It is trained once per pytest
+    session: under pytest-xdist (`make test` runs two workers) by the first worker that needs it,
+    while the others wait on a lock beside it. Its JAX compilation cache goes to the default
+    folder under XDG_CACHE_HOME=<workdir>/../cache."""
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent  # the folder the workers' own folders are in
+    root = session / "smoke"
+    root.mkdir(exist_ok=True)
+    workdir, failure = root / "run", root / "failure.txt"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists() and not failure.exists():
+            env = dict(os.environ, COREL5K_DIR=str(corel5k_dir), XDG_CACHE_HOME=str(root / "cache"))
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)
+            done = subprocess.run(
+                [sys.executable, "-m", "annotate.main", "--config=configs/smoke.py",
+                 f"--workdir={workdir}"],
+                cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                timeout=600)
+            if done.returncode == 0:
+                (root / "done").touch()
+            else:
+                failure.write_text(f"status {done.returncode}: {done.stderr[-3000:]}")
+    assert not failure.exists(), f"the smoke run failed with {failure.read_text()}"
     return workdir
 
 

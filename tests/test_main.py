@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,8 @@ def test_run_keeps_its_compiled_steps_in_the_default_cache(smoke_workdir):
         assert any(name.startswith(kept) for name in names), names
 
 
-def test_evaluate_reproduces_results(smoke_workdir, corel5k_dir):
-    workdir = smoke_workdir
+def test_evaluate_reproduces_results(smoke_workdir, corel5k_dir, tmp_path):
+    workdir = Path(shutil.copytree(smoke_workdir, tmp_path / "run"))  # the run is shared
     trained = json.loads((workdir / "results.json").read_text())
     (workdir / "results.json").unlink()
     done = run_main("--config=configs/smoke.py", f"--workdir={workdir}", "--evaluate",
