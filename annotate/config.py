@@ -32,9 +32,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
     named("model.name", models.check_model_name, config.model.name)
     named("model.head", models.check_head_name, config.model.head)
-    if config.loss.name not in losses.LOSS_NAMES:
-        raise ValueError(f"config.loss.name: unknown loss {config.loss.name!r}; valid losses: "
-                         f"{', '.join(losses.LOSS_NAMES)}")
+    named("loss.name", losses.check_loss_name, config.loss.name)
     named(f"loss.{config.loss.name}", losses.make_loss, config.loss.name, **loss_hyper(config))
 
     def require(ok: bool, key: str, message: str) -> None:

@@ -50,16 +50,17 @@ def check_coordinator(address: str, process_id: int | None, timeout_s: float) ->
     segfault, or status 134 after its timeout): ValueError for an address that is not HOST:PORT;
     for process 0, which serves the coordinator, OSError when the port is taken on this host;
     for the others, TimeoutError when nothing accepts connections there within `timeout_s`."""
-    host, separator, port = address.rpartition(":")
+    host, separator, port_text = address.rpartition(":")
     host = host.strip("[]")  # an IPv6 literal
-    if not (separator and host and port.isdigit() and 0 < int(port) < 65536):
+    port = int(port_text) if port_text.isdigit() else 0
+    if not (separator and host and 0 < port < 65536):
         raise ValueError(f"coordinator address {address!r} is not HOST:PORT")
     if process_id == 0:  # jax serves on every interface ([::]:port)
         family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
         with socket.socket(family) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
             try:
-                probe.bind(("::" if family == socket.AF_INET6 else "", int(port)))
+                probe.bind(("::" if family == socket.AF_INET6 else "", port))
             except OSError as error:
                 raise OSError(f"process 0 serves the coordinator on port {port} of this host, "
                               f"which it cannot take ({error.strerror or error}); pick a free "
@@ -70,7 +71,7 @@ def check_coordinator(address: str, process_id: int | None, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            socket.create_connection((host, int(port)), timeout=5).close()
+            socket.create_connection((host, port), timeout=5).close()
             return
         except OSError as error:
             if time.monotonic() >= deadline:

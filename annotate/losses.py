@@ -128,11 +128,16 @@ _LOSSES: dict[str, LossFn] = {
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 
 
+def check_loss_name(name: str) -> None:
+    """Raise a ValueError listing the valid names when `name` is not a registered loss."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
+
+
 def make_loss(name: str, **hyper: float) -> LossFn:
     """Return loss `name` (one of LOSS_NAMES) with its hyper-parameters bound, e.g.
     make_loss("asl", gamma_neg=4, gamma_pos=0, clip=0.05); bad names fail here, not mid-training."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
+    check_loss_name(name)
     loss_fn = _LOSSES[name]
     signature = inspect.signature(loss_fn)
     accepted = list(signature.parameters)[2:]  # everything after (logits, targets)

@@ -55,6 +55,11 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="^config.model.head: unknown head 'no_such_head'; "
                                          "valid heads: linear"):
         validate_config(config)
+    config = base.get_config(model="resnet18", loss="asl")
+    config.loss.name = "hinge"
+    with pytest.raises(ValueError, match="^config.loss.name: unknown loss 'hinge'; "
+                                         "valid losses: .*asl"):
+        validate_config(config)
     for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
         config = base.get_config(model="resnet18", loss="asl")
         config.data.mean = mean
