@@ -699,8 +699,8 @@ def steps_per_call(steps_per_epoch: int, log_every: int, platform: str) -> int:
     """Train steps per dispatch on `platform` ("cpu", "gpu", "tpu"): on an accelerator the largest
     divisor of `steps_per_epoch` not above `log_every` (the loop reads the losses back once per
     call; every call has one compiled shape); on the CPU 1, since the host dispatches far faster
-    than a CPU step and XLA:CPU runs a scan's body about 3x slower (ResNet-18 at 32 px: 37
-    against 108 images/s, scripts/benchmark.py --steps-per-call 1,2)."""
+    than a CPU step and XLA:CPU runs a scan's body about 3x slower (ResNet-18 at 32 px: 27
+    against 76 images/s, docs/measurements/2026-11-29-cpu-scan-steps-per-call.jsonl)."""
     if platform == "cpu":
         return 1
     return max(k for k in range(1, min(log_every, steps_per_epoch) + 1) if steps_per_epoch % k == 0)
