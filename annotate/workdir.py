@@ -4,7 +4,9 @@ and the checkpoints' fit to a config.
 A run takes `<workdir>/.lock` (process id, host, start time) for its whole length; a second run on
 the same workdir stops with one line, and a lock left by a dead process on this host is taken
 over (the run holds the file's flock, which the kernel drops when the process dies, so a killed
-run restarted in a container under its old pid is not mistaken for a live one). config.json is
+run restarted in a container under its old pid is not mistaken for a live one); taking it also
+deletes the hidden files of writes that a killed run left half done (write_atomically,
+remove_abandoned_writes). config.json is
 written once training starts and never by an evaluation; a resume or an evaluation whose config
 differs from it where the checkpoints' shapes or meaning depend on it (SHAPE_KEYS, state_layout)
 is refused.
@@ -15,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +30,8 @@ import ml_collections
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+ATOMIC_WRITE = re.compile(r"\..+\.\d+-\d+\.tmp")  # the hidden file of write_atomically
+ABANDONED_SECONDS = 3600.0  # without flock: a temporary file untouched this long was abandoned
 TORN_LOCK_SECONDS = 10.0  # an unreadable lock older than this was left by a run that died
 # what a checkpoint of the workdir only fits: the network, its head, the input size
 SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
@@ -70,21 +75,41 @@ def require_folder(workdir: Path) -> None:
         raise WorkdirError(f"workdir {workdir} is a file, not a folder")
 
 
-def _held_by_live_process(path: Path, pid: int) -> bool:
-    """Whether the lock file at `path`, written on this host by process `pid`, belongs to a running
-    process: its flock is held (whatever the pid namespace, and a reused pid does not count); where
-    flock is not supported, whether `pid` runs."""
+def flock_is_held(path: Path) -> bool | None:
+    """Whether a running process holds the flock of the file at `path` (the kernel drops it when
+    its holder dies, whatever the pid namespace); False once the file is gone, None where the file
+    system has no flock."""
     try:
-        with open(path) as file:
+        with open(path, "rb") as file:
             try:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
             return False  # closing the file releases the probe's flock
-    except FileNotFoundError:  # released meanwhile
+    except FileNotFoundError:  # released or renamed meanwhile
         return False
-    except OSError:  # no flock on this file system
-        return _alive(pid)
+    except OSError:
+        return None
+
+
+def is_abandoned(temporary: Path) -> bool:
+    """Whether the file `temporary`, written under its writer's flock, was left by a process that
+    was killed: no process holds its flock (without flock: untouched for ABANDONED_SECONDS)."""
+    held = flock_is_held(temporary)
+    if held is not None:
+        return not held
+    try:
+        return time.time() - temporary.stat().st_mtime > ABANDONED_SECONDS
+    except FileNotFoundError:  # renamed or deleted meanwhile
+        return False
+
+
+def _held_by_live_process(path: Path, pid: int) -> bool:
+    """Whether the lock file at `path`, written on this host by process `pid`, belongs to a running
+    process: its flock is held (a reused pid does not count); where flock is not supported,
+    whether `pid` runs."""
+    held = flock_is_held(path)
+    return _alive(pid) if held is None else held
 
 
 def _alive(pid: int) -> bool:
@@ -120,6 +145,8 @@ class WorkdirLock:
                 pass
             json.dump(self.record, self.file)
             self.file.flush()
+            for abandoned in remove_abandoned_writes(self.path.parent):
+                log.info("deleted %s, left by a run killed while writing it", abandoned)
             return self
         raise WorkdirError(f"{self.path.parent}: could not take its lock {self.path}")
 
@@ -282,14 +309,34 @@ def trained_configs(workdir: Path) -> dict[int, dict[str, Any]]:
 def write_atomically(path: Path, content: str | Callable[[Path], Any]) -> None:
     """Write `content` (a text, or a function that writes the file at the path it is given) to a
     hidden file beside `path`, then rename it onto `path`: readers, and a run killed mid-write,
-    never see a partial file."""
+    never see a partial file. The hidden file's flock is held while it is written, so that
+    `remove_abandoned_writes` tells a killed writer's file from a running one's."""
     # one name per process and thread: concurrent writers of `path` never share a half file
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        if isinstance(content, str):
-            temporary.write_text(content)
-        else:
-            content(temporary)
-        os.replace(temporary, path)
+        with open(temporary, "wb") as held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX)
+            except OSError:  # no flock on this file system: the file's age tells
+                pass
+            if isinstance(content, str):
+                temporary.write_text(content)
+            else:
+                content(temporary)
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)  # a failed write leaves `path` as it was, and no debris
+
+
+def remove_abandoned_writes(folder: Path) -> list[Path]:
+    """Delete the hidden files that writes of `write_atomically` into `folder` left when their
+    process was killed mid-write (no flock held; without flock, untouched for an hour); returns
+    them. Called when a run takes its folder, so a kill leaves no lasting debris."""
+    abandoned = []
+    for temporary in Path(folder).glob(".*.tmp"):
+        if not ATOMIC_WRITE.fullmatch(temporary.name):
+            continue
+        if is_abandoned(temporary):
+            temporary.unlink(missing_ok=True)
+            abandoned.append(temporary)
+    return abandoned

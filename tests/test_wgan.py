@@ -360,7 +360,10 @@ def test_cli_writes_jpegs_and_index_then_resumes(tmp_path, monkeypatch):
         raise AssertionError("finished images must be skipped")
 
     monkeypatch.setattr(wgan_run, "train_chunk", must_not_train)
+    killed_write = out / "aug-images" / f".{stems[0]}_aug.jpeg.4242-7.tmp"  # no flock held
+    killed_write.write_bytes(b"half a JPEG")
     wgan_run.run(config)
+    assert not killed_write.exists()
     assert {p.name: p.stat().st_mtime_ns for p in (out / "aug-images").iterdir()} == mtimes
     assert json.loads((out / "train_aug.json").read_text()) == json.loads(first_index)
     # a rerun with other settings over these images is refused, naming them

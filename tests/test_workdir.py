@@ -8,6 +8,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -264,6 +266,30 @@ def test_write_atomically_replaces_whole_files_or_nothing(tmp_path):
         write_atomically(path, fails_half_way)
     assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == [
         "results.json"]
+
+
+def test_a_write_killed_midway_is_deleted_when_a_run_takes_the_workdir(tmp_path):
+    """A process killed inside write_atomically leaves its hidden file; the next run that takes the
+    workdir deletes it, but not a running writer's, nor other hidden files."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from annotate.workdir import write_atomically; write_atomically(Path(sys.argv[1]), "
+         "lambda temporary: (temporary.write_text('half'), print('writing', flush=True), "
+         "time.sleep(120)))", str(tmp_path / "results.json")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (half,) = tmp_path.glob(".results.json.*.tmp")
+        assert half.name == f".results.json.{writer.pid}-{half.name.split('-')[1]}"
+        other = tmp_path / ".notes.tmp"  # not write_atomically's
+        other.write_text("kept")
+        with WorkdirLock(tmp_path):  # the writer is running: its file stays
+            assert half.read_text() == "half"
+    finally:
+        writer.kill()
+        writer.wait()
+    with WorkdirLock(tmp_path):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".notes.tmp"]
 
 
 @pytest.mark.parametrize("content,detail", [('{"model": ', "JSONDecodeError: "),

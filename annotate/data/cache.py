@@ -14,19 +14,16 @@ import fcntl
 import hashlib
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from annotate.data.folder import DatasetError, SplitIndex, check_images_exist, is_disk_full
+from annotate.workdir import is_abandoned
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb)
-# Where flock is not supported: a temp file older than this is a killed decode's, not a
-# concurrent writer's; it is deleted.
-ABANDONED_TEMP_SECONDS = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -69,30 +66,6 @@ def directory_fingerprint_parts(directory: Path) -> list[str]:
     return parts
 
 
-def _mtime(path: Path) -> float:
-    """Last modification time of `path`, or now when it is already gone (a concurrent cleanup)."""
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return time.time()
-
-
-def _is_abandoned(temp: Path) -> bool:
-    """Whether the temp file `temp` was left by a decode that was killed: no process holds its
-    flock (without flock support: untouched for ABANDONED_TEMP_SECONDS)."""
-    try:
-        with open(temp, "rb") as file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # its writer is running
-                return False
-            return True
-    except FileNotFoundError:  # renamed or deleted meanwhile
-        return False
-    except OSError:
-        return time.time() - _mtime(temp) > ABANDONED_TEMP_SECONDS
-
-
 def _reserve_space(path: str) -> None:
     """Allocate the disk blocks of the (sparse) file at `path` now, so that a full disk is an
     OSError here: a write into a memory map past the free space kills the process (SIGBUS)."""
@@ -115,7 +88,7 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     RAM twice), whose space is reserved first (DatasetError naming `cache_dir` when the disk is
     full); only after `fill` returns is the file moved into place. On any error the temp file is
     removed. Older entries with the same prefix (stale versions of this split) are deleted, and so
-    are temp files of this prefix left by a decode that was killed (_is_abandoned).
+    are temp files of this prefix left by a decode that was killed (workdir.is_abandoned).
     """
     final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
     if final_path.is_file():
@@ -152,7 +125,7 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
                          and len(stale.name) == len(final_path.name))
         # the temp file of a decode that was killed (no exception ran)
         is_abandoned_temp = (stale.name.startswith(f".{prefix}-") and stale.suffix == ".tmp"
-                             and _is_abandoned(stale))
+                             and is_abandoned(stale))
         if (is_same_entry and stale != final_path) or is_abandoned_temp:
             stale.unlink(missing_ok=True)
     return np.load(final_path)
