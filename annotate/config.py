@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("onecycle", "constant")
 PROTOCOLS = ("seed", "validation", "final")  # see configs/base.py
 PIPELINES = ("device", "stream")
+LINEAR_HEAD_OPTIONS = ("global_pool", "drop_rate")  # config.model keys read by the linear head alone
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -105,7 +106,7 @@ def head_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     "linear", else config.model.<head> (e.g. model.ml_decoder), or none."""
     head = config.model.head
     if head == "linear":
-        return {"global_pool": config.model.global_pool, "drop_rate": config.model.drop_rate}
+        return {key: config.model[key] for key in LINEAR_HEAD_OPTIONS}
     return dict(config.model[head]) if head in config.model else {}
 
 

@@ -291,8 +291,13 @@ def _load_pretrained(model: nnx.Module, spec: str) -> nnx.Module:
             from safetensors.numpy import load_file
         except ImportError as error:
             raise ImportError(f"reading {path} needs the safetensors package") from error
-        return load_timm_weights(model, load_file(path))
+        try:
+            state_dict = load_file(path)
+        except Exception as error:  # safetensors' own error type for a damaged header or data
+            raise PretrainedError(f"{path} is not a readable safetensors file "
+                                  f"({type(error).__name__}: {_first_line(error)})") from error
+        return load_timm_weights(model, state_dict)
     if path.suffix in _TORCH_SUFFIXES:
         return load_timm_weights(model, _read_torch_checkpoint(path))
-    raise ValueError(f"pretrained checkpoint {path}: unknown format {path.suffix!r}; use "
+    raise PretrainedError(f"pretrained checkpoint {path}: unknown format {path.suffix!r}; use "
                      f".pth/.pt/.bin/.safetensors, an orbax directory or timm:<name>")

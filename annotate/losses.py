@@ -3,7 +3,8 @@
 Every loss maps logits [B, C] and 0/1 targets [B, C] to a scalar. Inputs narrower than float32
 (bf16 logits from mixed precision) are promoted to float32 first; float64 inputs stay float64 so
 that gradients can be checked against finite differences. Log-probabilities are computed with
-`log_sigmoid`, so values and gradients stay finite for logits of any magnitude.
+`log_sigmoid`, so values and gradients stay finite for any logits a model produces (LSEP's
+log-sum-exps overflow only beyond about 1e38, near float32's largest number).
 """
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ def asymmetric_loss(logits: jax.Array, targets: jax.Array, gamma_neg: float = 4.
 
     p = sigmoid(x), p_m = max(p - clip, 0);
     loss = -mean(y log(max(p, eps)) (1-p)^gamma_pos + (1-y) log(max(1-p_m, eps)) p_m^gamma_neg).
-    As in the seed (and unlike ASL's `disable_torch_grad_focal_loss=True`), the gradient also
-    flows through the focusing weights. Negatives with p < clip get exactly zero gradient; as in
+    As in the seed and the official `AsymmetricLoss` (whose `disable_torch_grad_focal_loss`
+    block is commented out; `AsymmetricLossOptimized` honours it), the gradient also flows
+    through the focusing weights. Negatives with p < clip get exactly zero gradient; as in
     the seed, so do labels whose log term is clamped at log(eps) (positives with x < log(eps)).
     """
     _check_hyper(gamma_neg, gamma_pos, clip, eps)

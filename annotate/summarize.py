@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from annotate import reports
+from annotate.config import LINEAR_HEAD_OPTIONS
 from annotate.workdir import changed_keys, flat_config, trained_configs
 
 # config keys that do not make two runs different experiments
@@ -39,7 +40,7 @@ def _experiment(config: dict[str, Any]) -> dict[str, Any]:
     """What makes runs one experiment: `config` without RUN_ONLY_KEYS and without the option
     sections of the losses and heads it does not use (config.loss.<other>, config.model.<other
     head>: a section added to the configs since an older run, or left at its defaults, does not
-    make that run another experiment)."""
+    make that run another experiment), nor the linear head's options under another head."""
     config = copy.deepcopy(config)
     for key in RUN_ONLY_KEYS:
         *parents, leaf = key.split(".")
@@ -54,6 +55,10 @@ def _experiment(config: dict[str, Any]) -> dict[str, Any]:
             for key in [key for key, value in options.items()
                         if isinstance(value, dict) and key != chosen]:
                 del options[key]
+    model = config.get("model")
+    if isinstance(model, dict) and model.get("head", "linear") != "linear":
+        for key in LINEAR_HEAD_OPTIONS:  # read by the linear head alone
+            model.pop(key, None)
     return config
 
 
@@ -163,12 +168,23 @@ def _check_distinct(workdirs: Sequence[Path | str]) -> None:
 
 
 def summarise(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
-    """The runs grouped by configuration (seed aside), with mean/sd/values of every metric at
-    threshold 0.5 ("fixed_0.5") and with MCC thresholds ("mcc"). ValueError when a workdir is
-    given twice or two runs of one group have the same seed (the same run, not another sample)."""
+    """The runs of `workdirs` grouped by configuration (seed aside), with mean/sd/values of every
+    metric at threshold 0.5 ("fixed_0.5") and with MCC thresholds ("mcc"). ValueError when a
+    workdir is given twice or two runs of one group have the same seed (the same run, not another
+    sample)."""
+    return summarise_runs(read_runs(workdirs))
+
+
+def read_runs(workdirs: Sequence[Path | str]) -> list[dict[str, Any]]:
+    """`read_run` of each workdir; ValueError when one is given twice."""
     _check_distinct(workdirs)
+    return [read_run(workdir) for workdir in workdirs]
+
+
+def summarise_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`summarise` of runs already read (`read_runs`)."""
     groups: dict[str, dict[str, Any]] = {}
-    for run in map(read_run, workdirs):
+    for run in runs:
         shared = _experiment(run["config"])
         key = json.dumps(shared, sort_keys=True)
         group = groups.setdefault(key, {"label": _label(run["config"]), "config": shared,
@@ -221,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "the test metrics (for docs/measurements/)")
     args = parser.parse_args(argv)
     try:
-        summary = summarise(args.workdirs)
-        runs = [run_record(read_run(workdir)) for workdir in args.workdirs]
+        runs = read_runs(args.workdirs)
+        summary = summarise_runs(runs)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -231,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         if args.runs_jsonl:
-            Path(args.runs_jsonl).write_text("".join(json.dumps(run) + "\n" for run in runs))
+            Path(args.runs_jsonl).write_text("".join(json.dumps(run_record(run)) + "\n"
+                                                     for run in runs))
     except OSError as error:  # a missing folder, a folder in the file's place, a full disk
         print(f"error: cannot write {error.filename or args.json or args.runs_jsonl}: "
               f"{error.strerror or error}", file=sys.stderr)

@@ -112,7 +112,7 @@ def register_tiny_backbone() -> str:
     module = types.ModuleType("annotate.models.tiny_test_backbone")
     module.tiny = TinyNet
     sys.modules[module.__name__] = module
-    models._REGISTRY["tiny"] = models.ModelInfo("tiny_test_backbone:tiny", "tiny", 16,
+    models._REGISTRY["tiny"] = models.ModelInfo("tiny_test_backbone:tiny", "tiny",
                                                 models.IMAGENET_MEAN, models.IMAGENET_STD, "fc")
     return "tiny"
 

@@ -114,7 +114,8 @@ def test_pretrained_missing_file_or_format_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_pretrained(model, str(tmp_path / "nowhere.pth"))
     (tmp_path / "weights.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match="weights.npz"):
+    with pytest.raises(PretrainedError, match=r"^pretrained checkpoint \S*weights.npz: unknown "
+                                              r"format '.npz'; use .pth/.pt/.bin/.safetensors"):
         load_pretrained(model, str(tmp_path / "weights.npz"))
 
 
@@ -124,6 +125,11 @@ def test_a_damaged_or_foreign_checkpoint_is_named(tmp_path, timm_state):
     damaged.write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(PretrainedError, match=f"{damaged} is not a readable PyTorch checkpoint "
                                               r"\(UnpicklingError: weights-only unpickling: Unsupported operand"):
+        load_pretrained(model, str(damaged))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\xff" * 200)
+    with pytest.raises(PretrainedError, match=f"{damaged} is not a readable safetensors file "
+                                              r"\(SafetensorError: "):
         load_pretrained(model, str(damaged))
     foreign = tmp_path / "resnet34.pth"  # another architecture's weights: ResNet-34's 3 blocks
     torch.save(timm.create_model("resnet34", num_classes=NUM_CLASSES).state_dict(), foreign)

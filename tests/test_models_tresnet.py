@@ -10,7 +10,8 @@ from flax import nnx
 from timm.layers import BlurPool2d, ConvNormAct, SpaceToDepth
 from timm.models.tresnet import checkpoint_filter_fn
 
-from annotate.convert import _flat_variables, _target_key, load_timm_weights, module_path
+from annotate.convert import (_flat_variables, _target_key, load_pretrained, load_timm_weights,
+                              module_path)
 from annotate.models import count_params, create_model
 from annotate.models.tresnet import TResNet, avg_pool_2x2_ceil, blur_pool, space_to_depth
 from parity import (assert_train_mode_matches_timm, nchw_tensor, random_images, relative_l2,
@@ -168,7 +169,7 @@ def _inplace_abn_checkpoint(timm_model: torch.nn.Module,
 
 
 def test_inplace_abn_checkpoint_converts_as_timm_and_gives_timm_logits(
-        model, timm_model, state_dict, timm_logits):
+        model, timm_model, state_dict, timm_logits, tmp_path):
     old = _inplace_abn_checkpoint(timm_model, state_dict)
     assert "body.conv1.0.weight" in old and "body.layer3.0.conv2.0.1.weight" in old
     assert "body.layer2.0.downsample.1.1.running_var" in old
@@ -178,7 +179,9 @@ def test_inplace_abn_checkpoint_converts_as_timm_and_gives_timm_logits(
     for key, value in reference.items():
         np.testing.assert_array_equal(converted[key], value.numpy(), err_msg=key)
     imported = create_model("tresnet_m", NUM_CLASSES, drop_rate=0.0, seed=11)  # fresh weights
-    load_timm_weights(imported, {"state_dict": old})
+    official = tmp_path / "tresnet_m.pth"  # as Alibaba-MIIL's files: {"model": state_dict}
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in old.items()}}, official)
+    load_pretrained(imported, str(official))
     imported.eval()
     logits = np.asarray(imported(jnp.asarray(_images(224, 224))))
     assert relative_l2(logits, timm_logits[(224, 224)]) < 1e-4
@@ -186,4 +189,3 @@ def test_inplace_abn_checkpoint_converts_as_timm_and_gives_timm_logits(
 
 def test_current_checkpoint_passes_through_filter_unchanged(state_dict):
     assert TResNet.filter_state_dict(state_dict) is state_dict
-    assert TResNet.filter_state_dict({"model": state_dict}) is state_dict

@@ -170,3 +170,21 @@ def test_sections_of_unused_losses_and_heads_do_not_split_a_group(tmp_path):
     groups = summarize.summarise([tmp_path / name for name in ("old", "new", "clip")])
     assert [group["seeds"] for group in groups] == [[0, 1], [2]]
     assert groups[1]["label"].endswith("[loss.asl.clip=0.1]")
+
+
+def test_the_linear_heads_options_split_only_linear_head_runs(tmp_path):
+    """model.drop_rate and model.global_pool are read by the linear head alone: two ML-Decoder
+    runs that differ in them are one experiment, two linear-head runs are two."""
+    for head in ("ml_decoder", "linear"):
+        for seed, drop_rate in ((0, 0.3), (1, 0.5)):
+            workdir = tmp_path / f"{head}{seed}"
+            _write_run(workdir, loss="asl", seed=seed, scale=1.0)
+            config = json.loads((workdir / "config.json").read_text())
+            config["model"].update(head=head, drop_rate=drop_rate)
+            (workdir / "config.json").write_text(json.dumps(config))
+    groups = summarize.summarise(sorted(tmp_path.iterdir()))
+    assert [(group["workdirs"], group["label"].endswith("[model.drop_rate=0.5]"))
+            for group in groups] == [([str(tmp_path / "linear0")], False),
+                                     ([str(tmp_path / "linear1")], True),
+                                     ([str(tmp_path / f"ml_decoder{seed}") for seed in (0, 1)],
+                                      False)]

@@ -25,7 +25,6 @@ class ModelInfo:
 
     constructor: str  # "module:function" in annotate.models; function(*, dtype, rngs) -> backbone
     timm_name: str  # the timm model whose state_dict maps onto this backbone
-    input_size: int  # square input size of its ImageNet weights
     mean: tuple[float, float, float]  # input normalisation of its ImageNet weights
     std: tuple[float, float, float]
     classifier: str  # key prefix of the classifier in timm's state_dict
@@ -33,16 +32,15 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {
-    "resnet18": ModelInfo("resnet:resnet18", "resnet18", 224, IMAGENET_MEAN, IMAGENET_STD, "fc"),
-    "resnet50": ModelInfo("resnet:resnet50", "resnet50", 224, IMAGENET_MEAN, IMAGENET_STD, "fc"),
-    "resnet101": ModelInfo("resnet:resnet101", "resnet101", 224, IMAGENET_MEAN, IMAGENET_STD,
-                           "fc"),
-    "resnext50_32x4d": ModelInfo("resnet:resnext50_32x4d", "resnext50_32x4d", 224,
-                                 IMAGENET_MEAN, IMAGENET_STD, "fc"),
-    "xception": ModelInfo("xception:xception", "legacy_xception", 299, (0.5, 0.5, 0.5),
+    "resnet18": ModelInfo("resnet:resnet18", "resnet18", IMAGENET_MEAN, IMAGENET_STD, "fc"),
+    "resnet50": ModelInfo("resnet:resnet50", "resnet50", IMAGENET_MEAN, IMAGENET_STD, "fc"),
+    "resnet101": ModelInfo("resnet:resnet101", "resnet101", IMAGENET_MEAN, IMAGENET_STD, "fc"),
+    "resnext50_32x4d": ModelInfo("resnet:resnext50_32x4d", "resnext50_32x4d", IMAGENET_MEAN,
+                                 IMAGENET_STD, "fc"),
+    "xception": ModelInfo("xception:xception", "legacy_xception", (0.5, 0.5, 0.5),
                           (0.5, 0.5, 0.5), "fc"),
-    "tresnet_m": ModelInfo("tresnet:tresnet_m", "tresnet_m", 224, (0.0, 0.0, 0.0),
-                           (1.0, 1.0, 1.0), "head.fc", classifier_init_std=0.01),
+    "tresnet_m": ModelInfo("tresnet:tresnet_m", "tresnet_m", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                           "head.fc", classifier_init_std=0.01),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -127,7 +125,9 @@ def create_model(name: str, num_classes: int, *, head: str = "linear", dtype: An
 
 
 def count_params(model: Any) -> int:
-    """Number of trainable parameters (nnx.Param leaves), as torch's `numel` sum over parameters."""
+    """Number of trainable parameters (nnx.Param leaves), as torch's `numel` sum over the
+    parameters with requires_grad (ML-Decoder's fixed queries are a Buffer here, a frozen
+    parameter in torch)."""
     import jax
     from flax import nnx
 

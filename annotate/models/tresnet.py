@@ -231,11 +231,10 @@ class TResNet(nnx.Module):
         """Convert an inplace-ABN era checkpoint to current timm keys, as timm's checkpoint_filter_fn.
 
         `body.conv1.0.weight` -> `body.conv1.conv.weight`, `.1.*` -> `.bn.*`, and inplace-ABN
-        weights w -> |w| + 1e-5. A `model`/`state_dict` wrapper is unwrapped; a dict already in the
-        current format (has `body.conv1.conv.weight`) is returned unchanged.
+        weights w -> |w| + 1e-5 (a `model`/`state_dict` wrapper is removed before, when the file is
+        read). A dict already in the current format (has `body.conv1.conv.weight`) is returned
+        unchanged.
         """
-        state_dict = state_dict.get("model", state_dict)
-        state_dict = state_dict.get("state_dict", state_dict)
         if "body.conv1.conv.weight" in state_dict:
             return state_dict
         converted = {}
