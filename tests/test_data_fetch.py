@@ -10,7 +10,8 @@ import http.server
 import io
 import json
 import os
-import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -34,16 +35,16 @@ def fetch():
 
 
 def pack(source: Path, archive: Path, top: str = "Corel-5k") -> Path:
-    """Zip or tar.gz (by suffix) every file of `source` under the folder name `top`."""
+    """Zip or tar.gz (by suffix) every file of `source` under the folder `top` ("": at the top)."""
     files = sorted(p for p in source.rglob("*") if p.is_file())
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive, "w") as bundle:
             for path in files:
-                bundle.write(path, f"{top}/{path.relative_to(source)}")
+                bundle.write(path, f"{top}/{path.relative_to(source)}".lstrip("/"))
     else:
         with tarfile.open(archive, "w:gz") as bundle:
             for path in files:
-                bundle.add(path, f"{top}/{path.relative_to(source)}")
+                bundle.add(path, f"{top}/{path.relative_to(source)}".lstrip("/"))
     return archive
 
 
@@ -417,7 +418,7 @@ def test_the_next_fetch_deletes_the_scratch_folders_of_killed_ones(tiny_dataset,
     it holds the lock that every fetch of the command line and annotate.main holds, deletes what
     such fetches left."""
     destination = tmp_path / "data" / "corel5k"
-    for name in (".corel5k-fetch-1a2b3c4d", ".corel5k-fetch-5e6f7a8b.replaced"):
+    for name in (".corel5k-fetch-1a2b3c4d", ".corel5k-fetch-5e6f7a8b"):
         (destination.parent / name / "Corel-5k").mkdir(parents=True)
         (destination.parent / name / "corel5k.archive").write_bytes(b"x" * 1000)
     (destination.parent / ".other-fetch-1").mkdir()  # another folder's: kept
@@ -427,15 +428,44 @@ def test_the_next_fetch_deletes_the_scratch_folders_of_killed_ones(tiny_dataset,
     assert sorted(path.name for path in destination.parent.iterdir()) == [
         ".corel5k.lock", ".other-fetch-1"]
 
-    # killed between --force's two renames: the old copy waits in the scratch folder and no
-    # dataset is in place; the next fetch puts the old copy back before it deletes the folder
-    shutil.rmtree(destination.parent)
-    old_copy = destination.parent / ".corel5k-fetch-9c8d7e6f" / "Corel-5k.replaced"
-    shutil.copytree(tiny_dataset, old_copy)
-    with fetch_module.fetch_lock(destination):
-        assert (destination / "train.json").is_file()
-    assert sorted(path.name for path in destination.parent.iterdir()) == [".corel5k.lock",
-                                                                          "corel5k"]
+
+@pytest.mark.parametrize("top", ["", "Corel-5k", "corel-archive/Corel-5k"])
+def test_a_force_fetch_killed_between_its_renames_loses_no_copy(tiny_dataset, tmp_path, top):
+    """A --force replacement killed (SIGKILL: nothing runs) after it moved the old copy aside and
+    before the new one moved in: the next fetch puts the old copy back, wherever the dataset
+    lies in the archive (at its top, one or two folders down); one killed after the new copy
+    moved in leaves the new copy, and the next fetch deletes the old one. The installed folder
+    has the umask's mode, whatever the archive's layout."""
+    destination = tmp_path / "data" / "corel5k"
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip", top=top)
+    fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert destination.stat().st_mode & 0o777 == 0o777 & ~umask
+    (destination / "old.txt").write_text("the copy being replaced")
+    # killed at --force's second rename (the new copy moving in), or as it deletes the old copy
+    for killed_in, call, kept in (("Path.rename", 2, "old.txt"),
+                                  ("fetch.shutil.rmtree", 1, "train.json")):
+        killed = subprocess.run([sys.executable, "-c", f"""
+import os, shutil
+from pathlib import Path
+from annotate.data import fetch
+calls, original = [], {killed_in}
+def killed_at_this_call(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == {call}:
+        os._exit(9)
+    return original(*args, **kwargs)
+{killed_in} = killed_at_this_call
+fetch.install_dataset(Path({str(archive)!r}), Path({str(destination)!r}),
+                      expected={TINY_COUNTS!r}, force=True)
+"""], capture_output=True, text=True)
+        assert killed.returncode == 9, killed.stderr
+        assert not (destination / "old.txt").exists()  # the copy being replaced was moved aside
+        with fetch_module.fetch_lock(destination):
+            assert (destination / kept).is_file()
+        assert sorted(path.name for path in destination.parent.iterdir()) == [".corel5k.lock",
+                                                                              "corel5k"]
 
 
 def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_dataset, tmp_path,

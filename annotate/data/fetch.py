@@ -201,7 +201,10 @@ def verify_manifest(root: Path, manifest: dict[str, str], source: str | Path | N
                            f"--skip-checksums` with the same source accepts another copy)")
 
 
-REPLACED_SUFFIX = ".replaced"  # the copy that --force replaces, while the new one moves in
+def replaced_path(destination: Path) -> Path:
+    """Where --force keeps the copy it replaces while the new one moves in: `.<name>.replaced`
+    beside `destination` (found there by the next fetch if the replacement was killed)."""
+    return destination.with_name(f".{destination.name}.replaced")
 
 
 def _refuse_existing(destination: Path, force: bool) -> None:
@@ -225,7 +228,9 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
     if not destination.exists():
         root.rename(destination)
         return destination
-    replaced = root.with_name(root.name + REPLACED_SUFFIX)  # in the scratch folder
+    replaced = replaced_path(destination)
+    if replaced.exists():  # a replacement killed while it deleted its old copy
+        shutil.rmtree(replaced)
     destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
     try:
         root.rename(destination)
@@ -252,9 +257,11 @@ def _make_parent(destination: Path) -> None:
 @contextlib.contextmanager
 def fetch_lock(destination: Path) -> Iterator[None]:
     """Hold the lock file `.<name>.lock` beside `destination`, as the command line and
-    annotate.main do for their whole fetch: fetches into one folder take turns, and a scratch
-    folder `.<name>-fetch-*` found on taking the lock was left by a fetch that was killed, so it
-    is deleted. DatasetError when the folder or the lock file cannot be created."""
+    annotate.main do for their whole fetch: fetches into one folder take turns, and what a killed
+    fetch left is cleaned up on taking the lock: its scratch folders `.<name>-fetch-*` are
+    deleted, and the copy a killed --force had moved aside (`replaced_path`) is put back when no
+    dataset is in place, else deleted. DatasetError when the folder or the lock file cannot be
+    created."""
     _make_parent(destination)
     lock_path = destination.parent / f".{destination.name}.lock"
     try:
@@ -263,10 +270,11 @@ def fetch_lock(destination: Path) -> Iterator[None]:
         raise DatasetError(f"cannot create the lock file {lock_path}: {error.strerror}") from error
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        replaced = replaced_path(destination)
+        if replaced.is_dir() and not destination.exists():  # killed between --force's renames
+            replaced.rename(destination)
+        shutil.rmtree(replaced, ignore_errors=True)  # killed while deleting it
         for abandoned in destination.parent.glob(f".{destination.name}-fetch-*"):
-            old_copies = sorted(abandoned.glob(f"*{REPLACED_SUFFIX}"))
-            if old_copies and not destination.exists():  # killed between --force's two renames
-                old_copies[0].rename(destination)
             shutil.rmtree(abandoned, ignore_errors=True)
         yield
 
@@ -296,8 +304,10 @@ def install_dataset(archive: Path, destination: Path, *, expected: dict[str, int
     `url` (where the archive was downloaded from) when given, else `archive`."""
     _refuse_existing(destination, force)
     with _work_dir(destination) as work_dir:
-        extract_archive(archive, work_dir, url=url)
-        return _install(find_dataset_root(work_dir, url or archive), destination,
+        extracted = work_dir / "extracted"  # made with the umask's mode (mkdtemp's is private),
+        extracted.mkdir()  # which is the dataset's own when the archive holds its files at the top
+        extract_archive(archive, extracted, url=url)
+        return _install(find_dataset_root(extracted, url or archive), destination,
                         expected=expected, manifest=manifest, force=force, source=url or archive)
 
 
