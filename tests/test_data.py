@@ -170,6 +170,11 @@ def image_in_both_splits(root: Path) -> str:
     return "test.json"
 
 
+def nul_in_name(root: Path) -> str:
+    edit_json(root / "train.json", lambda c: c["samples"][2].update(image_name="2\0.jpeg"))
+    return "train.json: samples[2]"
+
+
 def different_vocabulary(root: Path) -> str:
     edit_json(root / "test.json", lambda c: c.update(labels=c["labels"] + ["moon"]))
     return "test.json"
@@ -179,6 +184,7 @@ def different_vocabulary(root: Path) -> str:
     (truncate_image, "cannot decode"), (garble_image, "cannot decode"), (delete_image, "missing"),
     (unknown_label, "unicorn"), (duplicate_name, "duplicate image name"),
     (invalid_json, "invalid JSON"), (missing_key, "'labels'"), (different_vocabulary, "vocabulary"),
+    (nul_in_name, "has no valid 'image_name'"),
     (image_in_both_splits, r"1 images are also in train.json \(first: \['3.jpeg'\]\)"),
 ])
 def test_bad_input_names_the_file_and_leaves_no_cache(tiny_dataset, cache_dir, spoil, reason):
@@ -438,6 +444,25 @@ def test_a_killed_decodes_temp_file_is_deleted_by_the_next_write(tiny_dataset, c
     assert abandoned.name not in files  # a killed decode's, a moment ago
     assert in_progress.name in files
     assert len(files) == 2
+
+
+def test_a_killed_decodes_temp_file_is_deleted_before_the_next_write_reserves_space(
+        tiny_dataset, cache_dir, monkeypatch):
+    """The killed decode's temp file (a split's size) and the stale entry are deleted before the
+    new entry's space is reserved: when they are what fills the disk, the rerun that fails on it
+    leaves the disk with room again."""
+    load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    (entry,) = cache_files(cache_dir)
+    (cache_dir / f".{entry.rsplit('-', 1)[0]}-a.npy.x1y2z3.tmp").write_bytes(b"partial decode")
+    edit_json(tiny_dataset / "train.json", lambda c: c["samples"][0].update(image_labels=["sky"]))
+
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    with pytest.raises(DatasetError, match="no space left on device"):
+        load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir)
+    assert cache_files(cache_dir) == []
 
 
 def test_a_truncated_cache_file_is_rebuilt(tiny_dataset, cache_dir):

@@ -87,8 +87,9 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
     `fill` writes into a memory-mapped temp file in `cache_dir` (so large splits need not fit in
     RAM twice), whose space is reserved first (DatasetError naming `cache_dir` when the disk is
     full); only after `fill` returns is the file moved into place. On any error the temp file is
-    removed. Older entries with the same prefix (stale versions of this split) are deleted, and so
-    are temp files of this prefix left by a decode that was killed (workdir.is_abandoned).
+    removed. Older entries with the same prefix (stale versions of this split) are deleted before
+    it is written, and so are temp files of this prefix left by a decode that was killed
+    (workdir.is_abandoned), so that a disk they filled has room again.
     """
     final_path = cache_dir / f"{prefix}-{key[:24]}.npy"
     if final_path.is_file():
@@ -97,6 +98,15 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
         except (ValueError, OSError, EOFError):  # truncated or damaged: build it again
             final_path.unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # first, so that their space is free for this entry (a killed decode's temp file is a split)
+    for stale in cache_dir.iterdir():
+        is_same_entry = (stale.name.startswith(f"{prefix}-") and stale.suffix == ".npy"
+                         and len(stale.name) == len(final_path.name))
+        # the temp file of a decode that was killed (no exception ran)
+        is_abandoned_temp = (stale.name.startswith(f".{prefix}-") and stale.suffix == ".tmp"
+                             and is_abandoned(stale))
+        if (is_same_entry and stale != final_path) or is_abandoned_temp:
+            stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{final_path.name}.", suffix=".tmp")
     try:  # held until the handle closes, or the process dies (waits only for another
         fcntl.flock(handle, fcntl.LOCK_EX)  # write's probe of this temp file)
@@ -120,12 +130,4 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
         raise
     finally:
         os.close(handle)
-    for stale in cache_dir.iterdir():
-        is_same_entry = (stale.name.startswith(f"{prefix}-") and stale.suffix == ".npy"
-                         and len(stale.name) == len(final_path.name))
-        # the temp file of a decode that was killed (no exception ran)
-        is_abandoned_temp = (stale.name.startswith(f".{prefix}-") and stale.suffix == ".tmp"
-                             and is_abandoned(stale))
-        if (is_same_entry and stale != final_path) or is_abandoned_temp:
-            stale.unlink(missing_ok=True)
     return np.load(final_path)

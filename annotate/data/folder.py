@@ -105,7 +105,8 @@ def read_index_file(json_path: Path | str, image_folder: str = "images", *,
         if not isinstance(sample, dict):
             raise DatasetError(f"{json_path}: samples[{i}] is not an object")
         name, labels = sample.get("image_name"), sample.get("image_labels")
-        if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
+        if (not isinstance(name, str) or name in ("", "..") or Path(name).name != name
+                or "\0" in name):
             raise DatasetError(f"{json_path}: samples[{i}] has no valid 'image_name' (a plain file "
                                "name)")
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
