@@ -29,10 +29,11 @@ def decoded_batches(sources: SplitSources, rows: np.ndarray, rows_per_batch: int
                     image_size: int, *, num_threads: int = 16) -> Iterator[np.ndarray]:
     """uint8 batches [rows_per_batch, S, S, 3] of the images `rows` (in that order), decoded and
     resized by grain worker threads ahead of their use."""
-    dataset = (grain.MapDataset.source(np.asarray(rows))
-               .map(lambda i: sources.decode(int(i), image_size))
-               .batch(rows_per_batch, drop_remainder=True))
-    # a buffer below the thread count would idle threads (and make grain warn at every epoch)
+    # the threads and the read-ahead work on images (two batches ahead), batched after them; a
+    # buffer below the thread count would idle threads (and make grain warn at every epoch)
     options = grain.ReadOptions(num_threads=num_threads,
                                 prefetch_buffer_size=max(2 * rows_per_batch, num_threads))
-    return iter(dataset.to_iter_dataset(options))
+    return iter(grain.MapDataset.source(np.asarray(rows))
+                .map(lambda i: sources.decode(int(i), image_size))
+                .to_iter_dataset(options)
+                .batch(rows_per_batch, drop_remainder=True))
