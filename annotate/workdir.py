@@ -48,11 +48,15 @@ RESUME_KEYS = ("train.batch_size", "train.schedule_epochs")
 
 def state_layout(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     """What a checkpoint holds besides the model's variables, under the config key that decides
-    it: the optimizer's state (AdamW; Adam with or without its coupled weight-decay step) and
-    whether EMA averages are kept. A change of these keys' values within one layout is allowed."""
+    it: the optimizer's state (AdamW; Adam with or without its coupled weight-decay step; a
+    scheduled learning rate and a cycled beta1 each keep a step count) and whether EMA averages
+    are kept. A change of these keys' values within one layout is allowed."""
     optimizer = _value(config, "train.optimizer")
+    scheduled = _value(config, "train.schedule") != "constant"
     return {"train.optimizer": optimizer,
             "train.weight_decay": optimizer == "adam" and bool(_value(config, "train.weight_decay")),
+            "train.schedule": scheduled,
+            "train.cycle_momentum": scheduled and bool(_value(config, "train.cycle_momentum")),
             "train.ema_decay": (_value(config, "train.ema_decay") or 0) > 0}
 
 

@@ -4,6 +4,7 @@ stopping the run at once, and a torn metrics.jsonl line dropped on resume."""
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -12,12 +13,14 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from annotate import data, models, summary, train
 from annotate.config import resolved_config
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
-                              write_atomically, write_config)
+                              state_layout, write_atomically, write_config)
 from conftest import tiny_config
 
 
@@ -154,12 +157,15 @@ def test_the_linear_heads_pooling_is_free_under_another_head(tiny_dataset, tmp_p
     ({"ema_decay": 0.999}, "train.ema_decay=0.0, not train.ema_decay=0.999"),
     ({"optimizer": "adamw"}, "train.optimizer='adam', not train.optimizer='adamw'"),
     ({"weight_decay": 0.0}, "train.weight_decay=0.0001, not train.weight_decay=0.0"),
-    ({"weight_decay": 1e-2}, None), ({"optimizer": "adamw", "weight_decay": 0.0}, "optimizer")])
+    ({"weight_decay": 1e-2}, None), ({"optimizer": "adamw", "weight_decay": 0.0}, "optimizer"),
+    ({"schedule": "constant"}, "train.schedule='onecycle', not train.schedule='constant'"),
+    ({"cycle_momentum": False}, "train.cycle_momentum=True, not train.cycle_momentum=False")])
 def test_a_config_whose_checkpoints_hold_other_state_is_refused(tiny_dataset, tmp_path, changes,
                                                                 refused):
-    """EMA on or off, AdamW, or Adam with or without its weight-decay step change the tree of
-    what a checkpoint holds: resuming or evaluating with them is refused by name, before any
-    restore (which could only say the checkpoint does not fit); another weight decay is not."""
+    """EMA on or off, AdamW, Adam with or without its weight-decay step, a constant or scheduled
+    learning rate, a cycled beta1 or not change the tree of what a checkpoint holds: resuming or
+    evaluating with them is refused by name, before any restore (which could only say the
+    checkpoint does not fit); another weight decay is not."""
     config = tiny_config(tiny_dataset, tmp_path)
     config.train.weight_decay = 1e-4
     assert config.train.optimizer == "adam"
@@ -173,6 +179,27 @@ def test_a_config_whose_checkpoints_hold_other_state_is_refused(tiny_dataset, tm
         else:
             with pytest.raises(WorkdirError, match=re.escape(refused)):
                 check_config(workdir, config, training=training)
+
+
+def test_state_layout_tells_exactly_which_configs_give_one_optimizer_state_tree(tiny_dataset,
+                                                                               tmp_path):
+    """state_layout, which check_config compares, against the optimizer state train.py builds:
+    two settings have one layout exactly when their optimizer states have one tree structure
+    (EMA, the layout's other part, is not in the optimizer state)."""
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    structures, layouts = [], []
+    for optimizer, weight_decay, schedule, cycle_momentum in itertools.product(
+            ("adam", "adamw"), (0.0, 1e-4), ("onecycle", "constant"), (True, False)):
+        config = tiny_config(tiny_dataset, tmp_path)
+        config.train.update(optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                            cycle_momentum=cycle_momentum)
+        structures.append(jax.tree.structure(train.make_optimizer(config, 100).init(params)))
+        layouts.append({k: v for k, v in state_layout(config).items() if k != "train.ema_decay"})
+    for (structure_a, layout_a), (structure_b, layout_b) in itertools.combinations(
+            zip(structures, layouts), 2):
+        assert (structure_a == structure_b) == (layout_a == layout_b), (layout_a, layout_b)
+    # Adam, Adam + decay step, AdamW, each with a constant, scheduled or scheduled + cycled beta1
+    assert len({str(structure) for structure in structures}) == 9
 
 
 def test_write_config_is_atomic_and_warns_on_a_change(tiny_dataset, tmp_path, caplog):
