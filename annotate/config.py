@@ -5,6 +5,7 @@ the loss functions (which need jax) only to check the loss's hyper-parameters.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             f"data.{key}", "needs 3 numbers (R, G, B)")
     require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
     require(train.batch_size > 0, "train.batch_size", "must be positive")
-    require(train.learning_rate > 0, "train.learning_rate", "must be positive")
+    for key in ("learning_rate", "div_factor", "final_div_factor"):  # NaN and inf fail too
+        require(0 < train[key] < math.inf, f"train.{key}", "must be positive and finite")
+    for key in ("beta2", "max_momentum", "base_momentum"):  # Adam's betas (beta1 cycles between
+        require(0 <= train[key] < 1, f"train.{key}", "must lie in [0, 1)")  # the momenta)
     require(train.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
     require(train.epochs > 0, "train.epochs", "must be positive")
     require(train.schedule_epochs >= train.epochs, "train.schedule_epochs",

@@ -39,9 +39,9 @@ def _focusing_weight(base: jax.Array, gamma: float) -> jax.Array:
 
 def _check_hyper(gamma_neg: float, gamma_pos: float, clip: float, eps: float) -> None:
     """Reject hyper-parameters outside the loss's domain with a message naming the bad one."""
-    if gamma_neg < 0 or gamma_pos < 0:
-        raise ValueError(f"focusing parameters must be >= 0; got gamma_neg={gamma_neg}, "
-                         f"gamma_pos={gamma_pos}")
+    if not (0 <= gamma_neg < math.inf and 0 <= gamma_pos < math.inf):  # NaN fails too
+        raise ValueError(f"focusing parameters must be finite and >= 0; got "
+                         f"gamma_neg={gamma_neg}, gamma_pos={gamma_pos}")
     if not 0 <= clip < 1:
         raise ValueError(f"probability margin clip must be in [0, 1); got {clip}")
     if not 0 < eps < 1:

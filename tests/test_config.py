@@ -60,6 +60,17 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="^config.loss.name: unknown loss 'hinge'; "
                                          "valid losses: .*asl"):
         validate_config(config)
+    # a ZeroDivisionError traceback at the start, or a run with a negative or NaN learning rate
+    for key, value, message in [("div_factor", 0.0, "must be positive and finite"),
+                                ("final_div_factor", -1.0, "must be positive and finite"),
+                                ("learning_rate", float("inf"), "must be positive and finite"),
+                                ("beta2", 1.5, "must lie in [0, 1)"),
+                                ("max_momentum", 1.2, "must lie in [0, 1)"),
+                                ("base_momentum", -0.5, "must lie in [0, 1)")]:
+        config = base.get_config(model="resnet18", loss="asl")
+        config.train[key] = value
+        with pytest.raises(ValueError, match=re.escape(f"config.train.{key} = {value!r}: {message}")):
+            validate_config(config)
     for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
         config = base.get_config(model="resnet18", loss="asl")
         config.data.mean = mean

@@ -267,5 +267,6 @@ def test_make_loss_rejects_bad_names_and_hyper_parameters():
         make_loss("asl", gamma=2.0)
     with pytest.raises(ValueError, match="clip"):
         make_loss("asl", clip=1.5)
-    with pytest.raises(ValueError, match=">= 0"):
-        make_loss("focal", gamma=-1)
+    for gamma in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite and >= 0"):
+            make_loss("focal", gamma=gamma)
