@@ -902,6 +902,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
             # the epoch is trained: its record and save are kept
             with interrupts_deferred(f"recording epoch {epoch} and saving its checkpoint"):
                 probs = predict(experiment, *eval_variables(state), monitored)
+                if not np.isfinite(probs).all():  # its losses were finite, the last update not
+                    raise FloatingPointError(
+                        f"non-finite predictions after epoch {epoch}: training diverged in the "
+                        f"epoch's last step; training stopped, the checkpoints of the last "
+                        f"completed epoch are intact")
                 epoch_metrics = metrics.annotation_metrics(monitored.host.targets, probs)
                 hyper = state.opt_state.hyperparams
                 record = {"epoch": epoch, "train/loss": train_loss,

@@ -391,16 +391,20 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert _checkpoint_arrays(killed)[0] == 1
     assert [r["epoch"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())] == [1]
 
-    # A non-finite loss (infinite learning rate from epoch 2 on) stops with the step named;
+    # A non-finite loss (a diverging learning rate from epoch 2 on) stops with the step named;
     # the checkpoints of epoch 1 stay as they were.
     poisoned = tmp_path / "poisoned"
     shutil.copytree(killed, poisoned)
     before = _files(poisoned / "checkpoints")
     bad_config = tiny_config(tiny_dataset, tmp_path / "cache")
-    bad_config.train.learning_rate = float("inf")
+    bad_config.train.learning_rate = 1e30
     with pytest.raises(FloatingPointError, match=r"at step 5 \(epoch 2, batch 2/3\)"):
         train.train_and_evaluate(bad_config, poisoned)
     assert _files(poisoned / "checkpoints") == before
+    # diverged in an epoch's last step (its loss was finite): the predictions say so, by epoch
+    bad_config.train.batch_size, bad_config.train.epochs = 12, 1  # one step per epoch
+    with pytest.raises(FloatingPointError, match=r"^non-finite predictions after epoch 1: "):
+        train.train_and_evaluate(bad_config, tmp_path / "diverged")
 
     resumed = train.train_and_evaluate(config, killed)  # the same command again
     full_epoch, full_arrays = _checkpoint_arrays(tmp_path / "full")
