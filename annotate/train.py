@@ -416,22 +416,17 @@ def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
     """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`;
-    WorkdirError when it does not fit (another dataset's label count, a damaged file)."""
+    CheckpointMismatchError when its arrays are not the model's (another dataset's label count,
+    a config that keeps other state), read from its metadata; WorkdirError calling it damaged
+    when it fits but cannot be read."""
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
-    _require_saved_shapes(manager, epoch, abstract)
+    _require_saved_layout(manager, epoch, abstract)
     try:
         return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-    except Exception as error:  # a tree or shape that does not fit, or a damaged file
+    except Exception as error:  # what fits its metadata but cannot be read: a damaged file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"  # orbax names the keys
-        if "ema_batch_stats" in cause:  # on the lines after its first
-            cause += ("; a checkpoint from before EMA averaged the BatchNorm statistics too: "
-                      "retrain, or use the version that trained it")
-        if isinstance(error, (ValueError, KeyError, TypeError, FileNotFoundError)) and not \
-                isinstance(error, json.JSONDecodeError):
-            raise CheckpointMismatchError(f"checkpoint {epoch} in {manager.directory} does not "
-                                          f"fit this run's model ({cause})") from error
+        cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"
         raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "
                            f"({cause}); delete that folder to resume from an earlier checkpoint, "
                            f"if one is left") from error
@@ -445,23 +440,29 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _require_saved_shapes(manager: ocp.CheckpointManager, epoch: int, abstract: Any) -> None:
-    """WorkdirError naming the arrays whose saved shape differs from the model's (e.g. another
-    label count), read from the checkpoint's metadata before any array is: a restore that fails
-    part-way leaves orbax's reads pending, and they print tracebacks when Python exits."""
+def _require_saved_layout(manager: ocp.CheckpointManager, epoch: int, abstract: Any) -> None:
+    """CheckpointMismatchError naming the first array that the checkpoint lacks, holds besides
+    the model's, or holds with another shape (e.g. another label count), read from its metadata
+    before any array is: a restore that fails part-way leaves orbax's reads pending, and they
+    print tracebacks when Python exits."""
     try:
         with contextlib.closing(ocp.StandardCheckpointHandler()) as reader:
             saved = _shapes(reader.metadata(Path(manager.directory) / str(epoch) / "default"))
-    except Exception:  # unreadable metadata: the restore itself names the cause
+    except Exception:  # unreadable metadata: the restore names the damage
         return
-    differ = [(key, shape, saved[key]) for key, shape in _shapes(abstract).items()
-              if key in saved and saved[key] != shape]
+    model = _shapes(abstract)
+    differ = [f"{key} is {saved[key]} in the checkpoint, {shape} in the model"
+              for key, shape in model.items() if key in saved and saved[key] != shape]
+    missing, extra = sorted(model.keys() - saved.keys()), sorted(saved.keys() - model.keys())
+    differ += [f"{key} is not in the checkpoint" for key in missing]
+    differ += [f"the checkpoint holds {key}, which the model has not" for key in extra]
     if differ:
-        key, shape, saved_shape = differ[0]
         more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
+        hint = ("; a checkpoint from before EMA averaged the BatchNorm statistics too: retrain, "
+                "or use the version that trained it"
+                if any(key.startswith("ema_batch_stats") for key in missing) else "")
         raise CheckpointMismatchError(f"checkpoint {epoch} in {manager.directory} does not fit "
-                                      f"this run's model: {key} is {saved_shape} in the "
-                                      f"checkpoint, {shape} in the model{more}")
+                                      f"this run's model: {differ[0]}{more}{hint}")
 
 
 def has_checkpoint(workdir: Path) -> bool:
