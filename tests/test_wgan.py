@@ -1,6 +1,7 @@
 """ML-WGAN: models and losses against torch (the seed's code), vmap independence, the CLI."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from conftest import write_dataset
 from modules import load_module
 from wgan import run as wgan_run
 from wgan.models import BatchNorm2d, Conv2d, Critic, Generator
-from wgan.train import (WganSetup, augmented_views, critic_loss, image_keys, init_pairs,
-                        load_wgan_image, scores_and_penalty, train_pairs)
+from wgan.train import (PairState, WganSetup, augmented_views, critic_loss, image_keys,
+                        init_pairs, iteration_draws, load_wgan_image, pair_iteration,
+                        scores_and_penalty, train_pairs)
 
 WIDTH = 4  # the seed's architecture at hidden width 4 instead of 64: same code paths, fast on CPU
 REPO = Path(__file__).resolve().parents[1]
@@ -240,6 +242,53 @@ def test_batch_6_generator_forward_and_its_vjp_equal_the_separate_calls(torch_pa
     fakes, separate, via_vjp, direct = compare(generator, critic, noise)
     np.testing.assert_allclose(np.asarray(fakes), np.asarray(separate), atol=2e-6)
     assert_same_gradients(via_vjp, direct)
+
+
+def test_one_iteration_equals_the_seeds_torch_loop(torch_pair):
+    """pair_iteration against the seed's iteration written in torch (5 critic steps of three
+    batch-1 critic calls with the penalty through autograd.grad, then 1 generator step; torch's
+    Adam at 2e-4, betas 0.5 and 0.999), fed the same draws (iteration_draws, flip included):
+    the last critic step's fake, and the updated critic and generator on fixed inputs, agree to
+    float32 precision (outputs, not weights: the conv biases before BatchNorm have a gradient of
+    exactly 0, so Adam moves them by lr x the sign of rounding noise, which BatchNorm cancels)."""
+    t_gen, t_crit, gen, crit = (copy.deepcopy(module) for module in torch_pair)
+    setup = WganSetup(width=WIDTH)
+    key = next(key for key in map(jax.random.key, range(100))
+               if iteration_draws(setup, key)[0])  # a key whose iteration flips the real image
+    flip, noise, mix_weights = (np.array(draw) for draw in iteration_draws(setup, key))
+    real = np.random.default_rng(7).uniform(-1, 1, (128, 192, 3)).astype(np.float32)
+    generator, critic = nnx.state(gen, nnx.Param), nnx.state(crit, nnx.Param)
+    state = PairState(generator, critic, setup.optimizer.init(generator),
+                      setup.optimizer.init(critic))
+    new_state, last_fake = jax.jit(lambda state, real, key: pair_iteration(
+        setup, state, real, key))(state, jnp.asarray(real), key)
+
+    adam = lambda module: torch.optim.Adam(module.parameters(), 2e-4, betas=(0.5, 0.999))
+    critic_opt, generator_opt = adam(t_crit), adam(t_gen)
+    t_real = torch.flip(nchw(real[None]), dims=[2]) if flip else nchw(real[None])
+    t_noise = torch.from_numpy(noise)[:, :, None, None]
+    for step in range(5):
+        critic_opt.zero_grad()
+        fake = t_gen(t_noise[step:step + 1]).detach()
+        mixed = (mix_weights[step] * t_real + (1 - mix_weights[step]) * fake).requires_grad_(True)
+        (input_grad,) = torch.autograd.grad(t_crit(mixed).sum(), mixed, create_graph=True)
+        penalty = (input_grad.flatten(1).norm(2, dim=1) - 1) ** 2
+        (t_crit(fake) - t_crit(t_real) + 10 * penalty).mean().backward()
+        critic_opt.step()
+    generator_opt.zero_grad()
+    (-t_crit(t_gen(t_noise[5:6]))).mean().backward()
+    generator_opt.step()
+
+    np.testing.assert_allclose(np.asarray(last_fake), fake[0].numpy().transpose(1, 2, 0),
+                               atol=1e-5)
+    probe = np.stack([real, np.asarray(last_fake)])
+    scores = jitted_call(nnx.merge(setup.graphs[1], new_state.critic), probe)
+    with torch.no_grad():
+        torch_scores = [t_crit(nchw(image[None])).item() for image in probe]  # batch 1 each
+        np.testing.assert_allclose(np.asarray(scores), torch_scores, rtol=1e-4, atol=1e-4)
+        image = jitted_call(nnx.merge(setup.graphs[0], new_state.generator), noise[5:6])
+        np.testing.assert_allclose(np.asarray(image),
+                                   t_gen(t_noise[5:6]).numpy().transpose(0, 2, 3, 1), atol=1e-4)
 
 
 @pytest.fixture(scope="module")

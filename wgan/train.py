@@ -102,6 +102,19 @@ def critic_loss(critic_params: nnx.State, setup: WganSetup, fake: jax.Array, rea
     return scores[0] - scores[1] + setup.gradient_penalty_weight * penalty
 
 
+def iteration_draws(setup: WganSetup, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The random draws of one iteration from its `key`: whether the real image is flipped, the
+    noise of the 5 critic steps' fakes and then of the generator step's [6, noise_dim], and the
+    critic steps' interpolation weights [5]."""
+    flip_key, critic_key, generator_key = jax.random.split(key, 3)
+    step_keys = jax.vmap(jax.random.split)(jax.random.split(critic_key, setup.critic_steps))
+    noise = jnp.concatenate([
+        jax.vmap(lambda k: jax.random.normal(k, (setup.noise_dim,)))(step_keys[:, 0]),
+        jax.random.normal(generator_key, (setup.noise_dim,))[None]])
+    return (jax.random.uniform(flip_key) < setup.flip_probability, noise,
+            jax.vmap(jax.random.uniform)(step_keys[:, 1]))
+
+
 def pair_iteration(setup: WganSetup, state: PairState, real: jax.Array,
                    key: jax.Array) -> tuple[PairState, jax.Array]:
     """One seed iteration for one pair: 5 critic steps, then 1 generator step (Adam each).
@@ -109,14 +122,11 @@ def pair_iteration(setup: WganSetup, state: PairState, real: jax.Array,
     `real` [128, 192, 3] in [-1, 1] is flipped vertically with probability 0.1 first. The six
     fakes come from one batch-6 generator forward, each critic step is one batch-3 critic call
     (critic_loss): per-image BatchNorm makes both the seed's batch-1 computations. Returns the
-    new state and the fake of the last critic step (the image the seed saves).
+    new state and the fake of the last critic step (the image the seed saves). Its random draws
+    are `iteration_draws(setup, key)`.
     """
-    flip_key, critic_key, generator_key = jax.random.split(key, 3)
-    real = jnp.where(jax.random.uniform(flip_key) < setup.flip_probability, real[::-1], real)
-    step_keys = jax.vmap(jax.random.split)(jax.random.split(critic_key, setup.critic_steps))
-    noise = jnp.concatenate([  # the 5 critic steps' noise, then the generator step's
-        jax.vmap(lambda k: jax.random.normal(k, (setup.noise_dim,)))(step_keys[:, 0]),
-        jax.random.normal(generator_key, (setup.noise_dim,))[None]])
+    flip, noise, mix_weights = iteration_draws(setup, key)
+    real = jnp.where(flip, real[::-1], real)
     # The generator is fixed during the critic steps: all six fakes come from one batch-6
     # forward (per-image BatchNorm: each equals the seed's batch-1 call), whose vjp later gives
     # the generator step's gradient.
@@ -126,15 +136,14 @@ def pair_iteration(setup: WganSetup, state: PairState, real: jax.Array,
 
     def critic_step(carry, inputs):
         critic_params, critic_opt = carry
-        fake, mix_key = inputs
-        grads = jax.grad(critic_loss)(critic_params, setup, fake, real,
-                                      jax.random.uniform(mix_key))
+        fake, mix_weight = inputs
+        grads = jax.grad(critic_loss)(critic_params, setup, fake, real, mix_weight)
         updates, critic_opt = setup.optimizer.update(grads, critic_opt, critic_params)
         return (optax.apply_updates(critic_params, updates), critic_opt), None
 
     (critic_params, critic_opt), _ = jax.lax.scan(
         critic_step, (state.critic, state.critic_opt),
-        (fakes[:setup.critic_steps], step_keys[:, 1]))
+        (fakes[:setup.critic_steps], mix_weights))
     critic = nnx.merge(critic_graph, critic_params)  # the generator step: -critic(fake)
     fake_grad = jax.grad(lambda fake: -critic(fake[None])[0])(fakes[setup.critic_steps])
     (grads,) = generator_vjp(jnp.zeros_like(fakes).at[setup.critic_steps].set(fake_grad))
