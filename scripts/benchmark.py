@@ -4,7 +4,7 @@
         [--res 448,224] [--steps-per-call 1,10] [--heads linear,ml_decoder,csra] [--batch 32]
         [--warmup 3] [--steps 20] [--repeats 3]
     python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
-    python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes float32] [--iterations 5]
+    python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes bfloat16,float32] [--iterations 5]
     python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
     python scripts/benchmark.py stream --data DIR [--res 448,224] [--threads 2,16]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
@@ -600,6 +600,8 @@ def wgan_bound(width: int = 64) -> dict[str, Any]:
     batch-6 forward and its backward), the float32 bytes those reads and Adam's updates move,
     the FLOPs (XLA's count of the lowered step; the critic scan's body counted once per step),
     and the minutes for 4,500 images x 1,001 iterations at each card's bandwidth."""
+    from flax import nnx
+
     from wgan import train as wgan_train
 
     setup = wgan_train.WganSetup(width=width)
@@ -629,6 +631,21 @@ def wgan_bound(width: int = 64) -> dict[str, Any]:
                                  .cost_analysis())["flops"]
     flops = (first_cost(jax.jit(iteration).lower(state, image, jax.random.key(1))
                         .cost_analysis())["flops"] + (steps - 1) * step_flops)
+    # the generator's share: the batch-6 forward whose vjp also runs the backward through the 5
+    # critic steps' fakes (zero cotangents), against a batch-5 forward beside a batch-1 forward
+    # and backward (one weight read more)
+    flops_of = lambda function, *args: first_cost(  # noqa: E731
+        jax.jit(function).lower(*args).cost_analysis())["flops"]
+    generate = lambda params, noise: nnx.merge(setup.graphs[0], params)(noise)  # noqa: E731
+
+    def generate_and_backward(params: Any, noise: jax.Array) -> Any:
+        fakes, vjp = jax.vjp(lambda params: generate(params, noise), params)
+        return vjp(jnp.zeros_like(fakes).at[-1].set(1.0))
+
+    noise = lambda batch: jax.ShapeDtypeStruct((batch, setup.noise_dim), jnp.float32)  # noqa: E731
+    generator_batched = flops_of(generate_and_backward, state.generator, noise(steps + 1))
+    generator_split = (flops_of(generate, state.generator, noise(steps))
+                       + flops_of(generate_and_backward, state.generator, noise(1)))
     total = WGAN_RECIPE_ITERATIONS * 4500
     return {"what": "wgan_bound", "width": width, "critic_params": critic_params,
             "generator_params": generator_params,
@@ -641,6 +658,8 @@ def wgan_bound(width: int = 64) -> dict[str, Any]:
             "flops_per_pair_iteration": float(flops),
             "flops_per_critic_step": float(step_flops),
             "flops_per_critic_step_seed_calls": float(seed_step_flops),
+            "flops_generator_batched": float(generator_batched),
+            "flops_generator_split": float(generator_split),
             "bound_minutes_4500_images": {card: bytes_per_iteration * total / bandwidth / 60
                                           for card, bandwidth in CARD_BANDWIDTH.items()}}
 
@@ -706,9 +725,12 @@ def profile_wgan(pairs: int, dtype: str, width: int, iterations: int,
 
 def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """wgan_throughput at each K x compute dtype, extrapolated to the full 1001-iteration recipe
-    (after compiling every variant concurrently, see precompile_wgan)."""
+    (after compiling every variant concurrently, see precompile_wgan), then a profile of the first
+    and the recipe's bound (wgan_bound: seconds of tracing, last so a timeout cuts it first).
+    Variants run by ascending K, so that the process-wide peak of device memory each record
+    carries is its own variant's."""
     seed_images_per_hour = 3600.0 / (SEED_WGAN_S_PER_ITERATION * WGAN_RECIPE_ITERATIONS)
-    variants = [(int(pairs), dtype) for dtype in csv(args.dtypes) for pairs in csv(args.pairs)]
+    variants = sorted((int(pairs), dtype) for dtype in csv(args.dtypes) for pairs in csv(args.pairs))
     start = time.perf_counter()
     compile_record = {"what": "wgan_compile", "variants": len(variants)}
     try:
@@ -717,9 +739,7 @@ def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
         compile_seconds = {}
         compile_record["error"] = f"precompile skipped: {type(error).__name__}: {error}"
     emit({**compile_record, "wall_s": time.perf_counter() - start, **device_info()})
-    bound = wgan_bound(args.width)
-    emit(bound)
-    records = [bound]
+    records = []
     for pairs, dtype in variants:
         record = {"what": "wgan_throughput", "pairs": pairs, "dtype": dtype,
                   "width": args.width, "timed_iterations": args.iterations,
@@ -746,7 +766,9 @@ def run_wgan(args: argparse.Namespace) -> list[dict[str, Any]]:
                       "error": f"{type(error).__name__}: {error}"}
         emit(record)
         records.append(record)
-    return records
+    bound = wgan_bound(args.width)
+    emit(bound)
+    return records + [bound]
 
 
 # --------------------------------------------------------------------------- report
@@ -858,7 +880,8 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- command line
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line: `train`, `wgan` or `report`, each with its options."""
+    """The command line: `train`, `flops`, `stream`, `wgan`, `wgan-bound` or `report`, each with
+    its options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="images/s of the full jitted train step")

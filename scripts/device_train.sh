@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# One device call (about 7 min on one H100: 40 epochs of 7.1 s training + 2.6 s evaluation and
-# checkpoints, medians measured 2026-11-27, plus compilation): TResNet-M + ASL from scratch on Corel-5k with the
+# One device call (211 s on the H200 of 2026-11-27, from start to results):
 # PyTorch reference's recipe (configs/reference_tresnet_asl_224.py), then its test metrics beside
 # the reference's (torch_reference.py train on one H100: per-class F1 0.333, per-image F1 0.494,
 # N+ 148 at 0.5; 0.327 / 0.528 / 133 with MCC thresholds; 6.2 s per epoch).
@@ -14,9 +13,15 @@
 # With TORCH_TRAIN_EPOCHS=N (carry .bench too) the PyTorch reference first trains N epochs of the
 # same recipe in the same call (`torch_reference.py train`; its median epoch is the speed anchor,
 # measured on the same card), capped at TORCH_TRAIN_TIMEOUT_S.
+# TRAIN_DEADLINE_S (default 570) bounds the whole script from its start: the training's timeout
+# is what is left of it (at most TRAIN_TIMEOUT_S) less 20 s for the copies and the summary, so
+# a device call's limit never cuts those off. Two runs in one call: give each its own OUT and
+# half the call, e.g. `for head in csra linear; do OUT=$OUT/$head TRAIN_DEADLINE_S=285
+# TRAIN_OVERRIDES="--config.model.head=$head" bash scripts/device_train.sh; done`.
 # The console shows the run without progress bars and orbax's INFO lines; train.log has all.
 # $OUT receives train.log, results.json, results.md, metrics.jsonl, summary.md and
-# measurements.jsonl (the card and versions, the reference's JSON line, our run's summary line).
+# measurements.jsonl (the card and versions, the reference's JSON line, our run's summary line);
+# an OUT that already holds a run's train.log is refused (the second run would overwrite it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,9 +29,14 @@ OUT=${OUT:-/tmp/device_train}
 DATA=${COREL5K_DATA:-.corel}
 WORKDIR=${TRAIN_WORKDIR:-/tmp/run}
 TIMEOUT_S=${TRAIN_TIMEOUT_S:-540}
+DEADLINE_S=${TRAIN_DEADLINE_S:-570}
 OVERRIDES=${TRAIN_OVERRIDES:-}
 mkdir -p "$OUT"
 LOG=$OUT/train.log
+if [[ -s $LOG ]]; then
+  echo "ERROR: $OUT already holds a run (train.log); give each run an OUT of its own" >&2
+  exit 2
+fi
 : >"$LOG"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -57,6 +67,12 @@ if ((TORCH_EPOCHS > 0)); then
   note "PyTorch reference exit ${PIPESTATUS[0]}"
 fi
 
+LEFT=$((DEADLINE_S - (SECONDS - START) - 20))  # 20 s for the copies and the summary below
+TIMEOUT_S=$((TIMEOUT_S < LEFT ? TIMEOUT_S : LEFT))
+if ((TIMEOUT_S < 30)); then
+  note "ERROR: only $TIMEOUT_S s left for training before the ${DEADLINE_S} s deadline"
+  exit 2
+fi
 note "train + evaluate: configs/reference_tresnet_asl_224.py $OVERRIDES (timeout $TIMEOUT_S s)"
 rm -rf "$WORKDIR"
 # shellcheck disable=SC2086  # OVERRIDES is a list of flags

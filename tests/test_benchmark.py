@@ -50,8 +50,6 @@ def test_train_record_is_sane(train_record, capsys):
     low, high = record["spread"]
     assert 0 < low <= 1.0 <= high
     assert record["compile_s"] > 0 and record["lower_s"] > 0
-    start, end = record["compile_window_s"]
-    assert end - start == pytest.approx(record["compile_s"])
     assert record["achieved_tflop_per_s"] == pytest.approx(
         record["train_flops_per_img"] * record["img_per_s"] / 1e12, rel=1e-9)
     # the donated state aliases its output: the memory analysis sees the ~11.8M f32 parameters
@@ -139,7 +137,7 @@ def test_wgan_record_extrapolates_against_the_seed(benchmark, monkeypatch):
     monkeypatch.setattr(benchmark, "wgan_bound", lambda width: {"what": "wgan_bound"})
     monkeypatch.setattr(benchmark, "precompile_wgan",
                         lambda variants, iterations, width: {v: 2.0 for v in variants})
-    reads, record = benchmark.main(["wgan", "--pairs", "8", "--dtypes", "float32", "--width",
+    record, reads = benchmark.main(["wgan", "--pairs", "8", "--dtypes", "float32", "--width",
                                     "4"])
     assert reads["what"] == "wgan_bound"
     assert record["speedup_vs_seed"] == pytest.approx(0.077 / 0.5 * 8)
@@ -211,6 +209,9 @@ def test_wgan_bound_counts_the_fewest_weight_reads(benchmark):
     assert bound["bytes_per_pair_iteration"] == (bound["critic_params"] * (24 * 5 + 4 * 22)
                                                  + bound["generator_params"] * (24 + 4 * 2))
     assert bound["flops_per_pair_iteration"] > 0
+    # the batch-6 forward's backward also runs through the five fakes with zero cotangents:
+    # more than twice a batch-5 forward beside a batch-1 forward and backward
+    assert bound["flops_generator_batched"] > 2 * bound["flops_generator_split"] > 0
 
 
 @pytest.mark.parametrize("calls, reads", [((3,), 4), ((2, 1), 6), ((1, 1, 1), 8)])
@@ -239,12 +240,22 @@ def test_weight_reads_of_a_critic_step_grow_with_its_separate_calls(benchmark, c
     assert benchmark.count_weight_reads(closed.jaxpr, {kernel}) == reads
 
 
-def test_stream_command_times_the_decoding(benchmark, tiny_dataset):
-    """images/s = batches x batch / the seconds the decoding took, which lie inside the command's
-    own wall time: at least 12 images over that time."""
+def test_stream_command_times_the_decoding(benchmark, tiny_dataset, monkeypatch):
+    """images/s = batches x batch / the seconds the decoding took: with each decode made to take
+    at least 20 ms, 2 threads decode at most 100 images/s, and the 12 images take no longer
+    than the command's own wall time."""
+    from annotate import data
+
+    decode = data.SplitSources.decode
+
+    def slow_decode(self, index, image_size):
+        time.sleep(0.02)
+        return decode(self, index, image_size)
+
+    monkeypatch.setattr(data.SplitSources, "decode", slow_decode)
     start = time.perf_counter()
     (record,) = benchmark.main(["stream", "--data", str(tiny_dataset), "--res", "16",
                                 "--batch", "4", "--batches", "3", "--threads", "2"])
     wall = time.perf_counter() - start
     assert (record["what"], record["res"], record["threads"]) == ("stream_throughput", 16, 2)
-    assert record["batches"] == 3 and record["img_per_s"] >= 3 * 4 / wall
+    assert record["batches"] == 3 and 3 * 4 / wall <= record["img_per_s"] <= 2 / 0.02
