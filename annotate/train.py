@@ -657,28 +657,57 @@ def check_vocabulary(workdir: Path, vocabulary: Sequence[str]) -> None:
                        f"dataset it was trained on (config.data.root), or another --workdir")
 
 
+def _validation_record(run_data: RunData, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {"seed": config.seed, "size": config.eval.validation_size,
+            "image_names": run_data.validation.host.image_names}
+
+
+def check_validation_images(run_data: RunData, config: ml_collections.ConfigDict,
+                            workdir: Path) -> None:
+    """ValueError when workdir/validation_images.json, written when the run started, lists other
+    held-out images than `run_data` holds out (a changed dataset, seed or size would mix the
+    two sides: train on images the epochs or thresholds are then chosen on); nothing to check
+    without it."""
+    path = workdir / "validation_images.json"
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is damaged ({error}); it names the images this run held out, "
+                         f"so the run cannot be resumed or evaluated safely: use a new "
+                         f"workdir") from error
+    if stored != _validation_record(run_data, config):
+        raise ValueError(f"{path} lists other validation images than this run holds out (the "
+                         f"dataset, config.seed or config.eval.validation_size changed since "
+                         f"the run started); use those it was trained with, or a new workdir")
+
+
 def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDict,
                               workdir: Path, resumed: bool) -> None:
-    """Write workdir/validation_images.json, or check that a `resumed` run holds out the same
-    images (a changed dataset, seed or size would silently mix the two sides)."""
-    path = workdir / "validation_images.json"
-    record = {"seed": config.seed, "size": config.eval.validation_size,
-              "image_names": run_data.validation.host.image_names}
-    if resumed and path.exists():
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is damaged ({error}); it names the images this run "
-                             f"held out, so the run cannot be resumed safely: use a new "
-                             f"workdir") from error
-        if stored != record:
-            raise ValueError(f"{path} lists other validation images than this run holds out (the "
-                             f"dataset, config.seed or config.eval.validation_size changed); "
-                             f"use a new workdir")
-    write_atomically(path, json.dumps(record, indent=1) + "\n")
+    """Write workdir/validation_images.json, after checking that a `resumed` run holds out the
+    same images (check_validation_images)."""
+    if resumed:
+        check_validation_images(run_data, config, workdir)
+    write_atomically(workdir / "validation_images.json",
+                     json.dumps(_validation_record(run_data, config), indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- the loop
+
+def _check_steps_per_epoch(trained_steps: int, epochs: int, steps_per_epoch: int,
+                           num_images: int, batch_size: int) -> None:
+    """WorkdirError when the `epochs` checkpointed took another number of steps each than this
+    run's epochs take: the training images changed (their count), and OneCycle, laid out over
+    the run's steps, would jump."""
+    if trained_steps != epochs * steps_per_epoch:
+        raise WorkdirError(
+            f"the {epochs} epoch(s) in the checkpoint took {trained_steps / epochs:g} steps each, "
+            f"this run's take {steps_per_epoch} ({num_images} training images at batch "
+            f"{batch_size}): the training images changed since, and the learning-rate "
+            f"schedule would jump; resume with the images it started with, or use another "
+            f"--workdir")
+
 
 def _epoch_permutation(key: jax.Array, epoch: int, num_images: int) -> np.ndarray:
     """The image order of `epoch`: a permutation drawn from fold_in(key, epoch)."""
@@ -854,6 +883,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                                               mesh, load_pretrained=not start_epoch)
         if start_epoch:
             state = restore_state(checkpoints, start_epoch, state)
+            _check_steps_per_epoch(int(to_host(state.step)), start_epoch, steps_per_epoch,
+                                   num_images, batch_size)
             log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
         if is_writer and run_data.validation is not None:  # checked before config.json
             _record_validation_images(run_data, config, workdir, resumed=bool(start_epoch))
@@ -986,6 +1017,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -> Evaluati
         mesh = make_mesh()
         run_data = load_data(config, mesh)
         check_vocabulary(workdir, run_data.train.host.vocabulary)
+        if run_data.validation is not None:
+            check_validation_images(run_data, config, workdir)
         experiment, state = create_experiment(config, len(run_data.train.host.vocabulary), 1,
                                               mesh, load_pretrained=False)
         return evaluate_best(experiment, state, run_data, workdir)

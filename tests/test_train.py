@@ -4,6 +4,7 @@ non-finite-loss stop, and the CPU smoke run on real Corel-5k."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -497,10 +498,32 @@ def test_the_validation_record_is_checked_on_resume_and_a_damaged_one_named(tmp_
     train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, True)
     with pytest.raises(ValueError, match="lists other validation images than this run holds out"):
         train._record_validation_images(run_data(["1.jpeg", "8.jpeg"]), config, tmp_path, True)
+    # an evaluation checks it too, and writes nothing
+    train.check_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path)
+    with pytest.raises(ValueError, match="lists other validation images than this run holds out"):
+        train.check_validation_images(run_data(["7.jpeg", "1.jpeg"]), config, tmp_path)
     path.write_text('{"seed": 3, "size"')  # damaged by hand
     with pytest.raises(ValueError, match=f"^{path} is damaged"):
         train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["validation_images.json"]
+
+
+def test_a_resume_whose_epochs_take_another_step_count_is_refused(tiny_dataset, tiny_backbone,
+                                                                  tmp_path):
+    """A resume after the training images changed in number (another copy of the dataset, more
+    or fewer images with the same labels) is refused before training: its epochs would take
+    another number of steps, and OneCycle, laid out over the run's steps, would jump."""
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.train.epochs = 1
+    train.train_and_evaluate(config, tmp_path / "run")
+    index = json.loads((tiny_dataset / "train.json").read_text())
+    index["samples"] = index["samples"][:8]  # 12 -> 8 images: 2 steps of 4, not 3
+    (tiny_dataset / "train.json").write_text(json.dumps(index))
+    config.train.epochs = 2
+    with pytest.raises(train.WorkdirError, match=re.escape(
+            "the 1 epoch(s) in the checkpoint took 3 steps each, this run's take 2 (8 training "
+            "images at batch 4): the training images changed since")):
+        train.train_and_evaluate(config, tmp_path / "run")
 
 
 def _shuffle_test_labels(root: Path, seed: int) -> None:
