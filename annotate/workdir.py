@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -108,14 +108,6 @@ def is_abandoned(temporary: Path) -> bool:
         return False
 
 
-def _held_by_live_process(path: Path, pid: int) -> bool:
-    """Whether the lock file at `path`, written on this host by process `pid`, belongs to a running
-    process: its flock is held (a reused pid does not count); where flock is not supported,
-    whether `pid` runs."""
-    held = flock_is_held(path)
-    return _alive(pid) if held is None else held
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -127,7 +119,13 @@ def _alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-    """Exclusive use of a workdir for the length of a `with` block (process 0 of a run only)."""
+    """Exclusive use of a workdir for the length of a `with` block (process 0 of a run only).
+
+    The lock file holds the run's record (pid, host, start) and the run holds the file's flock,
+    which the kernel drops when the process dies. A lock file whose flock is free was left by a
+    run that died: it is taken over in place, under its flock, never deleted and created again
+    (two runs taking over one dead run's lock at once cannot both win). Where the file system
+    has no flock, the process id tells whether a holder on this host runs."""
 
     def __init__(self, workdir: Path):
         self.path = Path(workdir) / LOCK_NAME
@@ -136,46 +134,81 @@ class WorkdirLock:
 
     def __enter__(self) -> "WorkdirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(3):
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+                created = True
             except FileExistsError:
-                self._take_over_or_refuse()
-                continue
-            self.file = os.fdopen(descriptor, "w")
-            try:  # held until __exit__ closes the file, or the process dies (waits only for
-                fcntl.flock(self.file, fcntl.LOCK_EX)  # another run's probe of the lock)
-            except OSError:  # no flock on this file system: the process id alone tells
-                pass
-            json.dump(self.record, self.file)
-            self.file.flush()
-            for abandoned in remove_abandoned_writes(self.path.parent):
-                log.info("deleted %s, left by a run killed while writing it", abandoned)
-            return self
-        raise WorkdirError(f"{self.path.parent}: could not take its lock {self.path}")
-
-    def _take_over_or_refuse(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):  # torn: its writer died while writing it, or a run that
-            # started a moment ago is still writing it (then it is young: refused)
+                try:
+                    descriptor = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # released meanwhile: create it
+                    continue
+                created = False
+            self.file = os.fdopen(descriptor, "r+")
             try:
-                age = time.time() - self.path.stat().st_mtime
-            except OSError:  # released meanwhile: try again
-                return
+                if self._hold(created):
+                    break
+            except BaseException:
+                self.file.close()
+                raise
+            self.file.close()  # the file was released and unlinked meanwhile: again
+        else:
+            raise WorkdirError(f"{self.path.parent}: could not take its lock {self.path}")
+        self.file.seek(0)
+        self.file.truncate()
+        json.dump(self.record, self.file)
+        self.file.flush()
+        for abandoned in remove_abandoned_writes(self.path.parent):
+            log.info("deleted %s, left by a run killed while writing it", abandoned)
+        return self
+
+    def _hold(self, created: bool) -> bool:
+        """Take the open lock file's flock (a file this run created: waiting out another run's
+        probe of it; an existing one: only if no live run holds it, else WorkdirError naming the
+        holder). False when the file was unlinked meanwhile (its holder released it)."""
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX if created else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            has_flock = True
+        except BlockingIOError:  # a live run holds it
+            self._refuse(self._holder())
+        except OSError:  # no flock on this file system: the process id tells
+            has_flock = False
+        try:
+            if os.fstat(self.file.fileno()).st_ino != os.stat(self.path).st_ino:
+                return False
+        except FileNotFoundError:
+            return False
+        if created:
+            return True
+        holder = self._holder()
+        if holder is None:  # empty or torn: a run that started a moment ago is still writing
+            age = time.time() - os.fstat(self.file.fileno()).st_mtime  # it, or its writer died
             if age < TORN_LOCK_SECONDS:
                 raise WorkdirError(f"{self.path.parent} is being locked by another run that "
                                    f"started a moment ago; wait for it to end or use another "
-                                   f"--workdir") from None
+                                   f"--workdir")
             log.warning("taking over %s, a lock file its run died while writing", self.path)
-            self.path.unlink(missing_ok=True)
-            return
-        if holder.get("host") == self.record["host"] and not _held_by_live_process(
-                self.path, int(holder.get("pid", -1))):
+            return True
+        same_host = holder.get("host") == self.record["host"]
+        if same_host and (has_flock or not _alive(int(holder.get("pid", -1)))):
             log.warning("taking over %s, left by process %s, which is no longer running",
                         self.path, holder.get("pid"))
-            self.path.unlink(missing_ok=True)
-            return
+            return True
+        self._refuse(holder)
+
+    def _holder(self) -> dict[str, Any] | None:
+        """The lock file's record, or None while it is empty or torn."""
+        try:
+            self.file.seek(0)
+            holder = json.loads(self.file.read())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _refuse(self, holder: dict[str, Any] | None) -> NoReturn:
+        if holder is None:
+            raise WorkdirError(f"{self.path.parent} is being locked by another run that started "
+                               f"a moment ago; wait for it to end or use another --workdir")
         raise WorkdirError(
             f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
             f"since {holder.get('started')}; wait for it to end or use another --workdir (a lock "
@@ -183,9 +216,9 @@ class WorkdirLock:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.record["pid"]:
-                self.path.unlink()
-        except (OSError, ValueError):
+            if os.fstat(self.file.fileno()).st_ino == os.stat(self.path).st_ino:
+                self.path.unlink()  # still ours (held under flock): released for the next run
+        except OSError:
             pass
         finally:
             self.file.close()

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -61,6 +62,41 @@ def test_a_lock_is_live_by_its_flock_not_by_its_pid(tmp_path, caplog):
         with pytest.raises(WorkdirError, match="in use by process"):
             with WorkdirLock(tmp_path):
                 pass
+
+
+def test_runs_taking_over_a_dead_runs_lock_at_once_never_both_hold_it(tmp_path):
+    """Six threads (each opening the lock file as its own run would) take the lock over and over,
+    and after each release leave a dead run's lock behind for the others to take over: at no
+    time do two hold it (taking over by deleting and creating the file again let up to 4 in)."""
+    dead = json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname(), "started": "then"})
+    holders, most, taken = [0], [0], [0]
+    guard = threading.Lock()
+
+    def run_again_and_again() -> None:
+        for _ in range(100):
+            try:
+                with WorkdirLock(tmp_path):
+                    with guard:
+                        holders[0] += 1
+                        most[0], taken[0] = max(most[0], holders[0]), taken[0] + 1
+                    time.sleep(0.0005)
+                    with guard:
+                        holders[0] -= 1
+            except WorkdirError:  # refused: another holds it, or is writing its record
+                pass
+            try:
+                descriptor = os.open(tmp_path / ".lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(descriptor, dead.encode())
+            os.close(descriptor)
+
+    runs = [threading.Thread(target=run_again_and_again) for _ in range(6)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert most[0] == 1 and taken[0] > 6
 
 
 def test_busy_workdir_is_refused_before_any_work(tiny_dataset, tiny_backbone, tmp_path):
