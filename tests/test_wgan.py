@@ -18,6 +18,7 @@ from ml_collections import config_dict
 from PIL import Image
 
 from annotate.data import read_augmentation_index, read_split_index
+from annotate.workdir import WorkdirError, WorkdirLock
 from conftest import write_dataset
 from modules import load_module
 from wgan import run as wgan_run
@@ -468,6 +469,18 @@ def test_an_unwritable_image_folder_fails_before_any_training(tmp_path, monkeypa
     with pytest.raises(IsADirectoryError, match="write_probe"):
         wgan_run.run(wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"),
                                  iterations=3, pairs=2, model_width=WIDTH))
+
+
+def test_a_second_run_on_one_output_folder_is_refused_before_any_training(tmp_path,
+                                                                          monkeypatch):
+    """Two runs on one output folder would train the same pending images twice (and a forced one
+    would delete the other's): the second is refused, naming the first."""
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: pytest.fail("trained"))
+    with WorkdirLock(tmp_path / "out"):
+        with pytest.raises(WorkdirError, match=f"{tmp_path / 'out'} is in use by process "):
+            wgan_run.run(wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"),
+                                     iterations=3, pairs=2, model_width=WIDTH))
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -26,7 +26,7 @@ from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, AUGMENTATION
                            DatasetError, SplitIndex, read_split_index)
 from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.devices import enable_compilation_cache
-from annotate.workdir import remove_abandoned_writes, write_atomically
+from annotate.workdir import WorkdirError, WorkdirLock, remove_abandoned_writes, write_atomically
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
                         train_chunk)
 
@@ -140,8 +140,15 @@ def run(config: config_dict.ConfigDict) -> Path:
     image_dir = out_dir / AUGMENTATION_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
     check_writable(image_dir)
-    for folder in (out_dir, image_dir):  # what a run killed mid-write left
-        remove_abandoned_writes(folder)
+    with WorkdirLock(out_dir):  # one run per output folder (it also clears killed writes there)
+        remove_abandoned_writes(image_dir)
+        return _train_pending(config, root, index, out_dir)
+
+
+def _train_pending(config: config_dict.ConfigDict, root: Path, index: SplitIndex,
+                   out_dir: Path) -> Path:
+    """run's work once it holds `out_dir`: every pending image's augmentations and the index."""
+    image_dir = out_dir / AUGMENTATION_IMAGES
     count = len(index.image_names) if config.limit is None else min(config.limit,
                                                                      len(index.image_names))
     # with force every image is made again (record_run deletes them, once the decoding passed)
@@ -196,7 +203,8 @@ def main(argv: list[str]) -> None:
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
         run(flags.FLAGS.config)
-    except (DatasetError, ValueError, OSError) as error:  # the cause; finished images stay
+    except (DatasetError, ValueError, OSError, WorkdirError) as error:  # the cause; finished
+        # images stay
         cli.fail(error)
 
 
