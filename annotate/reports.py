@@ -177,8 +177,8 @@ def _save_atomically(figure: matplotlib.figure.Figure, path: Path, dpi: int) -> 
     """Save and close `figure` at `path` whole or not at all (a run killed mid-save leaves the
     previous picture), in the format its suffix names."""
     try:
-        write_atomically(path, lambda temporary: figure.savefig(
-            temporary, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+        write_atomically(path, lambda file: figure.savefig(
+            file, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(figure)
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import ml_collections
 
@@ -79,31 +79,19 @@ def require_folder(workdir: Path) -> None:
         raise WorkdirError(f"workdir {workdir} is a file, not a folder")
 
 
-def flock_is_held(path: Path) -> bool | None:
-    """Whether a running process holds the flock of the file at `path` (the kernel drops it when
-    its holder dies, whatever the pid namespace); False once the file is gone, None where the file
-    system has no flock."""
-    try:
-        with open(path, "rb") as file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            return False  # closing the file releases the probe's flock
-    except FileNotFoundError:  # released or renamed meanwhile
-        return False
-    except OSError:
-        return None
-
-
 def is_abandoned(temporary: Path) -> bool:
     """Whether the file `temporary`, written under its writer's flock, was left by a process that
-    was killed: no process holds its flock (without flock: untouched for ABANDONED_SECONDS)."""
-    held = flock_is_held(temporary)
-    if held is not None:
-        return not held
+    was killed: it exists and no process holds its flock (the kernel drops it when its holder
+    dies, whatever the pid namespace); without flock, untouched for ABANDONED_SECONDS."""
     try:
-        return time.time() - temporary.stat().st_mtime > ABANDONED_SECONDS
+        with open(temporary, "rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its writer is running
+                return False
+            except OSError:  # no flock on this file system: its age tells
+                return time.time() - os.fstat(file.fileno()).st_mtime > ABANDONED_SECONDS
+            return True  # closing the file releases the probe's flock
     except FileNotFoundError:  # renamed or deleted meanwhile
         return False
 
@@ -125,10 +113,12 @@ class WorkdirLock:
     which the kernel drops when the process dies. A lock file whose flock is free was left by a
     run that died: it is taken over in place, under its flock, never deleted and created again
     (two runs taking over one dead run's lock at once cannot both win). Where the file system
-    has no flock, the process id tells whether a holder on this host runs."""
+    has no flock, the process id tells whether a holder on this host runs (and two runs taking
+    over at once could both win). `flag` is the option that picks another folder, for the
+    refusals."""
 
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / LOCK_NAME
+    def __init__(self, workdir: Path, flag: str = "--workdir"):
+        self.path, self.flag = Path(workdir) / LOCK_NAME, flag
         self.record = {"pid": os.getpid(), "host": socket.gethostname(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -186,7 +176,7 @@ class WorkdirLock:
             if age < TORN_LOCK_SECONDS:
                 raise WorkdirError(f"{self.path.parent} is being locked by another run that "
                                    f"started a moment ago; wait for it to end or use another "
-                                   f"--workdir")
+                                   f"{self.flag}")
             log.warning("taking over %s, a lock file its run died while writing", self.path)
             return True
         same_host = holder.get("host") == self.record["host"]
@@ -208,10 +198,10 @@ class WorkdirLock:
     def _refuse(self, holder: dict[str, Any] | None) -> NoReturn:
         if holder is None:
             raise WorkdirError(f"{self.path.parent} is being locked by another run that started "
-                               f"a moment ago; wait for it to end or use another --workdir")
+                               f"a moment ago; wait for it to end or use another {self.flag}")
         raise WorkdirError(
             f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
-            f"since {holder.get('started')}; wait for it to end or use another --workdir (a lock "
+            f"since {holder.get('started')}; wait for it to end or use another {self.flag} (a lock "
             f"left by a run that died on another machine: delete {self.path})")
 
     def __exit__(self, *exc: object) -> None:
@@ -343,23 +333,27 @@ def trained_configs(workdir: Path) -> dict[int, dict[str, Any]]:
     return dict(sorted(found.items()))
 
 
-def write_atomically(path: Path, content: str | Callable[[Path], Any]) -> None:
-    """Write `content` (a text, or a function that writes the file at the path it is given) to a
-    hidden file beside `path`, then rename it onto `path`: readers, and a run killed mid-write,
-    never see a partial file. The hidden file's flock is held while it is written, so that
+def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Any]) -> None:
+    """Write `content` (a text, bytes, or a function that writes into the binary file it is given)
+    to a hidden file beside `path`, then rename it onto `path`: readers, and a run killed
+    mid-write, never see a partial file. The hidden file is written through the handle that holds
+    its flock (closing another handle would drop an NFS-emulated flock), so that
     `remove_abandoned_writes` tells a killed writer's file from a running one's."""
     # one name per process and thread: concurrent writers of `path` never share a half file
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with open(temporary, "wb") as held:
+        with open(temporary, "wb") as file:
             try:
-                fcntl.flock(held, fcntl.LOCK_EX)
+                fcntl.flock(file, fcntl.LOCK_EX)
             except OSError:  # no flock on this file system: the file's age tells
                 pass
             if isinstance(content, str):
-                temporary.write_text(content)
+                file.write(content.encode())
+            elif isinstance(content, bytes):
+                file.write(content)
             else:
-                content(temporary)
+                content(file)
+            file.flush()
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)  # a failed write leaves `path` as it was, and no debris

@@ -182,9 +182,8 @@ def test_a_picture_save_that_fails_midway_leaves_the_previous_picture(tmp_path, 
     previous = b"the earlier run's picture"
     (tmp_path / reports.F1_PICTURE).write_bytes(previous)
 
-    def torn_save(figure, path, **options):
-        with open(path, "wb") as file:
-            file.write(b"\x89PNG half")
+    def torn_save(figure, file, **options):
+        file.write(b"\x89PNG half")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn_save)

@@ -478,7 +478,9 @@ def test_a_second_run_on_one_output_folder_is_refused_before_any_training(tmp_pa
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
     monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: pytest.fail("trained"))
     with WorkdirLock(tmp_path / "out"):
-        with pytest.raises(WorkdirError, match=f"{tmp_path / 'out'} is in use by process "):
+        with pytest.raises(WorkdirError, match=(f"{tmp_path / 'out'} is in use by process .*; "
+                                                f"wait for it to end or use another "
+                                                f"--config.out_dir")):
             wgan_run.run(wgan_config(data__root=str(root), out_dir=str(tmp_path / "out"),
                                      iterations=3, pairs=2, model_width=WIDTH))
 

@@ -319,15 +319,17 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dataset, tiny_backbo
 def test_write_atomically_replaces_whole_files_or_nothing(tmp_path):
     path = tmp_path / "results.json"
     write_atomically(path, "first")
-    write_atomically(path, lambda temporary: temporary.write_bytes(b"second"))
+    write_atomically(path, lambda file: file.write(b"second"))
     assert path.read_text() == "second"
+    write_atomically(path, b"third")
+    assert path.read_text() == "third"
 
-    def fails_half_way(temporary):
-        temporary.write_text("half")
+    def fails_half_way(file):
+        file.write(b"half")
         raise OSError(28, "No space left on device")
     with pytest.raises(OSError, match="No space left"):
         write_atomically(path, fails_half_way)
-    assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == [
+    assert path.read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == [
         "results.json"]
 
 
@@ -337,7 +339,7 @@ def test_a_write_killed_midway_is_deleted_when_a_run_takes_the_workdir(tmp_path)
     writer = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from annotate.workdir import write_atomically; write_atomically(Path(sys.argv[1]), "
-         "lambda temporary: (temporary.write_text('half'), print('writing', flush=True), "
+         "lambda file: (file.write(b'half'), file.flush(), print('writing', flush=True), "
          "time.sleep(120)))", str(tmp_path / "results.json")],
         stdout=subprocess.PIPE, text=True)
     try:

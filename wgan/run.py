@@ -39,7 +39,7 @@ def augmented_names(image_name: str) -> list[str]:
 
 def save_jpeg(path: Path, pixels: np.ndarray) -> None:
     """Save uint8 [H, W, 3] as JPEG (PIL's default quality, as the seed's plt.imsave)."""
-    write_atomically(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="JPEG"))
+    write_atomically(path, lambda file: Image.fromarray(pixels).save(file, format="JPEG"))
 
 
 def is_done(image_dir: Path, image_name: str) -> bool:
@@ -139,8 +139,9 @@ def run(config: config_dict.ConfigDict) -> Path:
     out_dir = Path(config.out_dir).expanduser() if config.out_dir else root
     image_dir = out_dir / AUGMENTATION_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
-    check_writable(image_dir)
-    with WorkdirLock(out_dir):  # one run per output folder (it also clears killed writes there)
+    # one run per output folder (the lock also clears the killed writes there)
+    with WorkdirLock(out_dir, flag="--config.out_dir"):
+        check_writable(image_dir)
         remove_abandoned_writes(image_dir)
         return _train_pending(config, root, index, out_dir)
 
