@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -434,8 +435,9 @@ def test_a_force_fetch_killed_between_its_renames_loses_no_copy(tiny_dataset, tm
     """A --force replacement killed (SIGKILL: nothing runs) after it moved the old copy aside and
     before the new one moved in: the next fetch puts the old copy back, wherever the dataset
     lies in the archive (at its top, one or two folders down); one killed after the new copy
-    moved in leaves the new copy, and the next fetch deletes the old one. The installed folder
-    has the umask's mode, whatever the archive's layout."""
+    moved in, before or while the old one is deleted, leaves the new copy, and the next fetch
+    deletes the old one (a copy being deleted is never put back, even with no dataset in place).
+    The installed folder has the umask's mode, whatever the archive's layout."""
     destination = tmp_path / "data" / "corel5k"
     archive = pack(tiny_dataset, tmp_path / "corel5k.zip", top=top)
     fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS)
@@ -443,9 +445,13 @@ def test_a_force_fetch_killed_between_its_renames_loses_no_copy(tiny_dataset, tm
     os.umask(umask)
     assert destination.stat().st_mode & 0o777 == 0o777 & ~umask
     (destination / "old.txt").write_text("the copy being replaced")
-    # killed at --force's second rename (the new copy moving in), or as it deletes the old copy
-    for killed_in, call, kept in (("Path.rename", 2, "old.txt"),
-                                  ("fetch.shutil.rmtree", 1, "train.json")):
+    # killed at --force's second rename (the new copy moving in), at its third (the old copy
+    # renamed for deletion), or as it deletes the old copy
+    for killed_in, killed_when, kept in (
+            ("Path.rename", "len(calls) == 2", "old.txt"),
+            ("Path.rename", "len(calls) == 3", "train.json"),
+            ("fetch.shutil.rmtree",
+             "str(args[0]).endswith('.deleting') and os.path.exists(args[0])", None)):
         killed = subprocess.run([sys.executable, "-c", f"""
 import os, shutil
 from pathlib import Path
@@ -453,7 +459,7 @@ from annotate.data import fetch
 calls, original = [], {killed_in}
 def killed_at_this_call(*args, **kwargs):
     calls.append(args)
-    if len(calls) == {call}:
+    if {killed_when}:
         os._exit(9)
     return original(*args, **kwargs)
 {killed_in} = killed_at_this_call
@@ -462,10 +468,14 @@ fetch.install_dataset(Path({str(archive)!r}), Path({str(destination)!r}),
 """], capture_output=True, text=True)
         assert killed.returncode == 9, killed.stderr
         assert not (destination / "old.txt").exists()  # the copy being replaced was moved aside
+        if kept is None:  # the user deletes the new copy before the next fetch
+            shutil.rmtree(destination)
         with fetch_module.fetch_lock(destination):
-            assert (destination / kept).is_file()
-        assert sorted(path.name for path in destination.parent.iterdir()) == [".corel5k.lock",
-                                                                              "corel5k"]
+            assert kept is None or (destination / kept).is_file()
+        assert sorted(path.name for path in destination.parent.iterdir()) == [".corel5k.lock"] + (
+            ["corel5k"] if kept else [])
+        if kept == "train.json":
+            (destination / "old.txt").write_text("the copy being replaced")
 
 
 def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_dataset, tmp_path,
@@ -479,8 +489,10 @@ def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_datas
     deletions = []
 
     def killed_after_the_first_deletion(path, *args, **kwargs):
+        existed = Path(path).exists()
         shutil_rmtree(path, *args, **kwargs)
-        deletions.append(path)
+        if existed:
+            deletions.append(path)
         if len(deletions) == 1:
             raise KeyboardInterrupt
 

@@ -201,10 +201,11 @@ def verify_manifest(root: Path, manifest: dict[str, str], source: str | Path | N
                            f"--skip-checksums` with the same source accepts another copy)")
 
 
-def replaced_path(destination: Path) -> Path:
-    """Where --force keeps the copy it replaces while the new one moves in: `.<name>.replaced`
-    beside `destination` (found there by the next fetch if the replacement was killed)."""
-    return destination.with_name(f".{destination.name}.replaced")
+def replaced_path(destination: Path, state: str = "replaced") -> Path:
+    """Where --force keeps the copy it replaces: `.<name>.replaced` beside `destination` while the
+    new one moves in (put back by the next fetch if the replacement was killed then), renamed
+    `.<name>.deleting` once the new one is in place (a half-deleted copy is never put back)."""
+    return destination.with_name(f".{destination.name}.{state}")
 
 
 def _refuse_existing(destination: Path, force: bool) -> None:
@@ -228,16 +229,17 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
     if not destination.exists():
         root.rename(destination)
         return destination
-    replaced = replaced_path(destination)
-    if replaced.exists():  # a replacement killed while it deleted its old copy
-        shutil.rmtree(replaced)
+    replaced, deleting = replaced_path(destination), replaced_path(destination, "deleting")
+    for leftover in (replaced, deleting):  # a replacement killed while it deleted its old copy
+        shutil.rmtree(leftover, ignore_errors=True)
     destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
     try:
         root.rename(destination)
     except BaseException:
         replaced.rename(destination)  # the old copy back
         raise
-    shutil.rmtree(replaced, ignore_errors=True)
+    replaced.rename(deleting)
+    shutil.rmtree(deleting, ignore_errors=True)
     return destination
 
 
@@ -273,7 +275,8 @@ def fetch_lock(destination: Path) -> Iterator[None]:
         replaced = replaced_path(destination)
         if replaced.is_dir() and not destination.exists():  # killed between --force's renames
             replaced.rename(destination)
-        shutil.rmtree(replaced, ignore_errors=True)  # killed while deleting it
+        for leftover in (replaced, replaced_path(destination, "deleting")):  # killed after them
+            shutil.rmtree(leftover, ignore_errors=True)
         for abandoned in destination.parent.glob(f".{destination.name}-fetch-*"):
             shutil.rmtree(abandoned, ignore_errors=True)
         yield
