@@ -49,7 +49,8 @@ section() {
   local begin=$SECONDS
   timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG" | { grep --line-buffered '^{' >>"$RESULTS" || true; }
   local status=${PIPESTATUS[0]}
-  note "END $name: exit $status$( ((status == 124 || status == 137)) && echo ' (TIMED OUT)') after $((SECONDS - begin)) s"
+  local took=$((SECONDS - begin))  # 137 is also an out-of-memory kill: a timeout only past it
+  note "END $name: exit $status$( ((status == 124 || (status == 137 && took >= limit))) && echo ' (TIMED OUT)') after $took s"
 }
 
 if [[ $DRY_RUN == 1 ]]; then

@@ -19,9 +19,12 @@
 # half the call, e.g. `for head in csra linear; do OUT=$OUT/$head TRAIN_DEADLINE_S=285
 # TRAIN_OVERRIDES="--config.model.head=$head" bash scripts/device_train.sh; done`.
 # The console shows the run without progress bars and orbax's INFO lines; train.log has all.
-# $OUT receives train.log, results.json, results.md, metrics.jsonl, summary.md and
-# measurements.jsonl (the card and versions, the reference's JSON line, our run's summary line);
-# an OUT that already holds a run's train.log is refused (the second run would overwrite it).
+# $OUT receives two files, so that two runs, or one beside a device_check.sh call, fit the 8
+# files a device call returns: measurements.jsonl (the card and versions, the reference's JSON
+# line, our run's summary lines) and run.tar.gz (train.log, results.json, results.md,
+# metrics.jsonl, summary.md: extract it into docs/measurements/<date>-<card>-train/ beside
+# <date>-<card>-train.jsonl). Until the tar is made they lie in $OUT/run/. An OUT that already
+# holds a run is refused (the second run would overwrite it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,12 +34,13 @@ WORKDIR=${TRAIN_WORKDIR:-/tmp/run}
 TIMEOUT_S=${TRAIN_TIMEOUT_S:-540}
 DEADLINE_S=${TRAIN_DEADLINE_S:-570}
 OVERRIDES=${TRAIN_OVERRIDES:-}
-mkdir -p "$OUT"
-LOG=$OUT/train.log
-if [[ -s $LOG ]]; then
-  echo "ERROR: $OUT already holds a run (train.log); give each run an OUT of its own" >&2
+if [[ -e $OUT/measurements.jsonl || -e $OUT/run ]]; then
+  echo "ERROR: $OUT already holds a run; give each run an OUT of its own" >&2
   exit 2
 fi
+RUN_FILES=$OUT/run
+mkdir -p "$RUN_FILES"
+LOG=$RUN_FILES/train.log
 : >"$LOG"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -84,10 +88,10 @@ timeout --kill-after=10 "$TIMEOUT_S" "$PY" -m annotate.main \
 note "training exit ${PIPESTATUS[0]} after $((SECONDS - START)) s"
 
 for name in results.json results.md metrics.jsonl; do
-  [[ -f $WORKDIR/$name ]] && cp "$WORKDIR/$name" "$OUT/"
+  [[ -f $WORKDIR/$name ]] && cp "$WORKDIR/$name" "$RUN_FILES/"
 done
 
-"$PY" - "$WORKDIR" "$MEASUREMENTS" "$OVERRIDES" <<'EOF' 2>&1 | tee "$OUT/summary.md" | tee -a "$LOG"
+"$PY" - "$WORKDIR" "$MEASUREMENTS" "$OVERRIDES" <<'EOF' 2>&1 | tee "$RUN_FILES/summary.md" | tee -a "$LOG"
 """Final- and best-epoch test metrics of the run beside the PyTorch reference's."""
 import json, sys
 from pathlib import Path
@@ -157,4 +161,6 @@ if prefix != "test":
 print(f"parity target (final epoch, at 0.5: per-class F1 >= {TARGET['per_class_f1']}, "
       f"N+ >= {TARGET['n_plus']}): {verdict}")
 EOF
-note "done in $((SECONDS - START)) s; files: $(ls "$OUT" | tr '\n' ' ')"
+note "done in $((SECONDS - START)) s; packed: $(ls "$RUN_FILES" | tr '\n' ' ')"
+tar -czf "$OUT/run.tar.gz" -C "$RUN_FILES" . && rm -rf "$RUN_FILES"
+ls -l "$OUT"
