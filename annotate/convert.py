@@ -210,7 +210,7 @@ def save_weights(model: nnx.Module, directory: str | Path) -> Path:
     return directory
 
 
-def _flat_leaves(tree: Any) -> dict[str, Any]:
+def flat_leaves(tree: Any) -> dict[str, Any]:
     """Dotted path -> every leaf of `tree` (a trailing Variable `value` dropped from the path)."""
     leaves = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -239,7 +239,7 @@ def _restore_weights(model: nnx.Module, directory: Path) -> nnx.Module:
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(directory.absolute())
     metadata = getattr(metadata, "item_metadata", metadata)
-    stored = {key: tuple(leaf.shape) for key, leaf in _flat_leaves(metadata).items()}
+    stored = {key: tuple(leaf.shape) for key, leaf in flat_leaves(metadata).items()}
     variables = _flat_variables(model)
     expected = {key: tuple(variable.shape) for key, variable in variables.items()}
     for key in sorted(k for k in stored.keys() | expected.keys() if not in_head(k)):
@@ -248,7 +248,7 @@ def _restore_weights(model: nnx.Module, directory: Path) -> nnx.Module:
                              f"{key!r} is {stored.get(key, 'absent')} in the checkpoint, "
                              f"{expected.get(key, 'absent')} in the model")
     abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), metadata)
-    arrays = _flat_leaves(checkpointer.restore(directory.absolute(), abstract))
+    arrays = flat_leaves(checkpointer.restore(directory.absolute(), abstract))
     for key, array in arrays.items():
         if not in_head(key):
             variables[key][...] = jnp.asarray(array, dtype=variables[key].dtype)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from annotate import data, losses, metrics, models, summary
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
+from annotate.convert import flat_leaves
 from annotate.devices import make_mesh, put, to_host
 from annotate.workdir import (CheckpointMismatchError, CheckpointSaveError, WorkdirError,
                               WorkdirLock, check_config, require_folder, write_atomically,
@@ -434,10 +435,7 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{"params.head.fc.kernel": shape, ...} of a pytree (a TrainState or orbax's metadata)."""
-    def name(path: tuple) -> str:
-        return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                        for k in path)
-    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {key: tuple(leaf.shape) for key, leaf in flat_leaves(tree).items()}
 
 
 def _require_saved_layout(manager: ocp.CheckpointManager, epoch: int, abstract: Any) -> None:

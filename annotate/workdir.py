@@ -174,9 +174,7 @@ class WorkdirLock:
         if holder is None:  # empty or torn: a run that started a moment ago is still writing
             age = time.time() - os.fstat(self.file.fileno()).st_mtime  # it, or its writer died
             if age < TORN_LOCK_SECONDS:
-                raise WorkdirError(f"{self.path.parent} is being locked by another run that "
-                                   f"started a moment ago; wait for it to end or use another "
-                                   f"{self.flag}")
+                self._refuse(None)
             log.warning("taking over %s, a lock file its run died while writing", self.path)
             return True
         same_host = holder.get("host") == self.record["host"]

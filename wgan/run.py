@@ -143,13 +143,13 @@ def run(config: config_dict.ConfigDict) -> Path:
     with WorkdirLock(out_dir, flag="--config.out_dir"):
         check_writable(image_dir)
         remove_abandoned_writes(image_dir)
-        return _train_pending(config, root, index, out_dir)
+        _train_pending(config, root, index, out_dir, image_dir)
+    return out_dir
 
 
 def _train_pending(config: config_dict.ConfigDict, root: Path, index: SplitIndex,
-                   out_dir: Path) -> Path:
+                   out_dir: Path, image_dir: Path) -> None:
     """run's work once it holds `out_dir`: every pending image's augmentations and the index."""
-    image_dir = out_dir / AUGMENTATION_IMAGES
     count = len(index.image_names) if config.limit is None else min(config.limit,
                                                                      len(index.image_names))
     # with force every image is made again (record_run deletes them, once the decoding passed)
@@ -193,7 +193,6 @@ def _train_pending(config: config_dict.ConfigDict, root: Path, index: SplitIndex
                          f"so their augmentations were not written: "
                          f"{', '.join(diverged[:5])}{', ...' if len(diverged) > 5 else ''}; the "
                          f"other images are done and indexed")
-    return out_dir
 
 
 def main(argv: list[str]) -> None:
@@ -204,8 +203,7 @@ def main(argv: list[str]) -> None:
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     try:
         run(flags.FLAGS.config)
-    except (DatasetError, ValueError, OSError, WorkdirError) as error:  # the cause; finished
-        # images stay
+    except (DatasetError, ValueError, OSError, WorkdirError) as error:  # finished images stay
         cli.fail(error)
 
 

@@ -3,9 +3,10 @@
 The seed (augmentation/data_augmentation.py) trains one WGAN-GP per training image, one image
 after another. Here `pair_iteration` is the seed's iteration for ONE pair as a pure function, and
 `train_iterations` vmaps it over K pairs (stacked parameters, optimizer states, images and keys)
-and scans it over iterations. `init_pairs` and `train_pairs` are jitted once per (setup, K, iterations) and
-the K pairs' state never leaves the device; `train_chunk` drives one chunk. Randomness is per
-image (`image_keys`), so an image's result does not depend on which images share its chunk.
+and scans it over iterations. `init_pairs` and `train_pairs` are jitted once per (setup, K,
+iterations) and the K pairs' state never leaves the device; `train_chunk` drives one chunk.
+Randomness is per image (`image_keys`), so an image's result does not depend on which images
+share its chunk.
 
 Seed semantics kept: batch 1 per pair; every critic forward (fake, real, interpolate) normalises
 with that one image's own statistics (fake and real share one call: `BatchNorm2d` is per image);

@@ -208,6 +208,12 @@ def replaced_path(destination: Path, state: str = "replaced") -> Path:
     return destination.with_name(f".{destination.name}.{state}")
 
 
+def _delete_aside_copies(destination: Path) -> None:
+    """Delete what a --force replacement killed after its renames left beside `destination`."""
+    for state in ("replaced", "deleting"):
+        shutil.rmtree(replaced_path(destination, state), ignore_errors=True)
+
+
 def _refuse_existing(destination: Path, force: bool) -> None:
     if destination.exists() and not force:
         raise DatasetError(f"{destination} already exists; pass --force to replace it")
@@ -230,8 +236,7 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
         root.rename(destination)
         return destination
     replaced, deleting = replaced_path(destination), replaced_path(destination, "deleting")
-    for leftover in (replaced, deleting):  # a replacement killed while it deleted its old copy
-        shutil.rmtree(leftover, ignore_errors=True)
+    _delete_aside_copies(destination)  # of a replacement killed after its renames
     destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
     try:
         root.rename(destination)
@@ -275,8 +280,7 @@ def fetch_lock(destination: Path) -> Iterator[None]:
         replaced = replaced_path(destination)
         if replaced.is_dir() and not destination.exists():  # killed between --force's renames
             replaced.rename(destination)
-        for leftover in (replaced, replaced_path(destination, "deleting")):  # killed after them
-            shutil.rmtree(leftover, ignore_errors=True)
+        _delete_aside_copies(destination)  # killed after them
         for abandoned in destination.parent.glob(f".{destination.name}-fetch-*"):
             shutil.rmtree(abandoned, ignore_errors=True)
         yield
