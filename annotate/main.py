@@ -18,7 +18,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from annotate import cli, data, reports, train
+from annotate import checkpoints, cli, data, reports, train
 from annotate.config import dataset_to_fetch, validate_config
 from annotate.data import fetch
 from annotate.devices import enable_compilation_cache, initialize_distributed
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     try:
         require_folder(workdir)
         if FLAGS.evaluate:  # nothing to evaluate: said before any download
-            train.require_checkpoint(workdir)
+            checkpoints.require_checkpoint(workdir)
         ensure_dataset(config)
     except (data.DatasetError, OSError, WorkdirError) as error:  # OSError: a missing or
         cli.fail(error)  # unwritable data folder

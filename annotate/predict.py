@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
 
-from annotate import cli, data, train
+from annotate import checkpoints, cli, data, train
 from annotate.config import validate_config
 from annotate.devices import enable_compilation_cache, make_mesh, put
 from annotate.workdir import CheckpointMismatchError, WorkdirError
@@ -144,7 +144,7 @@ def load_annotator(workdir: Path | str) -> Annotator:
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
     try:
-        state, epoch = train.restore_best(workdir, state)
+        state, epoch = checkpoints.restore_best(workdir, state)
     except CheckpointMismatchError as error:  # e.g. another run's thresholds.json's label count
         raise CheckpointMismatchError(f"{error}; the model was built for the {len(vocabulary)} "
                                       f"labels of {thresholds_path}") from error

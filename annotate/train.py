@@ -39,13 +39,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from annotate import data, losses, metrics, models, summary
+from annotate.checkpoints import (checkpoint_manager, has_checkpoint, require_checkpoint,
+                                  restore_best, restore_state, save_checkpoint)
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
-from annotate.convert import flat_leaves
 from annotate.devices import make_mesh, put, to_host
-from annotate.workdir import (CheckpointMismatchError, CheckpointSaveError, WorkdirError,
-                              WorkdirLock, check_config, require_folder, write_atomically,
-                              write_config)
+from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
+                              require_folder, write_atomically, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ def eval_variables(state: TrainState) -> tuple[Variables, Variables]:
     return state.params, state.batch_stats
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- selection
 
 CPU_WARNING_SECONDS = 3600.0  # a CPU run estimated longer than this gets a one-line warning
 SELECTION_METRIC = "per_class_f1"  # chooses the checkpoint under protocols "seed", "validation"
@@ -395,97 +395,6 @@ def selection_value(protocol: str, epoch: int, epoch_metrics: dict[str, float]) 
     "seed", the validation images under "validation"), or the epoch itself under "final", whose
     evaluated checkpoint is the last."""
     return float(epoch) if protocol == "final" else float(epoch_metrics[SELECTION_METRIC])
-
-
-def _checkpoint_rank(metrics: dict[str, float]) -> tuple[float, int]:
-    """Order of checkpoints by their saved metrics: the higher selection value, then the earlier
-    epoch (a later epoch that only ties does not replace the best)."""
-    return metrics["selection"], -metrics["epoch"]
-
-
-def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
-    """The orbax manager of workdir/checkpoints (checkpoint numbers are completed epochs). Its
-    preservation policy keeps two: the latest (to resume) and the best by selection value (to
-    evaluate), which orbax ranks from the metrics saved with each checkpoint."""
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=1),
-        ocp.checkpoint_managers.BestN(get_metric_fn=_checkpoint_rank, n=1)])
-    options = ocp.CheckpointManagerOptions(create=True, best_fn=_checkpoint_rank, best_mode="max",
-                                           preservation_policy=policy)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
-
-
-def restore_state(manager: ocp.CheckpointManager, epoch: int, like: TrainState) -> TrainState:
-    """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`;
-    CheckpointMismatchError when its arrays are not the model's (another dataset's label count,
-    a config that keeps other state), read from its metadata; WorkdirError calling it damaged
-    when it fits but cannot be read."""
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
-    _require_saved_layout(manager, epoch, abstract)
-    try:
-        return manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-    except Exception as error:  # what fits its metadata but cannot be read: a damaged file
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"
-        raise WorkdirError(f"checkpoint {epoch} in {manager.directory} cannot be read, damaged? "
-                           f"({cause}); delete that folder to resume from an earlier checkpoint, "
-                           f"if one is left") from error
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{"params.head.fc.kernel": shape, ...} of a pytree (a TrainState or orbax's metadata)."""
-    return {key: tuple(leaf.shape) for key, leaf in flat_leaves(tree).items()}
-
-
-def _require_saved_layout(manager: ocp.CheckpointManager, epoch: int, abstract: Any) -> None:
-    """CheckpointMismatchError naming the first array that the checkpoint lacks, holds besides
-    the model's, or holds with another shape (e.g. another label count), read from its metadata
-    before any array is: a restore that fails part-way leaves orbax's reads pending, and they
-    print tracebacks when Python exits."""
-    try:
-        with contextlib.closing(ocp.StandardCheckpointHandler()) as reader:
-            saved = _shapes(reader.metadata(Path(manager.directory) / str(epoch) / "default"))
-    except Exception:  # unreadable metadata: the restore names the damage
-        return
-    model = _shapes(abstract)
-    differ = [f"{key} is {saved[key]} in the checkpoint, {shape} in the model"
-              for key, shape in model.items() if key in saved and saved[key] != shape]
-    missing, extra = sorted(model.keys() - saved.keys()), sorted(saved.keys() - model.keys())
-    differ += [f"{key} is not in the checkpoint" for key in missing]
-    differ += [f"the checkpoint holds {key}, which the model has not" for key in extra]
-    if differ:
-        more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
-        hint = ("; a checkpoint from before EMA averaged the BatchNorm statistics too: retrain, "
-                "or use the version that trained it"
-                if any(key.startswith("ema_batch_stats") for key in missing) else "")
-        raise CheckpointMismatchError(f"checkpoint {epoch} in {manager.directory} does not fit "
-                                      f"this run's model: {differ[0]}{more}{hint}")
-
-
-def has_checkpoint(workdir: Path) -> bool:
-    """Whether `workdir` holds a finished checkpoint (orbax renames a checkpoint's temporary
-    folder to its epoch number only once it is complete)."""
-    directory = workdir / "checkpoints"
-    return directory.is_dir() and any(path.name.isdigit() for path in directory.iterdir())
-
-
-def require_checkpoint(workdir: Path) -> None:
-    """FileNotFoundError when `workdir` holds no finished checkpoint (an evaluation checks it
-    before it decodes any data)."""
-    if not has_checkpoint(workdir):
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
-
-
-def restore_best(workdir: Path, like: TrainState) -> tuple[TrainState, int]:
-    """The best checkpoint of `workdir` (laid out like `like`) and its epoch; FileNotFoundError
-    when the workdir holds none."""
-    require_checkpoint(workdir)  # before the manager, which would create the folder
-    with contextlib.closing(checkpoint_manager(workdir)) as manager:  # its threads end with it
-        best_epoch = manager.best_step()
-        if best_epoch is None:
-            raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
-        return restore_state(manager, best_epoch, like), best_epoch
 
 
 # --------------------------------------------------------------------------- data
@@ -922,13 +831,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                        f"make train CONFIG=configs/smoke.py)", file=sys.stderr)
 
     on_cpu = is_writer and mesh.devices.flat[0].platform == "cpu"
+    trained_at = None  # when the previous epoch's training ended
     try:
         for epoch in range(start_epoch + 1, config.train.epochs + 1):
+            # the previous epoch's evaluation, record and save (its wait for the save before)
+            between = {} if trained_at is None else {
+                "train/seconds_between_epochs": time.perf_counter() - trained_at}
             state, train_loss, seconds = train_epoch(
                 experiment, state, train_split, epoch, order_key, step_key,
                 show_progress=is_writer,
                 on_step_time=warn_if_slow_on_cpu if on_cpu and epoch == start_epoch + 1 else None,
                 check_saves=check_saves)
+            trained_at = time.perf_counter()
             # the epoch is trained: its record and save are kept
             with interrupts_deferred(f"recording epoch {epoch} and saving its checkpoint"):
                 probs = predict(experiment, *eval_variables(state), monitored)
@@ -944,13 +858,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                           "train/beta1": float(to_host(hyper["b1"])),
                           "train/epoch_seconds": seconds,
                           "train/images_per_second": steps_per_epoch * batch_size / seconds,
+                          **between,
                           **{f"{monitor_prefix}/{k}": v for k, v in epoch_metrics.items()}}
                 if writer:
                     writer.write(int(to_host(state.step)), record)
                     log.info("epoch %d: %s", epoch, json.dumps(record))
                 selection = selection_value(config.eval.protocol, epoch, epoch_metrics)
-                checkpoints.save(epoch, args=ocp.args.StandardSave(state),
-                                 metrics={"selection": selection, "epoch": epoch})
+                save_checkpoint(checkpoints, epoch, state, selection)
     except BaseException:  # an interrupted or failed run still completes the save already begun
         try:
             checkpoints.close()  # waits for the save, then ends the manager's threads

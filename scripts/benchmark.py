@@ -7,6 +7,7 @@
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes bfloat16,float32] [--iterations 5]
     python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
     python scripts/benchmark.py stream --data DIR [--res 448,224] [--threads 2,16]
+    python scripts/benchmark.py checkpoint [--models tresnet_m] [--variants packed,leaves+zstd]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
@@ -476,6 +477,80 @@ def run_stream(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
+def _random_like(tree: Any, seed: int = 0) -> Any:
+    """`tree` with every floating leaf replaced by standard-normal draws of its shape, dtype and
+    sharding: a stand-in for trained weights and Adam moments, whose float mantissas compress
+    little (a fresh state's zero moments would compress to nothing)."""
+    rng = np.random.default_rng(seed)  # numpy's draws: jax's threefry takes seconds on a CPU
+    return jax.tree.map(
+        lambda leaf: jax.device_put(rng.standard_normal(leaf.shape, np.float32).astype(leaf.dtype),
+                                    leaf.sharding)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree)
+
+
+def run_checkpoint(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Seconds per checkpoint save of the training loop's TrainState, as the loop saves it
+    (annotate.checkpoints: packed, one array per dtype) and, for comparison, with orbax's zstd
+    compression and as one orbax array per leaf (the format before): what blocks the loop (until
+    the save returns), the whole save (until orbax has finished, the older checkpoint's deletion
+    included), the process's CPU seconds over the whole save, and the checkpoint's bytes on
+    disk. Medians over `saves` saves, each a new best (so each deletes the one before, as in an
+    improving run)."""
+    import orbax.checkpoint as ocp
+
+    from annotate import checkpoints, train
+    from annotate.devices import make_mesh
+
+    def saver(folder: Path, variant: str, state: Any) -> tuple[Any, Callable[[int], None]]:
+        """The manager and save(epoch) of a variant: "packed" (the loop's) or "leaves" (an
+        orbax array per leaf, as before), "+zstd" for orbax's default compression."""
+        compression = variant.endswith("+zstd")
+        if variant.startswith("packed"):
+            manager = checkpoints.checkpoint_manager(folder, compression=compression)
+            return manager, lambda epoch: checkpoints.save_checkpoint(manager, epoch, state,
+                                                                      float(epoch))
+        manager = ocp.CheckpointManager(
+            folder / "checkpoints", options=ocp.CheckpointManagerOptions(create=True,
+                                                                         max_to_keep=1),
+            item_handlers=ocp.PyTreeCheckpointHandler(use_compression=compression))
+        return manager, lambda epoch: manager.save(epoch, args=ocp.args.PyTreeSave(state))
+
+    mesh = make_mesh()
+    records = []
+    for model in csv(args.models):
+        config = train_config(model, "bfloat16", 224, 32)
+        _, state = train.create_experiment(config, NUM_CLASSES, 1000, mesh,
+                                           load_pretrained=False)
+        state = _random_like(state)
+        state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        for variant in csv(args.variants):
+            blocking, whole, cpu, disk = [], [], [], []
+            with tempfile.TemporaryDirectory(dir=args.dir or None) as folder:
+                manager, save = saver(Path(folder), variant, state)
+                for epoch in range(1, args.saves + 1):
+                    cpu_start, start = time.process_time(), time.perf_counter()
+                    save(epoch)
+                    blocking.append(time.perf_counter() - start)
+                    manager.wait_until_finished()
+                    whole.append(time.perf_counter() - start)
+                    cpu.append(time.process_time() - cpu_start)
+                    disk.append(sum(path.stat().st_size for path in
+                                    (Path(folder) / "checkpoints" / str(epoch)).rglob("*")
+                                    if path.is_file()))
+                manager.close()
+            record = {"what": "checkpoint_save", "model": model,
+                      "format": variant.split("+")[0],
+                      "compression": "zstd" if variant.endswith("+zstd") else "none",
+                      "arrays": len(jax.tree.leaves(state)), "state_mb": state_bytes / 1e6,
+                      "disk_mb": float(np.median(disk)) / 1e6, "saves": args.saves,
+                      "save_blocking_s": float(np.median(blocking)),
+                      "save_s": float(np.median(whole)), "save_cpu_s": float(np.median(cpu)),
+                      "cpu_count": os.cpu_count(), **device_info()}
+            emit(record)
+            records.append(record)
+    return records
+
+
 # --------------------------------------------------------------------------- WGAN
 
 def random_chunk_inputs(pairs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -880,8 +955,8 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- command line
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line: `train`, `flops`, `stream`, `wgan`, `wgan-bound` or `report`, each with
-    its options."""
+    """The command line: `train`, `flops`, `stream`, `checkpoint`, `wgan`, `wgan-bound` or
+    `report`, each with its options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="images/s of the full jitted train step")
@@ -919,6 +994,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     streaming.add_argument("--batch", type=int, default=32, help="images per batch")
     streaming.add_argument("--batches", type=int, default=20, help="batches timed")
     streaming.add_argument("--threads", default="2,16", help="comma-separated decode threads")
+    saving = commands.add_parser("checkpoint",
+                                 help="seconds per checkpoint save of the training loop's state")
+    saving.add_argument("--models", default="tresnet_m", help="comma-separated backbones")
+    saving.add_argument("--variants", default="packed,packed+zstd,leaves,leaves+zstd",
+                        help="comma-separated: packed (the loop's format) or leaves (an orbax "
+                             "array per leaf, as before), +zstd for orbax's compression")
+    saving.add_argument("--saves", type=int, default=5, help="saves timed (median taken)")
+    saving.add_argument("--dir", default="", help="folder to save into (default: the temp dir)")
     bound = commands.add_parser("wgan-bound",
                                 help="the ML-WGAN recipe's weight reads, bytes, FLOPs, bound")
     bound.add_argument("--width", type=int, default=64, help="network width (seed: 64)")
@@ -948,6 +1031,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         return run_flops(args)
     elif args.command == "stream":
         return run_stream(args)
+    elif args.command == "checkpoint":
+        return run_checkpoint(args)
     elif args.command == "wgan-bound":
         record = wgan_bound(args.width)
         emit(record)

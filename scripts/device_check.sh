@@ -66,6 +66,7 @@ if [[ $DRY_RUN == 1 ]]; then
   PROFILE_MODELS=${BENCH_MODELS:-resnet18}
   TESTS_ARGS=(--collect-only -q)
   STREAM_ARGS=(--data "${COREL5K_DIR:-.corel}" --threads 1,2 --batches 2)
+  CHECKPOINT_ARGS=(--models "${BENCH_MODELS:-resnet18}" --saves 2)
   CAP_SCALE=4  # this CPU compiles the WGAN for minutes
   note "DRY RUN on the CPU at tiny sizes; wheels not installed"
 else
@@ -81,11 +82,12 @@ else
   TORCH_MAIN_MODES=${TORCH_MODES:-bf16,bf16compile}
   TESTS_ARGS=(-q -x -p no:cacheprovider)
   STREAM_ARGS=(--data .corel --threads 4,8,16)
+  CHECKPOINT_ARGS=(--models tresnet_m --saves 5)
   CAP_SCALE=1
 fi
 
 # DEVICE_CHECK_SECTIONS picks sections: train,torch,torch_small_compile,tests,torch_others,
-# others,heads,wgan,stream
+# others,heads,wgan,stream,checkpoint
 SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,torch_small_compile},"
 wanted() { [[ $SECTIONS == *",$1,"* ]]; }
 
@@ -173,6 +175,12 @@ done
 #    DEVICE_CHECK_SECTIONS=stream
 wanted stream && section 90 "benchmark stream" "$PY" scripts/benchmark.py stream \
   "${STREAM_ARGS[@]}" --res "$RES_LARGE,$RES_SMALL"
+
+# 9. The training loop's checkpoint saves on the device machine's disk and cores: TResNet-M's
+#    TrainState packed (as the loop saves it) and an orbax array per leaf (as before), with and
+#    without zstd. DEVICE_CHECK_SECTIONS=checkpoint
+wanted checkpoint && section 60 "benchmark checkpoint" "$PY" scripts/benchmark.py checkpoint \
+  "${CHECKPOINT_ARGS[@]}"
 
 # at most 3 traces (of $OUT's 8 files), each under the 16 MiB a returned file may have
 find "$PROFILE_DIR" -name perfetto_trace.json.gz -size -15M 2>/dev/null | head -3 | while read -r trace; do

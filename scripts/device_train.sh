@@ -111,6 +111,10 @@ final = records[-1]
 best = max(records, key=lambda r: r[f"{prefix}/per_class_f1"])
 config = json.loads((workdir / "config.json").read_text())
 epoch_s = sorted(r["train/epoch_seconds"] for r in records)[len(records) // 2]
+# evaluation, record and checkpoint save between two epochs (recorded since 2026-11-29)
+between = sorted(r["train/seconds_between_epochs"] for r in records
+                 if "train/seconds_between_epochs" in r)
+between_s = between[len(between) // 2] if between else None
 results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").is_file() else {}
 
 def row(name, metrics, reference):
@@ -143,13 +147,15 @@ with measurements.open("a") as handle:
                              "protocol": config["eval"]["protocol"], "monitored": prefix,
                              "epochs_run": len(records), "epoch_s_median": epoch_s,
                              "epoch_s": [r["train/epoch_seconds"] for r in records],
+                             "between_epochs_s_median": between_s,
                              "final": strip(final), f"best_epoch_by_{prefix}_f1": best["epoch"],
                              "mcc": results.get("mcc")}) + "\n")
     if results:  # the run's test metrics as annotate.summarize --runs-jsonl writes them
         from annotate import summarize
         handle.write(json.dumps(summarize.run_record(summarize.read_run(workdir))) + "\n")
 print(f"\nmedian epoch: {epoch_s:.2f} s (H100 reference of 2026-11-26: {REFERENCE['epoch_s']} s), "
-      f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
+      + (f"{between_s:.2f} s between epochs, " if between_s is not None else "")
+      + f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
       f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
 planned = config["train"]["epochs"]
 ok = (prefix == "test" and final["test/per_class_f1"] >= TARGET["per_class_f1"]

@@ -172,7 +172,8 @@ def train_runs(reference_only: bool = False) -> list[tuple[Path, list[dict[str, 
 
 def epoch_table() -> str:
     """Median training time of one 224 px epoch: ours against the PyTorch reference's in the
-    same call."""
+    same call; and our median time between epochs (evaluation, record, checkpoint save), which
+    device_train.sh records from metrics.jsonl since 2026-11-29."""
     rows = []
     for path, records in train_runs():
         ours = next(r for r in records if r.get("what") == "annotate_train")
@@ -181,11 +182,13 @@ def epoch_table() -> str:
         head = ours.get("head", "linear")
         rows.append([f"{ours['epochs_run']} epochs" + ("" if head == "linear" else f", {head} head"),
                      f"{ours['epoch_s_median']:.2f}",
+                     number(ours.get("between_epochs_s_median"), 2),
                      f"{torch['epochs']} epochs" if torch else "-", number(torch_s, 2),
                      f"{torch_s / ours['epoch_s_median']:.2f}x" if torch_s else "-",
                      f"`{path.name}`", card(records)])
-    return table(["ours (annotate.main)", "median s/epoch", "PyTorch reference (eager)",
-                  "median s/epoch", "speed-up", "file", "card"], rows, "lrlrrll")
+    return table(["ours (annotate.main)", "median s/epoch", "median s between epochs",
+                  "PyTorch reference (eager)", "median s/epoch", "speed-up", "file", "card"],
+                 rows, "lrrlrrll")
 
 
 def metric_cells(metrics: dict[str, Any]) -> list[str]:
@@ -362,6 +365,26 @@ def stream_table() -> str:
                   "stream / step", "files"], rows, "rrrrrrl")
 
 
+def checkpoint_table() -> str:
+    """benchmark.py checkpoint lines: per machine, backbone, format (packed: the loop's, one
+    array per dtype; leaves: an orbax array per leaf, as before) and compression, the
+    TrainState's and the checkpoint's size and the seconds (wall and CPU) of one save."""
+    rows = []
+    for path in sorted(MEASUREMENTS.glob("*.jsonl")):
+        records = read_lines(path)
+        for record in records:
+            if record.get("what") != "checkpoint_save":
+                continue
+            rows.append([record["model"], record["format"], record["compression"],
+                         number(record["state_mb"]), str(record["arrays"]),
+                         number(record["disk_mb"]), number(record["save_blocking_s"], 2),
+                         number(record["save_s"], 2), number(record["save_cpu_s"], 2),
+                         str(record["cpu_count"]), f"`{path.name}`", card(records)])
+    return table(["backbone", "format", "compression", "state MB", "state arrays", "on disk MB",
+                  "s blocking the loop", "s per save (whole)", "CPU s per save", "CPU cores",
+                  "file", "machine"], rows, "lllrrrrrrrll")
+
+
 COMPARED = (("fixed_0.5", "per_class_f1"), ("fixed_0.5", "per_image_f1"), ("fixed_0.5", "n_plus"),
             ("mcc", "per_class_f1"), ("mcc", "per_image_f1"), ("mcc", "n_plus"))
 COMPARED_HEADER = ["per-class F1 @0.5", "per-image F1 @0.5", "N+ @0.5", "per-class F1 MCC",
@@ -450,7 +473,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table,
     "head-step": head_step_table,
     "wgan-bound": wgan_bound_table, "wgan-throughput": wgan_throughput_table,
-    "stream": stream_table, "cpu-parity": cpu_parity_table, "cpu-heads": cpu_heads_table,
+    "stream": stream_table, "checkpoint": checkpoint_table, "cpu-parity": cpu_parity_table,
+    "cpu-heads": cpu_heads_table,
     "gpu-heads": gpu_heads_table}
 
 

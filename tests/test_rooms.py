@@ -12,7 +12,7 @@ from modules import REPO
 ROOMS = [
     ("annotate.data", "annotate.models", "annotate.losses", "annotate.metrics", "annotate.devices",
      "annotate.workdir", "annotate.summary"),
-    ("annotate.config", "annotate.convert"),
+    ("annotate.config", "annotate.convert", "annotate.checkpoints"),
     ("annotate.train",),
     ("annotate.reports",),
     ("annotate.main", "annotate.predict", "annotate.summarize", "annotate.cli"),
