@@ -1,8 +1,8 @@
 # Two commands do everything on a fresh machine (see README):
 #   make train   # create .venv, train TResNet-M + ASL on Corel-5k and evaluate it
 #   make test    # create .venv, run the whole test suite
-# `train` installs what training needs; `test` adds the dev extras (pytest, scikit-learn, and
-# torch + timm for the parity tests). With an NVIDIA driver present (nvidia-smi), jax's CUDA
+# `train` installs what training needs; `test` adds the dev extras (pytest, pyflakes, scikit-learn,
+# and torch + timm for the parity tests). With an NVIDIA driver present (nvidia-smi), jax's CUDA
 # build is installed too.
 PYTHON ?= python3
 VENV := .venv
