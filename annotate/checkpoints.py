@@ -2,17 +2,20 @@
 the TrainState written packed, one array per dtype.
 
 Each checkpoint `<epoch>/` holds two orbax items: `state`, the state's arrays flattened and
-concatenated into one array per dtype ({"float32": [N], "int32": [M]}), and `layout`, a JSON list
-of every array's dotted name, shape and dtype in packing order. Orbax's work is per array: saving
-TResNet-M's TrainState as its 889 arrays took 2.2 s here, packed 0.6 s, and a save runs beside the
-next epoch, whose own save waits for it (docs/results.md, "Checkpoints";
-`scripts/benchmark.py checkpoint`). Arrays are written without orbax's default zstd compression:
-trained float32 values shrink by under a tenth for a third more CPU time. Checkpoints of earlier
-versions (one orbax item `default`, an array per leaf) are read as before.
+concatenated into one array per dtype ({"float32": [N], "int32": [M]}), and `layout`
+(`layout/layout.json`), every array's dotted name, shape and dtype in packing order. Orbax's work
+is per array: TResNet-M's TrainState is 889 arrays, and a save of them one by one took 1.96 s on
+this project's CPU, packed 0.79 s (2.38 s with zstd, as the loop saved before); a save runs in
+the background beside the next epoch, whose own save waits for it, and holds one packed copy of
+the state on the device until it is written (docs/results.md, "Checkpoint saves";
+`scripts/benchmark.py checkpoint`). Arrays are written without orbax's default zstd
+compression, which shrank trained-like float32 values by 7.6% for 2.7 times the CPU time.
+Checkpoints of earlier versions (one orbax item `default`, an array per leaf) are read as before.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from annotate.convert import flat_leaves
 from annotate.workdir import CheckpointMismatchError, WorkdirError
 
 STATE, LAYOUT = "state", "layout"  # the items of a checkpoint
+LAYOUT_FILE = "layout.json"  # in the layout item's folder
 EARLIER = "default"  # the one item of an earlier version's checkpoint, an array per leaf
 
 Layout = list[tuple[str, tuple[int, ...], str]]  # (dotted name, shape, dtype) in packing order
@@ -48,7 +52,7 @@ def checkpoint_manager(workdir: Path, *, compression: bool = False) -> ocp.Check
     options = ocp.CheckpointManagerOptions(create=True, best_fn=_rank, best_mode="max",
                                            preservation_policy=policy)
     handlers = {STATE: ocp.PyTreeCheckpointHandler(use_compression=compression),
-                LAYOUT: ocp.JsonCheckpointHandler()}
+                LAYOUT: ocp.JsonCheckpointHandler(filename=LAYOUT_FILE)}
     return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers)
 
 
@@ -93,9 +97,9 @@ def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: Any,
                     selection: float) -> None:
     """Start the background save of `state` (packed) as checkpoint `epoch`, ranked by `selection`
     (train.selection_value); orbax first waits for the previous save to finish."""
-    saved = [[name, list(shape), dtype] for name, shape, dtype in layout(state)]
+    arrays = [[name, list(shape), dtype] for name, shape, dtype in layout(state)]
     manager.save(epoch, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeSave(pack(state)), LAYOUT: ocp.args.JsonSave(saved)}),
+        STATE: ocp.args.PyTreeSave(pack(state)), LAYOUT: ocp.args.JsonSave({"arrays": arrays})}),
         metrics={"selection": selection, "epoch": epoch})
 
 
@@ -106,9 +110,20 @@ def _read_layout(path: Path) -> Layout:
         with contextlib.closing(ocp.StandardCheckpointHandler()) as reader:
             metadata = reader.metadata(path / EARLIER)
         return layout(getattr(metadata, "item_metadata", metadata))
-    with contextlib.closing(ocp.Checkpointer(ocp.JsonCheckpointHandler())) as reader:
-        return [(name, tuple(shape), dtype)
-                for name, shape, dtype in reader.restore(path / LAYOUT, ocp.args.JsonRestore())]
+    arrays = json.loads((path / LAYOUT / LAYOUT_FILE).read_text())["arrays"]
+    return [(str(name), tuple(int(n) for n in shape), str(dtype)) for name, shape, dtype in arrays]
+
+
+def _require_packed(path: Path, saved: Layout) -> None:
+    """ValueError when the packed arrays of checkpoint folder `path` do not hold the values its
+    layout lists (one of the two damaged), read from orbax's metadata before any array is."""
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as reader:
+        metadata = reader.metadata(path / STATE)
+    stored = {dtype: tuple(array.shape) for dtype, array in
+              dict(getattr(metadata, "item_metadata", metadata) or {}).items()}
+    listed = {dtype: (size,) for dtype, size in _packed_sizes(saved).items()}
+    if stored != listed:
+        raise ValueError(f"its layout lists {listed} values per dtype, its arrays hold {stored}")
 
 
 def _require_fit(saved: Layout, model: Layout, epoch: int, directory: Path) -> None:
@@ -161,12 +176,15 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
     model = layout(abstract)
+    sharding = jax.tree.leaves(abstract)[0].sharding
+    if not sharding.is_fully_replicated:  # the packed arrays are laid out whole
+        raise ValueError(f"restore_state takes a replicated template, not {sharding}")
     directory = Path(manager.directory)
     path = directory / str(epoch)
     try:
-        saved = _read_layout(path)
-    except Exception:  # an unreadable layout: the restore below names the damage
-        saved = None
+        saved, unreadable = _read_layout(path), None
+    except Exception as error:  # the restore below names the damage
+        saved, unreadable = None, error
     if saved is not None:
         _require_fit(saved, model, epoch, directory)
     try:
@@ -174,13 +192,15 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
             with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
                 return reader.restore(path / EARLIER, ocp.args.PyTreeRestore(
                     abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
-        if saved is None:
-            raise ValueError(f"its {LAYOUT} item cannot be read")
-        sharding = jax.tree.leaves(abstract)[0].sharding  # the state is replicated
+        if unreadable is not None:
+            raise ValueError(f"its {LAYOUT} cannot be read: {type(unreadable).__name__}: "
+                             f"{unreadable}") from unreadable
+        _require_packed(path, saved)
         packed = {dtype: jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
                   for dtype, size in _packed_sizes(saved).items()}
-        restored = manager.restore(epoch, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-            packed, restore_args=ocp.checkpoint_utils.construct_restore_args(packed))}))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(packed)
+        restored = manager.restore(epoch, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(packed, restore_args=restore_args)}))
         return _unpacked(restored[STATE], saved, abstract)
     except Exception as error:  # what fits its layout but cannot be read: a damaged file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -195,6 +215,8 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     dotted name, without the model: for inspecting a checkpoint, and for the tests."""
     saved = _read_layout(path)
     item = EARLIER if (path / EARLIER).is_dir() else STATE
+    if item == STATE:
+        _require_packed(path, saved)
     with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
         metadata = reader.metadata(path / item)
         tree = getattr(metadata, "item_metadata", metadata)

@@ -179,7 +179,7 @@ wanted stream && section 90 "benchmark stream" "$PY" scripts/benchmark.py stream
 # 9. The training loop's checkpoint saves on the device machine's disk and cores: TResNet-M's
 #    TrainState packed (as the loop saves it) and an orbax array per leaf (as before), with and
 #    without zstd. DEVICE_CHECK_SECTIONS=checkpoint
-wanted checkpoint && section 60 "benchmark checkpoint" "$PY" scripts/benchmark.py checkpoint \
+wanted checkpoint && section 90 "benchmark checkpoint" "$PY" scripts/benchmark.py checkpoint \
   "${CHECKPOINT_ARGS[@]}"
 
 # at most 3 traces (of $OUT's 8 files), each under the 16 MiB a returned file may have

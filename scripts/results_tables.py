@@ -377,12 +377,13 @@ def checkpoint_table() -> str:
                 continue
             rows.append([record["model"], record["format"], record["compression"],
                          number(record["state_mb"]), str(record["arrays"]),
+                         str(record["arrays_saved"]),
                          number(record["disk_mb"]), number(record["save_blocking_s"], 2),
                          number(record["save_s"], 2), number(record["save_cpu_s"], 2),
                          str(record["cpu_count"]), f"`{path.name}`", card(records)])
-    return table(["backbone", "format", "compression", "state MB", "state arrays", "on disk MB",
-                  "s blocking the loop", "s per save (whole)", "CPU s per save", "CPU cores",
-                  "file", "machine"], rows, "lllrrrrrrrll")
+    return table(["backbone", "format", "compression", "state MB", "state arrays",
+                  "arrays saved", "on disk MB", "s blocking the loop", "s per save (whole)",
+                  "CPU s per save", "CPU cores", "file", "machine"], rows, "lllrrrrrrrrll")
 
 
 COMPARED = (("fixed_0.5", "per_class_f1"), ("fixed_0.5", "per_image_f1"), ("fixed_0.5", "n_plus"),

@@ -281,6 +281,7 @@ def test_checkpoint_command_times_the_loops_saves(benchmark, tmp_path):
         ("checkpoint_save", "resnet18", "leaves", "none")]
     packed, zstd, leaves = records
     assert packed["state_mb"] == zstd["state_mb"] == leaves["state_mb"]
+    assert (packed["arrays_saved"], leaves["arrays_saved"]) == (2, leaves["arrays"])  # f32, i32
     assert adam_state_mb < packed["state_mb"] < adam_state_mb + 0.1  # + BatchNorm statistics
     for record in (packed, leaves):
         assert record["state_mb"] < record["disk_mb"] < 1.01 * record["state_mb"]

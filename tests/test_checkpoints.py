@@ -4,6 +4,7 @@ and the errors naming a checkpoint that does not fit the model or is damaged."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import jax
@@ -124,8 +125,8 @@ def test_checkpoints_are_uncompressed_and_earlier_ones_still_restore(tmp_path):
 def test_a_checkpoint_that_does_not_fit_or_is_damaged_is_named(tiny_backbone, tmp_path):
     """restore_state names the first array a checkpoint lacks (one without EMA statistics
     restored into a run with them) or holds with another shape (another label count), and
-    calls a checkpoint that fits but cannot be read (a damaged array file, metadata file or
-    layout) damaged."""
+    calls a checkpoint damaged that fits but cannot be read (a layout listing other values than
+    its packed arrays hold, a damaged array file, metadata file or layout)."""
     config = base.get_config(model="resnet18", loss="bce")
     config.model.name = tiny_backbone
     _, state = train.create_experiment(config, 5, 10, devices.make_mesh())
@@ -143,14 +144,27 @@ def test_a_checkpoint_that_does_not_fit_or_is_damaged_is_named(tiny_backbone, tm
                            match=r"does not fit this run's model: " + message):
             checkpoints.restore_state(manager, 1, other)
 
+    checkpoint = tmp_path / "checkpoints" / "1"
+    layout_file = checkpoint / checkpoints.LAYOUT / checkpoints.LAYOUT_FILE
+    layout = layout_file.read_text()
+    # a layout that fits the model but lists other values than the packed arrays hold
+    relabelled = [[name, shape, "float32" if dtype == "int32" else dtype]
+                  for name, shape, dtype in json.loads(layout)["arrays"]]
+    layout_file.write_text(json.dumps({"arrays": relabelled}))
+    with pytest.raises(WorkdirError, match=r"cannot be read, damaged\? \(ValueError: its layout "
+                                           r"lists .* values per dtype, its arrays hold "):
+        checkpoints.restore_state(manager, 1, state)
+    with pytest.raises(ValueError, match=r"its layout lists .* its arrays hold"):
+        checkpoints.read_arrays(checkpoint)
+    layout_file.write_text(layout)
+
     def damaged(path: Path, content: bytes) -> None:
         path.write_bytes(content)
         with pytest.raises(WorkdirError, match=r"checkpoint 1 in .* cannot be read, damaged\?"):
             checkpoints.restore_state(checkpoints.checkpoint_manager(tmp_path), 1, state)
 
-    checkpoint = tmp_path / "checkpoints" / "1"
     (array_file, *_) = sorted(checkpoint.rglob("d/*"))
     damaged(array_file, array_file.read_bytes()[:20])
     (metadata,) = (checkpoint / checkpoints.STATE).rglob("_METADATA")
     damaged(metadata, b"{")
-    damaged(checkpoint / checkpoints.LAYOUT / "metadata", b"[")
+    damaged(layout_file, b"[")
