@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from annotate.convert import flat_leaves
+from annotate.devices import put
 from annotate.workdir import CheckpointMismatchError, WorkdirError
 
 STATE, LAYOUT = "state", "layout"  # the items of a checkpoint
@@ -147,24 +148,17 @@ def _require_fit(saved: Layout, model: Layout, epoch: int, directory: Path) -> N
                                       f"run's model: {differ[0]}{more}{hint}")
 
 
-def _unpacked(packed: dict[str, jax.Array], saved: Layout, abstract: Any) -> Any:
-    """`abstract`'s tree filled from the packed arrays (cast to its dtypes, laid out by its
-    shardings), in one jitted call."""
-    slices = _slices(saved)
-    names = list(flat_leaves(abstract))
-    treedef = jax.tree.structure(abstract)
-    dtypes = [leaf.dtype for leaf in jax.tree.leaves(abstract)]
+def _unpacked(packed: dict[str, np.ndarray], saved: Layout) -> dict[str, np.ndarray]:
+    """The arrays of `saved` by dotted name, as views into the host's packed arrays."""
+    return {name: packed[dtype][start:start + math.prod(shape)].reshape(shape)
+            for name, (dtype, start, shape) in _slices(saved).items()}
 
-    def unpack(packed: dict[str, jax.Array]) -> Any:
-        leaves = []
-        for name, dtype in zip(names, dtypes):
-            saved_dtype, start, shape = slices[name]
-            size = math.prod(shape)
-            leaves.append(packed[saved_dtype][start:start + size].reshape(shape).astype(dtype))
-        return jax.tree.unflatten(treedef, leaves)
 
-    shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract)
-    return jax.jit(unpack, out_shardings=shardings)(packed)
+def _restore_packed(restore: Any, saved: Layout) -> dict[str, np.ndarray]:
+    """The packed arrays read to the host by `restore(args)` (a manager's or a checkpointer's),
+    unpacked by name: no device computation, so nothing to compile."""
+    as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray) for dtype in _packed_sizes(saved)}
+    return _unpacked(restore(ocp.args.PyTreeRestore(restore_args=as_numpy)), saved)
 
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
@@ -176,9 +170,6 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
     model = layout(abstract)
-    sharding = jax.tree.leaves(abstract)[0].sharding
-    if not sharding.is_fully_replicated:  # the packed arrays are laid out whole
-        raise ValueError(f"restore_state takes a replicated template, not {sharding}")
     directory = Path(manager.directory)
     path = directory / str(epoch)
     try:
@@ -196,12 +187,11 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
             raise ValueError(f"its {LAYOUT} cannot be read: {type(unreadable).__name__}: "
                              f"{unreadable}") from unreadable
         _require_packed(path, saved)
-        packed = {dtype: jax.ShapeDtypeStruct((size,), dtype, sharding=sharding)
-                  for dtype, size in _packed_sizes(saved).items()}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(packed)
-        restored = manager.restore(epoch, args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeRestore(packed, restore_args=restore_args)}))
-        return _unpacked(restored[STATE], saved, abstract)
+        arrays = _restore_packed(lambda args: manager.restore(
+            epoch, args=ocp.args.Composite(**{STATE: args}))[STATE], saved)
+        leaves = [put(arrays[name].astype(leaf.dtype), leaf.sharding)
+                  for name, leaf in zip(flat_leaves(abstract), jax.tree.leaves(abstract))]
+        return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
     except Exception as error:  # what fits its layout but cannot be read: a damaged file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"
@@ -214,18 +204,15 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Host copies of the arrays of checkpoint folder `path` (workdir/checkpoints/<epoch>) by
     dotted name, without the model: for inspecting a checkpoint, and for the tests."""
     saved = _read_layout(path)
-    item = EARLIER if (path / EARLIER).is_dir() else STATE
-    if item == STATE:
-        _require_packed(path, saved)
     with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
-        metadata = reader.metadata(path / item)
+        if not (path / EARLIER).is_dir():
+            _require_packed(path, saved)
+            return _restore_packed(lambda args: reader.restore(path / STATE, args), saved)
+        metadata = reader.metadata(path / EARLIER)
         tree = getattr(metadata, "item_metadata", metadata)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = reader.restore(path / item, ocp.args.PyTreeRestore(restore_args=restore_args))
-    if item == EARLIER:
-        return {name: np.asarray(array) for name, array in flat_leaves(restored).items()}
-    return {name: np.asarray(restored[dtype][start:start + math.prod(shape)]).reshape(shape)
-            for name, (dtype, start, shape) in _slices(saved).items()}
+        restored = reader.restore(path / EARLIER, ocp.args.PyTreeRestore(restore_args=restore_args))
+    return {name: np.asarray(array) for name, array in flat_leaves(restored).items()}
 
 
 def has_checkpoint(workdir: Path) -> bool:

@@ -263,30 +263,27 @@ def test_stream_command_times_the_decoding(benchmark, tiny_dataset, monkeypatch)
 
 def test_checkpoint_command_times_the_loops_saves(benchmark, tmp_path):
     """Each variant gets a record of ResNet-18's TrainState saved (timm's parameter count x 3 for
-    Adam's two moments, plus the BatchNorm statistics) the loop's way (packed) or an orbax array
-    per leaf: uncompressed, a checkpoint holds every byte of the state plus a little metadata,
-    zstd writes fewer (random-normal values shrink a little); a save's blocking part is within
-    the whole save, which is within the wall time; the saves ran in --dir and left nothing."""
+    Adam's two moments, plus the BatchNorm statistics) the loop's way (packed: a float32 and an
+    int32 array) or an orbax array per leaf: uncompressed, a checkpoint holds every byte of the
+    state plus a little metadata; a save's blocking part is within the whole save, which is
+    within the wall time; the saves ran in --dir and left nothing there."""
     import timm
 
     reference = timm.create_model("resnet18", num_classes=260)
     adam_state_mb = 3 * 4 * sum(p.numel() for p in reference.parameters()) / 1e6
     start = time.perf_counter()
     records = benchmark.main(["checkpoint", "--models", "resnet18", "--saves", "2",
-                              "--variants", "packed,packed+zstd,leaves", "--dir", str(tmp_path)])
+                              "--variants", "packed,leaves", "--dir", str(tmp_path)])
     wall = time.perf_counter() - start
     assert [(r["what"], r["model"], r["format"], r["compression"]) for r in records] == [
         ("checkpoint_save", "resnet18", "packed", "none"),
-        ("checkpoint_save", "resnet18", "packed", "zstd"),
         ("checkpoint_save", "resnet18", "leaves", "none")]
-    packed, zstd, leaves = records
-    assert packed["state_mb"] == zstd["state_mb"] == leaves["state_mb"]
-    assert (packed["arrays_saved"], leaves["arrays_saved"]) == (2, leaves["arrays"])  # f32, i32
+    packed, leaves = records
+    assert packed["state_mb"] == leaves["state_mb"]
     assert adam_state_mb < packed["state_mb"] < adam_state_mb + 0.1  # + BatchNorm statistics
-    for record in (packed, leaves):
-        assert record["state_mb"] < record["disk_mb"] < 1.01 * record["state_mb"]
-    assert zstd["disk_mb"] < 0.97 * packed["disk_mb"]
+    assert (packed["arrays_saved"], leaves["arrays_saved"]) == (2, leaves["arrays"])
     for record in records:
-        assert 0 < record["save_blocking_s"] <= record["save_s"] < wall / 3
-        assert record["save_cpu_s"] > 0
+        assert record["state_mb"] < record["disk_mb"] < 1.01 * record["state_mb"]
+        assert 0 < record["save_blocking_s"] <= record["save_s"] <= max(record["save_s_each"])
+        assert sum(record["save_s_each"]) < wall / 2 and record["save_cpu_s"] > 0
     assert list(tmp_path.iterdir()) == []
