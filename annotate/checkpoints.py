@@ -88,10 +88,8 @@ def _slices(saved: Layout) -> dict[str, tuple[str, int, tuple[int, ...]]]:
 
 
 def _packed_sizes(saved: Layout) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for _, shape, dtype in saved:
-        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
-    return sizes
+    """dtype -> the length of its packed array (where its last slice ends)."""
+    return {dtype: start + math.prod(shape) for dtype, start, shape in _slices(saved).values()}
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: Any,
@@ -148,28 +146,32 @@ def _require_fit(saved: Layout, model: Layout, epoch: int, directory: Path) -> N
                                       f"run's model: {differ[0]}{more}{hint}")
 
 
-def _unpacked(packed: dict[str, np.ndarray], saved: Layout) -> dict[str, np.ndarray]:
-    """The arrays of `saved` by dotted name, as views into the host's packed arrays."""
+def _read_arrays(path: Path, saved: Layout) -> dict[str, np.ndarray]:
+    """Host copies of the arrays of checkpoint folder `path`, whose layout is `saved`, by dotted
+    name: the packed arrays read as numpy and sliced (views; no device work, nothing to
+    compile), or an earlier version's arrays one by one."""
+    with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
+        if (path / EARLIER).is_dir():
+            metadata = reader.metadata(path / EARLIER)
+            tree = getattr(metadata, "item_metadata", metadata)
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = reader.restore(path / EARLIER, ocp.args.PyTreeRestore(restore_args=as_numpy))
+            return {name: np.asarray(array) for name, array in flat_leaves(restored).items()}
+        _require_packed(path, saved)
+        as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray)
+                    for dtype in _packed_sizes(saved)}
+        packed = reader.restore(path / STATE, ocp.args.PyTreeRestore(restore_args=as_numpy))
     return {name: packed[dtype][start:start + math.prod(shape)].reshape(shape)
             for name, (dtype, start, shape) in _slices(saved).items()}
 
 
-def _restore_packed(restore: Any, saved: Layout) -> dict[str, np.ndarray]:
-    """The packed arrays read to the host by `restore(args)` (a manager's or a checkpointer's),
-    unpacked by name: no device computation, so nothing to compile."""
-    as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray) for dtype in _packed_sizes(saved)}
-    return _unpacked(restore(ocp.args.PyTreeRestore(restore_args=as_numpy)), saved)
-
-
 def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
-    """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`;
+    """Checkpoint `epoch` of `manager`, laid out (shapes, dtypes, shardings) like `like`'s arrays;
     CheckpointMismatchError when its arrays are not the model's (another dataset's label count,
     a config that keeps other state), read from its layout before any array is read (a restore
     that fails part-way leaves orbax's reads pending, and they print tracebacks when Python
     exits); WorkdirError calling it damaged when it fits but cannot be read."""
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), like)
-    model = layout(abstract)
+    model = layout(like)
     directory = Path(manager.directory)
     path = directory / str(epoch)
     try:
@@ -179,19 +181,13 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
     if saved is not None:
         _require_fit(saved, model, epoch, directory)
     try:
-        if (path / EARLIER).is_dir():
-            with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
-                return reader.restore(path / EARLIER, ocp.args.PyTreeRestore(
-                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         if unreadable is not None:
             raise ValueError(f"its {LAYOUT} cannot be read: {type(unreadable).__name__}: "
                              f"{unreadable}") from unreadable
-        _require_packed(path, saved)
-        arrays = _restore_packed(lambda args: manager.restore(
-            epoch, args=ocp.args.Composite(**{STATE: args}))[STATE], saved)
+        arrays = _read_arrays(path, saved)
         leaves = [put(arrays[name].astype(leaf.dtype), leaf.sharding)
-                  for name, leaf in zip(flat_leaves(abstract), jax.tree.leaves(abstract))]
-        return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+                  for (name, _, _), leaf in zip(model, jax.tree.leaves(like))]
+        return jax.tree.unflatten(jax.tree.structure(like), leaves)
     except Exception as error:  # what fits its layout but cannot be read: a damaged file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"
@@ -203,16 +199,7 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Host copies of the arrays of checkpoint folder `path` (workdir/checkpoints/<epoch>) by
     dotted name, without the model: for inspecting a checkpoint, and for the tests."""
-    saved = _read_layout(path)
-    with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
-        if not (path / EARLIER).is_dir():
-            _require_packed(path, saved)
-            return _restore_packed(lambda args: reader.restore(path / STATE, args), saved)
-        metadata = reader.metadata(path / EARLIER)
-        tree = getattr(metadata, "item_metadata", metadata)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = reader.restore(path / EARLIER, ocp.args.PyTreeRestore(restore_args=restore_args))
-    return {name: np.asarray(array) for name, array in flat_leaves(restored).items()}
+    return _read_arrays(path, _read_layout(path))
 
 
 def has_checkpoint(workdir: Path) -> bool:

@@ -386,7 +386,6 @@ def eval_variables(state: TrainState) -> tuple[Variables, Variables]:
 
 # --------------------------------------------------------------------------- selection
 
-CPU_WARNING_SECONDS = 3600.0  # a CPU run estimated longer than this gets a one-line warning
 SELECTION_METRIC = "per_class_f1"  # chooses the checkpoint under protocols "seed", "validation"
 
 
@@ -601,6 +600,9 @@ def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDi
 
 
 # --------------------------------------------------------------------------- the loop
+
+CPU_WARNING_SECONDS = 3600.0  # a CPU run estimated longer than this gets a one-line warning
+
 
 def _check_steps_per_epoch(trained_steps: int, epochs: int, steps_per_epoch: int,
                            num_images: int, batch_size: int) -> None:

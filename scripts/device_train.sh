@@ -110,11 +110,11 @@ prefix = "test" if "test/per_class_f1" in records[-1] else "val"
 final = records[-1]
 best = max(records, key=lambda r: r[f"{prefix}/per_class_f1"])
 config = json.loads((workdir / "config.json").read_text())
-epoch_s = sorted(r["train/epoch_seconds"] for r in records)[len(records) // 2]
+upper_median = lambda values: sorted(values)[len(values) // 2] if values else None  # noqa: E731
+epoch_s = upper_median([r["train/epoch_seconds"] for r in records])
 # evaluation, record and checkpoint save between two epochs (recorded since 2026-11-29)
-between = sorted(r["train/seconds_between_epochs"] for r in records
-                 if "train/seconds_between_epochs" in r)
-between_s = between[len(between) // 2] if between else None
+between_s = upper_median([r["train/seconds_between_epochs"] for r in records
+                          if "train/seconds_between_epochs" in r])
 results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").is_file() else {}
 
 def row(name, metrics, reference):

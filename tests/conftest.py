@@ -107,6 +107,15 @@ class TinyNet(nnx.Module):
         return nnx.relu(self.bn(self.conv(x)))
 
 
+def latest_checkpoint_arrays(workdir: Path) -> tuple[int, dict[str, np.ndarray]]:
+    """The epoch of `workdir`'s latest checkpoint and its arrays by dotted name."""
+    from annotate import checkpoints
+
+    directory = workdir / "checkpoints"
+    epoch = max(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+    return epoch, checkpoints.read_arrays(directory / str(epoch))
+
+
 def register_tiny_backbone() -> str:
     """Register TinyNet as model "tiny" (in this process only)."""
     module = types.ModuleType("annotate.models.tiny_test_backbone")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from annotate import checkpoints, summary
-from conftest import write_dataset
+from annotate import summary
+from conftest import latest_checkpoint_arrays, write_dataset
 from modules import REPO
 
 TIMEOUT_S = 300  # every wait is bounded: a hung coordinator fails the test, not CI
@@ -57,12 +57,6 @@ def _two_processes(workdir: Path, root: Path, epochs: int,
     return finished
 
 
-def _latest_arrays(workdir: Path) -> dict[str, np.ndarray]:
-    directory = workdir / "checkpoints"
-    latest = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-    return checkpoints.read_arrays(directory / str(latest))
-
-
 def test_two_processes_train_as_one_process_with_two_devices_and_resume(tmp_path):
     root = write_dataset(tmp_path / "data")
     single = subprocess.run(_command(tmp_path / "single", root, 2), cwd=REPO,
@@ -77,7 +71,8 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume(tmp_path
             assert run.returncode == 0, run.stderr[-3000:]
         assert "see " in runs[0].stdout and "see " not in runs[1].stdout  # process 0 reports
 
-    ours, theirs = _latest_arrays(workdir), _latest_arrays(tmp_path / "single")
+    (_, ours), (_, theirs) = (latest_checkpoint_arrays(workdir),
+                              latest_checkpoint_arrays(tmp_path / "single"))
     assert ours.keys() == theirs.keys() and "params.head.fc.kernel" in ours
     for name, array in ours.items():
         np.testing.assert_allclose(array, theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -19,11 +19,11 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from annotate import checkpoints, data, devices, metrics, summary, train
+from annotate import data, devices, metrics, summary, train
 
 REPO = Path(__file__).resolve().parents[1]
 from configs import base, smoke  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import latest_checkpoint_arrays, tiny_config  # noqa: E402
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -331,13 +331,6 @@ class _KilledBar:
         pass
 
 
-def _checkpoint_arrays(workdir: Path) -> tuple[int, dict[str, np.ndarray]]:
-    """The latest checkpoint's epoch and arrays."""
-    directory = workdir / "checkpoints"
-    epochs = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-    return epochs[-1], checkpoints.read_arrays(directory / str(epochs[-1]))
-
-
 def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
             if p.is_file()}
@@ -353,7 +346,7 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
         patch.setattr(train, "tqdm", _KilledBar(kill_at=5))  # mid-way through epoch 2 of 3
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, killed)
-    assert _checkpoint_arrays(killed)[0] == 1
+    assert latest_checkpoint_arrays(killed)[0] == 1
     assert [r["epoch"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())] == [1]
 
     # A non-finite loss (a diverging learning rate from epoch 2 on) stops with the step named;
@@ -372,8 +365,8 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
         train.train_and_evaluate(bad_config, tmp_path / "diverged")
 
     resumed = train.train_and_evaluate(config, killed)  # the same command again
-    full_epoch, full_arrays = _checkpoint_arrays(tmp_path / "full")
-    resumed_epoch, resumed_arrays = _checkpoint_arrays(killed)
+    full_epoch, full_arrays = latest_checkpoint_arrays(tmp_path / "full")
+    resumed_epoch, resumed_arrays = latest_checkpoint_arrays(killed)
     assert full_epoch == resumed_epoch == 3
     assert full_arrays.keys() == resumed_arrays.keys() and "params.head.fc.kernel" in full_arrays
     for name, array in full_arrays.items():
