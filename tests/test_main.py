@@ -55,7 +55,8 @@ def test_evaluate_reproduces_results(smoke_workdir, corel5k_dir, tmp_path):
     trained = json.loads((workdir / "results.json").read_text())
     (workdir / "results.json").unlink()
     done = run_main("--config=configs/smoke.py", f"--workdir={workdir}", "--evaluate",
-                    env={"COREL5K_DIR": str(corel5k_dir)})
+                    env={"COREL5K_DIR": str(corel5k_dir),  # the run's compiled steps, reused
+                         "XDG_CACHE_HOME": str(smoke_workdir.parent / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((workdir / "results.json").read_text()) == trained
     assert f"per-image F1 {trained['mcc']['per_image_f1']:.3f}" in done.stdout
