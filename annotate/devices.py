@@ -7,12 +7,17 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The layout that holds a whole array on every device of `mesh` (data, parameters)."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

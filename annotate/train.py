@@ -43,7 +43,7 @@ from annotate.checkpoints import (checkpoint_manager, has_checkpoint, require_ch
                                   restore_best, restore_state, save_checkpoint)
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
                              resolved_config, validate_config)
-from annotate.devices import make_mesh, put, to_host
+from annotate.devices import make_mesh, put, replicated, to_host
 from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
                               require_folder, write_atomically, write_config)
 
@@ -257,7 +257,7 @@ class Experiment:
 
     @property
     def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
+        return replicated(self.mesh)
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -512,14 +512,15 @@ def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
                                            config.eval.validation_size, config.seed)
         validation = train.take(held_out)
         train = train.take(_training_rows(train, num_originals, held_out))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    on_every_device = replicated(mesh)
 
     def prepared(split: data.Split | data.SplitSources | None) -> DeviceSplit | StreamSplit | None:
         if split is None:
             return None
         if stream:
             return StreamSplit(split, config.data.image_size)
-        return DeviceSplit(put(split.images, replicated), put(split.targets, replicated), split)
+        return DeviceSplit(put(split.images, on_every_device), put(split.targets, on_every_device),
+                           split)
 
     return RunData(prepared(train), prepared(test), prepared(validation))
 

@@ -25,7 +25,7 @@ def _bytes_on_disk(folder: Path) -> int:
 def _mixed_state() -> dict:
     """Leaves of three dtypes, scalars among them, replicated over the devices."""
     rng = np.random.default_rng(0)
-    replicated = jax.sharding.NamedSharding(devices.make_mesh(), jax.sharding.PartitionSpec())
+    replicated = devices.replicated(devices.make_mesh())
     tree = {"step": np.int32(7), "params": {"kernel": rng.standard_normal((3, 4), np.float32),
                                             "bias": rng.standard_normal(4, np.float32)},
             "half": rng.standard_normal((2, 5)).astype(jnp.bfloat16),
