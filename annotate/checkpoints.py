@@ -87,11 +87,6 @@ def _slices(saved: Layout) -> dict[str, tuple[str, int, tuple[int, ...]]]:
     return slices
 
 
-def _packed_sizes(saved: Layout) -> dict[str, int]:
-    """dtype -> the length of its packed array (where its last slice ends)."""
-    return {dtype: start + math.prod(shape) for dtype, start, shape in _slices(saved).values()}
-
-
 def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: Any,
                     selection: float) -> None:
     """Start the background save of `state` (packed) as checkpoint `epoch`, ranked by `selection`
@@ -102,27 +97,29 @@ def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: Any,
         metrics={"selection": selection, "epoch": epoch})
 
 
+def _stored_tree(item: Path) -> Any:
+    """The tree of arrays (shapes, dtypes) that orbax's metadata of item folder `item` lists."""
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as reader:
+        metadata = reader.metadata(item)
+    return getattr(metadata, "item_metadata", metadata)
+
+
 def _read_layout(path: Path) -> Layout:
     """The layout of checkpoint folder `path`: its `layout` item, or, for an earlier version's
     checkpoint, its arrays' orbax metadata."""
     if (path / EARLIER).is_dir():
-        with contextlib.closing(ocp.StandardCheckpointHandler()) as reader:
-            metadata = reader.metadata(path / EARLIER)
-        return layout(getattr(metadata, "item_metadata", metadata))
+        return layout(_stored_tree(path / EARLIER))
     arrays = json.loads((path / LAYOUT / LAYOUT_FILE).read_text())["arrays"]
     return [(str(name), tuple(int(n) for n in shape), str(dtype)) for name, shape, dtype in arrays]
 
 
-def _require_packed(path: Path, saved: Layout) -> None:
-    """ValueError when the packed arrays of checkpoint folder `path` do not hold the values its
-    layout lists (one of the two damaged), read from orbax's metadata before any array is."""
-    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as reader:
-        metadata = reader.metadata(path / STATE)
-    stored = {dtype: tuple(array.shape) for dtype, array in
-              dict(getattr(metadata, "item_metadata", metadata) or {}).items()}
-    listed = {dtype: (size,) for dtype, size in _packed_sizes(saved).items()}
-    if stored != listed:
-        raise ValueError(f"its layout lists {listed} values per dtype, its arrays hold {stored}")
+def _require_packed(slices: dict[str, tuple[str, int, tuple[int, ...]]], stored: Any) -> None:
+    """ValueError when the packed arrays that orbax's metadata lists (`stored`) do not hold the
+    values the layout's `slices` end at (one of the two damaged), before any array is read."""
+    held = {dtype: tuple(array.shape) for dtype, array in dict(stored or {}).items()}
+    listed = {dtype: (start + math.prod(shape),) for dtype, start, shape in slices.values()}
+    if held != listed:
+        raise ValueError(f"its layout lists {listed} values per dtype, its arrays hold {held}")
 
 
 def _require_fit(saved: Layout, model: Layout, epoch: int, directory: Path) -> None:
@@ -150,19 +147,19 @@ def _read_arrays(path: Path, saved: Layout) -> dict[str, np.ndarray]:
     """Host copies of the arrays of checkpoint folder `path`, whose layout is `saved`, by dotted
     name: the packed arrays read as numpy and sliced (views; no device work, nothing to
     compile), or an earlier version's arrays one by one."""
+    earlier = (path / EARLIER).is_dir()
+    item = path / (EARLIER if earlier else STATE)
+    stored = _stored_tree(item)
+    slices = _slices(saved)
+    if not earlier:
+        _require_packed(slices, stored)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
     with contextlib.closing(ocp.Checkpointer(ocp.PyTreeCheckpointHandler())) as reader:
-        if (path / EARLIER).is_dir():
-            metadata = reader.metadata(path / EARLIER)
-            tree = getattr(metadata, "item_metadata", metadata)
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            restored = reader.restore(path / EARLIER, ocp.args.PyTreeRestore(restore_args=as_numpy))
-            return {name: np.asarray(array) for name, array in flat_leaves(restored).items()}
-        _require_packed(path, saved)
-        as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray)
-                    for dtype in _packed_sizes(saved)}
-        packed = reader.restore(path / STATE, ocp.args.PyTreeRestore(restore_args=as_numpy))
-    return {name: packed[dtype][start:start + math.prod(shape)].reshape(shape)
-            for name, (dtype, start, shape) in _slices(saved).items()}
+        restored = reader.restore(item, ocp.args.PyTreeRestore(restore_args=as_numpy))
+    if earlier:
+        return {name: np.asarray(array) for name, array in flat_leaves(restored).items()}
+    return {name: restored[dtype][start:start + math.prod(shape)].reshape(shape)
+            for name, (dtype, start, shape) in slices.items()}
 
 
 def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
@@ -185,7 +182,7 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
             raise ValueError(f"its {LAYOUT} cannot be read: {type(unreadable).__name__}: "
                              f"{unreadable}") from unreadable
         arrays = _read_arrays(path, saved)
-        leaves = [put(arrays[name].astype(leaf.dtype), leaf.sharding)
+        leaves = [put(np.asarray(arrays[name], dtype=leaf.dtype), leaf.sharding)  # cast, no copy
                   for (name, _, _), leaf in zip(model, jax.tree.leaves(like))]
         return jax.tree.unflatten(jax.tree.structure(like), leaves)
     except Exception as error:  # what fits its layout but cannot be read: a damaged file
