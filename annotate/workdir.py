@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 ATOMIC_WRITE = re.compile(r"\..+\.\d+-\d+\.tmp")  # the hidden file of write_atomically
 ABANDONED_SECONDS = 3600.0  # without flock: a temporary file untouched this long was abandoned
+FRESH_SECONDS = 60.0  # an empty temporary file this young may be a writer's between open and flock
 TORN_LOCK_SECONDS = 10.0  # an unreadable lock older than this was left by a run that died
 # what a checkpoint of the workdir only fits: the network, its head, the input size
 SHAPE_KEYS = ("model.name", "model.head", "data.image_size")
@@ -82,7 +83,9 @@ def require_folder(workdir: Path) -> None:
 def is_abandoned(temporary: Path) -> bool:
     """Whether the file `temporary`, written under its writer's flock, was left by a process that
     was killed: it exists and no process holds its flock (the kernel drops it when its holder
-    dies, whatever the pid namespace); without flock, untouched for ABANDONED_SECONDS."""
+    dies, whatever the pid namespace), unless it is empty and younger than FRESH_SECONDS (its
+    writer, which takes the flock before it writes, may be between its open and its flock);
+    without flock, untouched for ABANDONED_SECONDS."""
     try:
         with open(temporary, "rb") as file:
             try:
@@ -91,7 +94,8 @@ def is_abandoned(temporary: Path) -> bool:
                 return False
             except OSError:  # no flock on this file system: its age tells
                 return time.time() - os.fstat(file.fileno()).st_mtime > ABANDONED_SECONDS
-            return True  # closing the file releases the probe's flock
+            stat = os.fstat(file.fileno())  # closing the file releases the probe's flock
+            return stat.st_size > 0 or time.time() - stat.st_mtime > FRESH_SECONDS
     except FileNotFoundError:  # renamed or deleted meanwhile
         return False
 

@@ -20,8 +20,9 @@ import pytest
 
 from annotate import data, models, summary, train
 from annotate.config import resolved_config
-from annotate.workdir import (CheckpointSaveError, WorkdirError, WorkdirLock, check_config,
-                              state_layout, write_atomically, write_config)
+from annotate.workdir import (FRESH_SECONDS, CheckpointSaveError, WorkdirError, WorkdirLock,
+                              check_config, is_abandoned, state_layout, write_atomically,
+                              write_config)
 from conftest import tiny_config
 
 
@@ -355,6 +356,20 @@ def test_a_write_killed_midway_is_deleted_when_a_run_takes_the_workdir(tmp_path)
         writer.wait()
     with WorkdirLock(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".notes.tmp"]
+
+
+def test_an_empty_young_temporary_file_is_a_writer_about_to_take_its_flock(tmp_path):
+    """A writer creates its hidden file, then takes its flock, then writes: an empty file nobody
+    holds may be a writer's between the two, and stays while younger than FRESH_SECONDS (deleting
+    it would fail that write's rename); an empty one older than that, or one holding bytes, was
+    left by a killed writer."""
+    empty, written = tmp_path / ".results.json.4242-7.tmp", tmp_path / ".metrics.jsonl.4242-8.tmp"
+    empty.touch()
+    written.write_bytes(b"half")
+    assert (is_abandoned(empty), is_abandoned(written)) == (False, True)
+    old = time.time() - FRESH_SECONDS - 1
+    os.utime(empty, (old, old))
+    assert is_abandoned(empty)
 
 
 @pytest.mark.parametrize("content,detail", [('{"model": ', "JSONDecodeError: "),
