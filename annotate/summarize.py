@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from annotate import reports
+from annotate import cli, reports
 from annotate.config import LINEAR_HEAD_OPTIONS
-from annotate.workdir import changed_keys, flat_config, trained_configs
+from annotate.workdir import WorkdirError, changed_keys, flat_config, trained_configs
 
 # config keys that do not make two runs different experiments
 RUN_ONLY_KEYS = ("seed", "data.root", "data.cache_dir", "data.augmentation_dir",
@@ -71,7 +71,7 @@ def _json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; ValueError naming the file when it is not JSON or not an object."""
     try:
         value = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
@@ -209,8 +209,9 @@ def summarise_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _cell(stats: dict[str, Any], metric: str) -> str:
-    """mean ± sd over runs (the mean alone for one run): P/R/F1 to 3 decimals, N+ to 1."""
-    digits = 1 if metric == "n_plus" else 3
+    """mean ± sd over runs (the value alone for one run): P/R/F1 to 3 decimals, N+ to 1 (one
+    run's N+, a count, without)."""
+    digits = (0 if stats["sd"] is None else 1) if metric == "n_plus" else 3
     mean = f"{stats['mean']:.{digits}f}"
     return mean if stats["sd"] is None else f"{mean} ± {stats['sd']:.{digits}f}"
 
@@ -239,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = read_runs(args.workdirs)
         summary = summarise_runs(runs)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, ValueError, WorkdirError) as error:  # unreadable, damaged, repeated
+        print(f"error: {cli.describe(error)}", file=sys.stderr)
         return 2
     print(markdown(summary))
     try:

@@ -1,8 +1,11 @@
 """annotate.summarize: runs grouped by configuration (seed aside), mean ± sd against numpy."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +57,7 @@ def test_groups_by_config_and_averages_over_seeds(tmp_path, capsys):
     assert ("| *testset* per-class metrics + MCC | 0.200 ± 0.100 | 0.200 ± 0.100 | "
             "0.200 ± 0.100 |") in text
     assert "| *testset* + MCC | 101.0 ± 1.0 |" in text
+    assert "| *testset* + MCC | 100 |" in text  # one run's N+, a count
 
 
 def test_groups_with_one_label_name_what_sets_them_apart(tmp_path):
@@ -86,6 +90,7 @@ def test_missing_results_are_named(tmp_path, capsys):
     ("{,}", r"results.json is not valid JSON: Expecting property name enclosed in double quotes: "
             r"line 1 column 2 \(char 1\)$"),
     ("[1, 2]", r"results.json holds a JSON list, not an object$"),
+    ("\udcff garbage", r"results.json is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
     ("N_PLUS", r"results.json: \['mcc'\]\['n_plus'\] is '101', not a number$")])
 def test_malformed_results_are_one_line_naming_the_file(tmp_path, capsys, content, message):
     results = _write_run(tmp_path / "run", loss="asl", seed=0, scale=1.0)
@@ -93,7 +98,7 @@ def test_malformed_results_are_one_line_naming_the_file(tmp_path, capsys, conten
         content = json.dumps({"fixed_0.5": results["fixed_0.5"]})
     elif content == "N_PLUS":
         content = json.dumps(dict(results, mcc=dict(results["mcc"], n_plus="101")))
-    (tmp_path / "run" / "results.json").write_text(content)
+    (tmp_path / "run" / "results.json").write_bytes(content.encode(errors="surrogateescape"))
     assert summarize.main([str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'run' / 'results.json'}")
@@ -135,6 +140,29 @@ def test_an_output_file_that_cannot_be_written_is_one_line(tmp_path, capsys, opt
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1].startswith(f"error: cannot write {target}: ")
         assert "Traceback" not in err
+
+
+def test_a_damaged_earlier_config_or_an_unreadable_file_is_one_line(tmp_path, capsys,
+                                                                    monkeypatch):
+    """What read_run opens besides results.json (an earlier config.until-epoch-N.json) and an
+    unreadable results.json end as one `error:` line naming the file, not a traceback."""
+    _write_run(tmp_path / "run", loss="asl", seed=0, scale=1.0)
+    (tmp_path / "run" / "config.until-epoch-1.json").write_text("{broken")
+    assert summarize.main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / 'run' / 'config.until-epoch-1.json'} is damaged")
+    (tmp_path / "run" / "config.until-epoch-1.json").unlink()
+    results, read_text = tmp_path / "run" / "results.json", Path.read_text
+
+    def unreadable_results(path, *args, **kwargs):  # chmod 0 does not stop root, who runs CI
+        if path == results:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable_results)
+    assert summarize.main([str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: Permission denied: {results}\n"
 
 
 def test_a_run_resumed_with_other_settings_is_refused_by_name(tmp_path, capsys):
