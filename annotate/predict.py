@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
 
-from annotate import checkpoints, cli, data, train
+from annotate import checkpoints, cli, data, metrics, train
 from annotate.config import validate_config
 from annotate.devices import enable_compilation_cache, make_mesh, put
 from annotate.workdir import CheckpointMismatchError, WorkdirError
@@ -36,17 +36,25 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def image_paths(paths: Sequence[Path | str]) -> tuple[list[Path], list[Path]]:
     """(image files, other files) named by `paths`: files as given (an image file as far as the
-    decoder is concerned), folders expanded to their image files (sorted), their other files
+    decoder is concerned), folders expanded to their image files (sorted), their other entries
     listed apart (a broken link named like an image is kept: it is then skipped with its
-    reason, not lost). FileNotFoundError for a missing path."""
+    reason, not lost; a pipe or device named like one is not read, where decoding it would
+    wait forever). FileNotFoundError for a missing path, ValueError for one that is neither a
+    file nor a folder."""
+
+    def is_image_file(entry: Path) -> bool:  # a regular file or a broken link, named as images are
+        return entry.suffix.lower() in IMAGE_SUFFIXES and (entry.is_file() or not entry.exists())
+
     found, others = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if not p.is_dir())  # broken links too
-            found += [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
-            others += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+            entries = sorted(p for p in path.iterdir() if not p.is_dir())
+            found += [p for p in entries if is_image_file(p)]
+            others += [p for p in entries if not is_image_file(p)]
         elif path.is_file():
             found.append(path)
+        elif path.exists():
+            raise ValueError(f"image path {path} is not a file (a pipe or a device?)")
         else:
             raise FileNotFoundError(f"image path {path} does not exist")
     return found, others
@@ -104,7 +112,7 @@ class Annotator:
 
     def _labels_above_threshold(self, path: Path | str, image_probs: np.ndarray) -> dict:
         """One image's annotation: its labels above their threshold, most probable first."""
-        chosen = np.flatnonzero(image_probs > self.thresholds)
+        chosen = np.flatnonzero(metrics.above_thresholds(image_probs, self.thresholds))
         chosen = chosen[np.argsort(-image_probs[chosen], kind="stable")]
         return {"image": str(path), "labels": [
             {"label": self.vocabulary[j], "probability": round(float(image_probs[j]), 4)}

@@ -27,12 +27,16 @@ def test_image_paths(tmp_path):
         (folder / name).write_bytes(b"x")
     (folder / "c.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link: listed, then skipped
     (folder / "sub").mkdir()
+    os.mkfifo(folder / "pipe.jpg")  # decoding it would wait for a writer forever
     single = tmp_path / "single.jpeg"
     single.write_bytes(b"x")
     assert predict.image_paths([folder, single]) == (
-        [folder / "a.png", folder / "b.JPG", folder / "c.jpg", single], [folder / "notes.txt"])
+        [folder / "a.png", folder / "b.JPG", folder / "c.jpg", single],
+        [folder / "notes.txt", folder / "pipe.jpg"])
     with pytest.raises(FileNotFoundError, match="missing.jpg does not exist"):
         predict.image_paths([tmp_path / "missing.jpg"])
+    with pytest.raises(ValueError, match="pipe.jpg is not a file"):
+        predict.image_paths([folder / "pipe.jpg"])
     (tmp_path / "empty").mkdir()
     assert predict.image_paths([tmp_path / "empty"]) == ([], [])
 
