@@ -33,13 +33,21 @@ def _check_inputs(targets: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, n
     return targets, probs
 
 
-def _predictions(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
-    """The seed's hard predictions: probs > threshold (one scalar or one value per label)."""
+def above_thresholds(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
+    """The seed's hard predictions, as booleans: probs ([..., C]) > threshold (one scalar or one
+    value per label), compared in the probabilities' dtype (a float64 threshold of 0.55 is below
+    float32(0.55)); the metrics, the reports' picture and predict all decide with it."""
+    probs = np.asarray(probs)
     thresholds = np.asarray(thresholds, dtype=probs.dtype)
-    if thresholds.ndim != 0 and thresholds.shape != (probs.shape[1],):
-        raise ValueError(f"thresholds must be a scalar or have shape ({probs.shape[1]},); got "
+    if thresholds.ndim != 0 and thresholds.shape != (probs.shape[-1],):
+        raise ValueError(f"thresholds must be a scalar or have shape ({probs.shape[-1]},); got "
                          f"{thresholds.shape}")
-    return (probs > thresholds).astype(np.float64)
+    return probs > thresholds
+
+
+def _predictions(probs: np.ndarray, thresholds: float | np.ndarray) -> np.ndarray:
+    """above_thresholds as 0/1 floats, for the metrics' sums."""
+    return above_thresholds(probs, thresholds).astype(np.float64)
 
 
 def _f1(precision: np.ndarray | float, recall: np.ndarray | float) -> np.ndarray | float:

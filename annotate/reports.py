@@ -20,7 +20,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from annotate import data, summary  # noqa: E402
+from annotate import data, metrics, summary  # noqa: E402
 from annotate.workdir import write_atomically  # noqa: E402
 
 PROTOCOL_TEXT = {
@@ -136,9 +136,8 @@ def plot_predictions(path: Path | str, images: Sequence[np.ndarray | Path], targ
     count = min(count, len(images))
     rows = -(-count // columns)
     probs = np.asarray(probs)
-    thresholds = np.asarray(thresholds, probs.dtype)  # compared as the metrics compare them
-    statuses = [label_statuses(targets[i], probs[i] > thresholds, vocabulary)
-                for i in range(count)]
+    predicted = metrics.above_thresholds(probs[:count], thresholds)
+    statuses = [label_statuses(targets[i], predicted[i], vocabulary) for i in range(count)]
     for i, image_statuses in enumerate(statuses):  # at most max_labels lines per image
         if len(image_statuses) > max_labels:
             rest = image_statuses[max_labels - 1:]
