@@ -41,23 +41,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         if not ok:
             raise ValueError(f"config.{key} = {config_value(config, key)!r}: {message}")
 
-    named(f"model.{config.model.head}", models.check_head_options, config.model.head,
-          head_options(config))
+    # the head's options: config.model.<head>, the linear head's config.model.global_pool, ...
+    section = "model" if config.model.head == "linear" else f"model.{config.model.head}"
+    named(section, models.check_head_options, config.model.head, head_options(config))
+    try:  # the head's constructor checks the values: "<option> = <value>: <why>"
+        models.check_head_values(config.model.head, head_options(config))
+    except ValueError as error:
+        raise ValueError(f"config.{section}.{error}") from None
     train = config.train
-    require(config.model.global_pool in models.GLOBAL_POOLS, "model.global_pool",
-            f"use one of {list(models.GLOBAL_POOLS)}")
-    if config.model.head == "ml_decoder":
-        decoder = config.model.ml_decoder
-        for key in ("num_groups", "embedding_dim", "num_heads", "feedforward_dim"):
-            require(decoder[key] > 0, f"model.ml_decoder.{key}", "must be positive")
-        require(decoder.embedding_dim % decoder.num_heads == 0, "model.ml_decoder.embedding_dim",
-                f"must be divisible by model.ml_decoder.num_heads={decoder.num_heads}")
-        require(0 <= decoder.dropout < 1, "model.ml_decoder.dropout", "must lie in [0, 1)")
-    if config.model.head == "csra":
-        require(config.model.csra.num_heads in models.CSRA_TEMPERATURES, "model.csra.num_heads",
-                f"use one of {list(models.CSRA_TEMPERATURES)} (the official temperature settings)")
-        require(config.model.csra.lam >= 0, "model.csra.lam", "must be >= 0")
-    require(0 <= config.model.drop_rate < 1, "model.drop_rate", "must lie in [0, 1)")
     require(config.model.dtype in COMPUTE_DTYPES, "model.dtype",
             f"use one of {list(COMPUTE_DTYPES)}")
     require(config.data.source in data.SOURCES, "data.source", f"use one of {list(data.SOURCES)}")

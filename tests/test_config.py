@@ -111,6 +111,12 @@ def test_other_heads_take_their_config_section():
     config.model.csra.num_heads = 3
     with pytest.raises(ValueError, match=re.escape("config.model.csra.num_heads = 3: use one of [1, 2, 4, 6, 8]")):
         validate_config(config)
+    config.model.csra.num_heads, config.model.csra.lam = 2, -0.5
+    with pytest.raises(ValueError, match=re.escape("config.model.csra.lam = -0.5: must be >= 0")):
+        validate_config(config)
+    config.model.head, config.model.drop_rate = "linear", 1.0  # the linear head's own keys
+    with pytest.raises(ValueError, match=re.escape("config.model.drop_rate = 1.0: must lie in")):
+        validate_config(config)
 
 
 def test_an_unknown_head_option_is_named_with_the_accepted_ones():

@@ -262,3 +262,28 @@ def test_every_backbone_takes_the_head_at_a_non_square_size(name, kind):
     logits = jax.eval_shape(lambda s, x: nnx.merge(graph, s)(x), state,
                             jax.ShapeDtypeStruct((2, 160, 224, 3), jnp.float32))
     assert (logits.shape, logits.dtype) == ((2, 260), jnp.float32)
+
+
+@pytest.mark.parametrize("num_classes, num_groups, per_query", [
+    (260, 100, 3), (260, 260, 1), (260, 7, 38), (2001, 2000, 2)])
+def test_ml_decoder_gives_each_query_its_labels_rounded_up(num_classes, num_groups, per_query):
+    """Each query's label count is num_classes / queries rounded up, the official int(n / g +
+    0.999) wherever that covers every label (260 / 100: 3); for 2001 labels in 2000 groups that
+    formula gives 1 per query, 2000 logits for 2001 labels, which fails in the official code."""
+    head = MLDecoderHead(4, num_classes, num_groups=num_groups, embedding_dim=4, num_heads=2,
+                         feedforward_dim=4, rngs=nnx.Rngs(0))
+    assert head.group_fc.shape == (min(num_groups, num_classes), 4, per_query)
+    logits = head(jnp.ones((2, 3, 3, 4)))
+    assert logits.shape == (2, num_classes) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("head, options, message", [
+    (MLDecoderHead, {"num_groups": 0}, "num_groups = 0: must be positive"),
+    (MLDecoderHead, {"embedding_dim": 64, "num_heads": 6},
+     "embedding_dim = 64: must be divisible by num_heads=6"),
+    (MLDecoderHead, {"dropout": 1.0}, r"dropout = 1.0: must lie in \[0, 1\)"),
+    (CSRAHead, {"lam": -0.1}, "lam = -0.1: must be >= 0"),
+    (CSRAHead, {"num_heads": 3}, r"num_heads = 3: use one of \[1, 2, 4, 6, 8\]")])
+def test_a_head_refuses_a_bad_option_value_by_name(head, options, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        head(8, 5, rngs=nnx.Rngs(0), **options)

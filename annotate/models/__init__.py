@@ -54,10 +54,6 @@ _HEADS: dict[str, str] = {
 }
 
 HEAD_NAMES: tuple[str, ...] = tuple(_HEADS)
-GLOBAL_POOLS: tuple[str, ...] = ("avg", "max")  # the linear head's pooling
-# CSRA's official temperature settings by number of heads (99 stands for max pooling)
-CSRA_TEMPERATURES: dict[int, tuple[int, ...]] = {
-    1: (1,), 2: (1, 99), 4: (1, 2, 4, 99), 6: (1, 2, 3, 4, 5, 99), 8: (1, 2, 3, 4, 5, 6, 7, 99)}
 
 
 def check_model_name(name: str) -> None:
@@ -83,6 +79,15 @@ def check_head_options(name: str, options: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"head {name!r} got unknown options {unknown}; it accepts "
                          f"{accepted or 'none'}")
+
+
+def check_head_values(name: str, options: dict[str, Any]) -> None:
+    """Run head `name`'s constructor abstractly (nnx.eval_shape: shapes only, nothing computed)
+    with `options`, for its checks of their values: ValueError "<option> = <value>: <why>"."""
+    from flax import nnx
+
+    head = _constructor(_HEADS[name])
+    nnx.eval_shape(lambda: head(8, 2, rngs=nnx.Rngs(0), **options))
 
 
 def _constructor(spec: str) -> Any:

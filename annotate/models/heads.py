@@ -2,9 +2,9 @@
 
 Every head takes (num_features, num_classes, *, rngs, **options) and is registered by name in
 annotate.models (`_HEADS`); its options come from config.model.<head> (annotate.config.
-head_options), whose keys are checked against the keyword-only arguments and whose values
-annotate.config.validate_config checks where a head needs more; `Classifier` joins a backbone
-and a head. "linear" is the seed's head (global average or max pool, dropout, linear), named `fc`
+head_options), whose keys are checked against the keyword-only arguments; its constructor checks
+their values (`require_option`), which annotate.config.validate_config runs abstractly to name a
+bad one as its config key; `Classifier` joins a backbone and a head. "linear" is the seed's head (global average or max pool, dropout, linear), named `fc`
 like timm's classifier, so timm checkpoints load into it.
 """
 from __future__ import annotations
@@ -16,8 +16,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from annotate.models import CSRA_TEMPERATURES, GLOBAL_POOLS
 from annotate.models.layers import torch_default_uniform
+
+GLOBAL_POOLS: tuple[str, ...] = ("avg", "max")  # the linear head's pooling
+# CSRA's official temperature settings by number of heads (99 stands for max pooling)
+CSRA_TEMPERATURES: dict[int, tuple[int, ...]] = {
+    1: (1,), 2: (1, 99), 4: (1, 2, 4, 99), 6: (1, 2, 3, 4, 5, 99), 8: (1, 2, 3, 4, 5, 6, 7, 99)}
+
+
+def require_option(ok: bool, option: str, value: Any, message: str) -> None:
+    """A head's check of one option: ValueError "<option> = <value>: <message>" unless `ok`."""
+    if not ok:
+        raise ValueError(f"{option} = {value!r}: {message}")
 
 
 def global_pool(x: jax.Array, kind: str) -> jax.Array:
@@ -38,9 +48,9 @@ class LinearHead(nnx.Module):
 
     def __init__(self, in_features: int, num_classes: int, *, global_pool: str = "avg",
                  drop_rate: float = 0.3, init_std: float | None = None, rngs: nnx.Rngs):
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {list(GLOBAL_POOLS)}, "
-                             f"got {global_pool!r}")
+        require_option(global_pool in GLOBAL_POOLS, "global_pool", global_pool,
+                       f"use one of {list(GLOBAL_POOLS)}")
+        require_option(0 <= drop_rate < 1, "drop_rate", drop_rate, "must lie in [0, 1)")
         self.global_pool = global_pool
         self.dropout = nnx.Dropout(drop_rate, rngs=rngs)
         torch_default = torch_default_uniform(in_features)
@@ -107,12 +117,19 @@ class MLDecoderHead(nnx.Module):
     N(0, 1) queries (min(num_groups, num_classes) of them) pass one decoder layer (the
     `TransformerDecoderLayerOptimal`: tgt + dropout(tgt) -> LayerNorm; cross-attention, residual,
     LayerNorm; feed-forward ReLU, residual, LayerNorm; `dropout`, 0.1 by default, at the official
-    positions); group fully-connected: query i gives labels i*d .. i*d+d-1 (d =
-    int(num_classes / queries + 0.999), the official rounding up)."""
+    positions); group fully-connected: query i gives labels i*d .. i*d+d-1 (d = num_classes /
+    queries rounded up; the official int(num_classes / queries + 0.999) is the same wherever it
+    covers every label)."""
 
     def __init__(self, in_features: int, num_classes: int, *, num_groups: int = 100,
                  embedding_dim: int = 768, num_heads: int = 8, feedforward_dim: int = 2048,
                  dropout: float = 0.1, rngs: nnx.Rngs):
+        for option, value in (("num_groups", num_groups), ("embedding_dim", embedding_dim),
+                              ("num_heads", num_heads), ("feedforward_dim", feedforward_dim)):
+            require_option(value > 0, option, value, "must be positive")
+        require_option(embedding_dim % num_heads == 0, "embedding_dim", embedding_dim,
+                       f"must be divisible by num_heads={num_heads}")
+        require_option(0 <= dropout < 1, "dropout", dropout, "must lie in [0, 1)")
         groups = min(num_groups, num_classes)
         self.num_classes = num_classes
         self.embed = torch_linear(in_features, embedding_dim, rngs=rngs)
@@ -124,7 +141,7 @@ class MLDecoderHead(nnx.Module):
             nnx.LayerNorm(embedding_dim, epsilon=1e-5, rngs=rngs) for _ in range(3))
         self.linear1 = torch_linear(embedding_dim, feedforward_dim, rngs=rngs)
         self.linear2 = torch_linear(feedforward_dim, embedding_dim, rngs=rngs)
-        duplicate = int(num_classes / groups + 0.999)  # the official ceiling
+        duplicate = -(-num_classes // groups)  # ceil
         std = math.sqrt(2.0 / ((embedding_dim + groups) * duplicate))  # xavier-normal, 3-D
         self.group_fc = nnx.Param(std * jax.random.normal(
             rngs.params(), (groups, embedding_dim, duplicate)))
@@ -150,9 +167,9 @@ class CSRAHead(nnx.Module):
 
     def __init__(self, in_features: int, num_classes: int, *, num_heads: int = 1,
                  lam: float = 0.1, rngs: nnx.Rngs):
-        if num_heads not in CSRA_TEMPERATURES:
-            raise ValueError(f"CSRA num_heads must be one of {list(CSRA_TEMPERATURES)}, "
-                             f"got {num_heads}")
+        require_option(num_heads in CSRA_TEMPERATURES, "num_heads", num_heads,
+                       f"use one of {list(CSRA_TEMPERATURES)} (the official temperature settings)")
+        require_option(lam >= 0, "lam", lam, "must be >= 0")
         self.temperatures = CSRA_TEMPERATURES[num_heads]
         self.lam = lam
         self.heads = nnx.List([torch_linear(in_features, num_classes, rngs=rngs, bias=False)
