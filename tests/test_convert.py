@@ -202,6 +202,16 @@ def test_converted_checkpoint_of_another_backbone_is_an_error(converted):
         load_pretrained(create_model("resnet50", NUM_CLASSES), str(converted))
 
 
+def test_a_folder_that_is_not_an_orbax_checkpoint_is_named_so(tmp_path):
+    """An empty folder, or a Hugging Face snapshot's (model.safetensors inside), is not reported
+    as another architecture's checkpoint."""
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(PretrainedError, match=f"^{tmp_path / 'snapshot'} is not an orbax "
+                       "checkpoint written by save_weights"):
+        load_pretrained(create_model("resnet18", NUM_CLASSES), str(tmp_path / "snapshot"))
+
+
 def test_saved_head_of_another_type_loads_into_the_same_head(tmp_path):
     """An orbax folder of a CSRA-head model restores its head into a CSRA-head model."""
     source = create_model("resnet18", NUM_CLASSES, head="csra", seed=1)

@@ -4,7 +4,7 @@ A backbone maps NHWC images [B, H, W, 3] to a feature map [B, h, w, num_features
 (`forward_features`) and knows nothing of the classifier; a head (annotate.models.heads) maps the
 feature map to logits [B, num_classes]. `model.train()` / `model.eval()` switch BatchNorm and
 dropout. Each registry entry also carries what timm's `pretrained_cfg` says of the backbone: its
-timm name, default input size, ImageNet normalisation and the classifier's checkpoint key.
+timm name, ImageNet normalisation, the classifier's checkpoint key and its initialisation.
 
 Importing this module does not import jax: configs and command lines check names cheaply.
 """
