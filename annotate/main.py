@@ -8,6 +8,7 @@ latest checkpoint; --evaluate only evaluates the workdir's best checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from annotate import checkpoints, cli, data, reports, train
 from annotate.config import dataset_to_fetch, validate_config
 from annotate.data import fetch
 from annotate.devices import enable_compilation_cache, initialize_distributed
-from annotate.workdir import WorkdirError, require_folder
+from annotate.workdir import WorkdirError, WorkdirLock, require_folder
 
 FLAGS = flags.FLAGS
 
@@ -100,32 +101,39 @@ def main(argv: list[str]) -> None:
                      f"--num_processes and --process_id in [0, num_processes))")
     enable_compilation_cache()
     run = train.evaluate if FLAGS.evaluate else train.train_and_evaluate
-    try:
-        evaluation = run(config, workdir)
-    except (data.DatasetError, FloatingPointError, ImportError, OSError, ValueError,
-            WorkdirError) as error:
-        # the cause, named, without a traceback (an ImportError: a pretrained checkpoint's
-        # optional reader, torch or timm, is missing; an OSError: a missing file, a read-only
-        # workdir, a workdir under a file); checkpoints already written stay put
-        cli.fail(error)
-    except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1:
-            raise
-        cli.fail(f"process {jax.process_index()}: a step shared with the other processes failed, "
-                 f"most likely because another process stopped (its error names the cause): "
-                 f"{str(error).splitlines()[0][:300]}")
-    if jax.process_index() == 0:  # one set of reports in a multi-process run
+    is_writer = jax.process_index() == 0  # one set of reports in a multi-process run
+    with contextlib.ExitStack() as held:
+        if is_writer:  # the run's own lock (train's, nested), held through the reports too
+            try:
+                held.enter_context(WorkdirLock(workdir))
+            except (OSError, WorkdirError) as error:  # another run holds it
+                cli.fail(error)
         try:
-            write_reports(workdir, evaluation)
-        except OSError as error:  # a full disk, a folder in a report's place
-            cli.fail(f"writing the reports into {workdir} failed ({cli.describe(error)}); its "
-                     f"checkpoints are kept: make room and rerun the command with --evaluate "
-                     f"to write them")
+            evaluation = run(config, workdir)
+        except (data.DatasetError, FloatingPointError, ImportError, OSError, ValueError,
+                WorkdirError) as error:
+            # the cause, named, without a traceback (an ImportError: a pretrained checkpoint's
+            # optional reader, torch or timm, is missing; an OSError: a missing file, a
+            # read-only workdir, a workdir under a file); checkpoints already written stay put
+            cli.fail(error)
+        except jax.errors.JaxRuntimeError as error:
+            if jax.process_count() == 1:
+                raise
+            cli.fail(f"process {jax.process_index()}: a step shared with the other processes "
+                     f"failed, most likely because another process stopped (its error names "
+                     f"the cause): {str(error).splitlines()[0][:300]}")
+        if is_writer:
+            try:
+                write_reports(workdir, evaluation)
+            except OSError as error:  # a full disk, a folder in a report's place
+                cli.fail(f"writing the reports into {workdir} failed ({cli.describe(error)}); "
+                         f"its checkpoints are kept: make room and rerun the command with "
+                         f"--evaluate to write them")
+    if is_writer:
         mcc = evaluation.results["mcc"]
         print(f"{workdir}: per-class F1 {mcc['per_class_f1']:.3f}, per-image F1 "
               f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see "
               f"{workdir}/results.md")
-
 
 if __name__ == "__main__":
     cli.run(main, define_flags)

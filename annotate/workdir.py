@@ -119,7 +119,11 @@ class WorkdirLock:
     (two runs taking over one dead run's lock at once cannot both win). Where the file system
     has no flock, the process id tells whether a holder on this host runs (and two runs taking
     over at once could both win). `flag` is the option that picks another folder, for the
-    refusals."""
+    refusals. A thread that holds the lock may take it again (a nested block, as the app's around
+    train_and_evaluate's own, held through the reports); it is released when the outer one ends.
+    """
+
+    _held: dict[tuple[str, int], int] = {}  # (lock file, thread) -> blocks holding it
 
     def __init__(self, workdir: Path, flag: str = "--workdir"):
         self.path, self.flag = Path(workdir) / LOCK_NAME, flag
@@ -128,6 +132,10 @@ class WorkdirLock:
 
     def __enter__(self) -> "WorkdirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.holder_key = (os.path.realpath(self.path), threading.get_ident())
+        if self.holder_key in self._held:  # this thread holds it: a nested block
+            self._held[self.holder_key] += 1
+            return self
         for _ in range(3):
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
@@ -154,6 +162,7 @@ class WorkdirLock:
         self.file.flush()
         for abandoned in remove_abandoned_writes(self.path.parent):
             log.info("deleted %s, left by a run killed while writing it", abandoned)
+        self._held[self.holder_key] = 1
         return self
 
     def _hold(self, created: bool) -> bool:
@@ -207,6 +216,10 @@ class WorkdirLock:
             f"left by a run that died on another machine: delete {self.path})")
 
     def __exit__(self, *exc: object) -> None:
+        self._held[self.holder_key] -= 1
+        if self._held[self.holder_key]:  # a nested block ended; the outer one still holds it
+            return
+        del self._held[self.holder_key]
         try:
             if os.fstat(self.file.fileno()).st_ino == os.stat(self.path).st_ino:
                 self.path.unlink()  # still ours (held under flock): released for the next run

@@ -1,14 +1,16 @@
 """Shared fixtures: the real Corel-5k (from $COREL5K_DIR) and tiny synthetic datasets in its format."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
+import threading
 import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +113,29 @@ class TinyNet(nnx.Module):
 
     def forward_features(self, x):
         return nnx.relu(self.bn(self.conv(x)))
+
+
+@contextlib.contextmanager
+def lock_held_by_another_run(folder: Path) -> Iterator[None]:
+    """`folder`'s WorkdirLock held, for the block, by another thread, as another run holds it
+    (the thread that holds a lock may take it again: a block of the test's own would nest)."""
+    from annotate.workdir import WorkdirLock
+
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with WorkdirLock(folder):
+            taken.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(60), f"the other run could not take {folder}'s lock"
+        yield
+    finally:
+        release.set()
+        holder.join()
 
 
 def latest_checkpoint_arrays(workdir: Path) -> tuple[int, dict[str, np.ndarray]]:

@@ -18,8 +18,8 @@ from ml_collections import config_dict
 from PIL import Image
 
 from annotate.data import read_augmentation_index, read_split_index
-from annotate.workdir import WorkdirError, WorkdirLock
-from conftest import write_dataset
+from annotate.workdir import WorkdirError
+from conftest import lock_held_by_another_run, write_dataset
 from modules import load_module
 from wgan import run as wgan_run
 from wgan.models import BatchNorm2d, Conv2d, Critic, Generator
@@ -477,7 +477,7 @@ def test_a_second_run_on_one_output_folder_is_refused_before_any_training(tmp_pa
     would delete the other's): the second is refused, naming the first."""
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
     monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: pytest.fail("trained"))
-    with WorkdirLock(tmp_path / "out"):
+    with lock_held_by_another_run(tmp_path / "out"):
         with pytest.raises(WorkdirError, match=(f"{tmp_path / 'out'} is in use by process .*; "
                                                 f"wait for it to end or use another "
                                                 f"--config.out_dir")):

@@ -23,11 +23,11 @@ from annotate.config import resolved_config
 from annotate.workdir import (FRESH_SECONDS, CheckpointSaveError, WorkdirError, WorkdirLock,
                               check_config, is_abandoned, state_layout, write_atomically,
                               write_config)
-from conftest import tiny_config
+from conftest import lock_held_by_another_run, tiny_config
 
 
 def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, caplog):
-    with WorkdirLock(tmp_path):
+    with lock_held_by_another_run(tmp_path):
         holder = json.loads((tmp_path / ".lock").read_text())
         assert (holder["pid"], holder["host"]) == (os.getpid(), socket.gethostname())
         with pytest.raises(WorkdirError, match=f"in use by process {os.getpid()} on "):
@@ -100,9 +100,28 @@ def test_runs_taking_over_a_dead_runs_lock_at_once_never_both_hold_it(tmp_path):
     assert most[0] == 1 and taken[0] > 6
 
 
+def test_a_thread_that_holds_the_lock_may_take_it_again_and_the_outer_block_releases_it(
+        tmp_path):
+    """The app holds the lock around train_and_evaluate, which takes it too, and keeps it through
+    the reports: the nested block ends without releasing it."""
+    with WorkdirLock(tmp_path):
+        with WorkdirLock(tmp_path.parent / tmp_path.name / "." / ""):  # the same folder
+            started = (tmp_path / ".lock").read_text()
+        assert (tmp_path / ".lock").read_text() == started  # still held, by the outer block
+        refused = []
+        other = threading.Thread(target=lambda: refused.append(pytest.raises(
+            WorkdirError, WorkdirLock(tmp_path).__enter__)))
+        other.start()
+        other.join()
+        assert refused and "in use by process" in str(refused[0].value)
+    assert not (tmp_path / ".lock").exists()  # released by the outer block
+    with lock_held_by_another_run(tmp_path):
+        pass
+
+
 def test_busy_workdir_is_refused_before_any_work(tiny_dataset, tiny_backbone, tmp_path):
     config = tiny_config(tiny_dataset, tmp_path / "cache")
-    with WorkdirLock(tmp_path / "run"):
+    with lock_held_by_another_run(tmp_path / "run"):
         with pytest.raises(WorkdirError, match="in use by process"):
             train.train_and_evaluate(config, tmp_path / "run")
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
