@@ -43,7 +43,7 @@ LINEAR_HEAD_KEYS = ("model.global_pool",)  # read by the linear head alone
 # and, under protocol "validation", which training images were held out
 VALIDATION_KEYS = ("seed", "eval.validation_size")
 # what a resumed training run must keep too: the schedule's length in steps (a longer or shorter
-# OneCycle would jump mid-run)
+# OneCycle would jump mid-run; a constant learning rate has no length, its run may be extended)
 RESUME_KEYS = ("train.batch_size", "train.schedule_epochs")
 
 
@@ -268,7 +268,10 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     if not path.is_file():
         return
     saved = read_saved_config(path)
-    keys = list(SHAPE_KEYS) + list(EVALUATION_KEYS) + (list(RESUME_KEYS) if training else [])
+    keys = list(SHAPE_KEYS) + list(EVALUATION_KEYS)
+    if training:  # (the schedule's kind is in state_layout: a constant one stays constant)
+        keys += [key for key in RESUME_KEYS if key != "train.schedule_epochs"
+                 or _value(saved, "train.schedule") != "constant"]
     if _value(saved, "eval.protocol") == "validation":
         keys += list(VALIDATION_KEYS)
     head = _value(config, "model.head")

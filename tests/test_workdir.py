@@ -197,6 +197,21 @@ def test_a_resume_or_evaluation_keeps_what_its_checkpoints_and_images_depend_on(
             check_config(workdir, config, training=training)
 
 
+def test_a_constant_learning_rate_run_may_be_given_more_epochs(tiny_dataset, tmp_path):
+    """schedule_epochs is a OneCycle's length; a constant learning rate has none, so its run can
+    be resumed for more epochs (a OneCycle run cannot: the parametrised test above)."""
+    config = tiny_config(tiny_dataset, tmp_path)
+    config.train.schedule = "constant"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, config)
+    config.train.epochs = config.train.schedule_epochs = config.train.schedule_epochs + 3
+    check_config(workdir, config, training=True)
+    config.train.schedule = "onecycle"  # a change of kind is refused (state_layout)
+    with pytest.raises(WorkdirError, match="trained with train.schedule='constant'"):
+        check_config(workdir, config, training=True)
+
+
 def test_the_linear_heads_pooling_is_free_under_another_head(tiny_dataset, tmp_path):
     """model.global_pool is read by the linear head alone: with CSRA it changes nothing."""
     config = tiny_config(tiny_dataset, tmp_path)
