@@ -76,6 +76,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     require(0 <= train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1); 0 disables EMA")
     require(train.log_every > 0, "train.log_every", "must be positive")
     require(config.eval.protocol in PROTOCOLS, "eval.protocol", f"use one of {list(PROTOCOLS)}")
+    # jax.random.key keeps 32 bits of a larger seed, numpy refuses a negative one (the bootstrap,
+    # after the training)
+    require(0 <= config.seed < 2 ** 32, "seed", "must lie in [0, 2**32)")
     require(config.eval.validation_size > 0, "eval.validation_size", "must be positive")
     require(config.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples",
             "must be at least 100")

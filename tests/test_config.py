@@ -71,6 +71,13 @@ def test_config_errors_name_the_key():
         config.train[key] = value
         with pytest.raises(ValueError, match=re.escape(f"config.train.{key} = {value!r}: {message}")):
             validate_config(config)
+    # numpy's bootstrap refused a negative seed after the whole training; jax keeps 32 bits
+    for seed in (-1, 2 ** 32):
+        config = base.get_config(model="resnet18", loss="asl")
+        config.seed = seed
+        with pytest.raises(ValueError, match=re.escape(f"config.seed = {seed}: must lie in "
+                                                       f"[0, 2**32)")):
+            validate_config(config)
     for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
         config = base.get_config(model="resnet18", loss="asl")
         config.data.mean = mean

@@ -490,6 +490,7 @@ def test_a_second_run_on_one_output_folder_is_refused_before_any_training(tmp_pa
     ({"pairs": 0}, "config.pairs = 0: must be >= 1"),
     ({"model_width": 0}, "config.model_width = 0: must be >= 1"),
     ({"limit": -5}, "config.limit = -5: must be >= 1, or None for every training image"),
+    ({"seed": -1}, r"config.seed = -1: must lie in \[0, 2\*\*32\)"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)

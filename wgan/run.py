@@ -127,6 +127,8 @@ def run(config: config_dict.ConfigDict) -> Path:
     for key in ("pairs", "model_width"):
         if config[key] < 1:
             raise ValueError(f"config.{key} = {config[key]}: must be >= 1")
+    if not 0 <= config.seed < 2 ** 32:  # jax.random.key keeps 32 bits of a larger one
+        raise ValueError(f"config.seed = {config.seed}: must lie in [0, 2**32)")
     if config.limit is not None and config.limit < 1:
         raise ValueError(f"config.limit = {config.limit}: must be >= 1, or None for every "
                          f"training image")
