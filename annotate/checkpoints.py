@@ -167,7 +167,8 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
     CheckpointMismatchError when its arrays are not the model's (another dataset's label count,
     a config that keeps other state), read from its layout before any array is read (a restore
     that fails part-way leaves orbax's reads pending, and they print tracebacks when Python
-    exits); WorkdirError calling it damaged when it fits but cannot be read."""
+    exits); WorkdirError calling it damaged when it fits but cannot be read. An error of putting
+    the arrays on the devices (out of memory) is raised as it is: the checkpoint is not at fault."""
     model = layout(like)
     directory = Path(manager.directory)
     path = directory / str(epoch)
@@ -182,15 +183,15 @@ def restore_state(manager: ocp.CheckpointManager, epoch: int, like: Any) -> Any:
             raise ValueError(f"its {LAYOUT} cannot be read: {type(unreadable).__name__}: "
                              f"{unreadable}") from unreadable
         arrays = _read_arrays(path, saved)
-        leaves = [put(np.asarray(arrays[name], dtype=leaf.dtype), leaf.sharding)  # cast, no copy
-                  for (name, _, _), leaf in zip(model, jax.tree.leaves(like))]
-        return jax.tree.unflatten(jax.tree.structure(like), leaves)
     except Exception as error:  # what fits its layout but cannot be read: a damaged file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         cause = f"{type(error).__name__}: {' '.join(lines[:8])[:600]}"
         raise WorkdirError(f"checkpoint {epoch} in {directory} cannot be read, damaged? "
                            f"({cause}); delete that folder to resume from an earlier checkpoint, "
                            f"if one is left") from error
+    leaves = [put(np.asarray(arrays[name], dtype=leaf.dtype), leaf.sharding)  # cast, no copy
+              for (name, _, _), leaf in zip(model, jax.tree.leaves(like))]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:

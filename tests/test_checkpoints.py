@@ -163,6 +163,13 @@ def test_a_checkpoint_that_does_not_fit_or_is_damaged_is_named(tiny_backbone, tm
         with pytest.raises(WorkdirError, match=r"checkpoint 1 in .* cannot be read, damaged\?"):
             checkpoints.restore_state(checkpoints.checkpoint_manager(tmp_path), 1, state)
 
+    def out_of_device_memory(array, sharding):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4 bytes")
+
+    with pytest.MonkeyPatch.context() as patch:  # the checkpoint is whole: not called damaged
+        patch.setattr(checkpoints, "put", out_of_device_memory)
+        with pytest.raises(jax.errors.JaxRuntimeError, match="^RESOURCE_EXHAUSTED"):
+            checkpoints.restore_state(manager, 1, state)
     (array_file, *_) = sorted(checkpoint.rglob("d/*"))
     damaged(array_file, array_file.read_bytes()[:20])
     (metadata,) = (checkpoint / checkpoints.STATE).rglob("_METADATA")
