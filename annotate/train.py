@@ -798,6 +798,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
             log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
         if is_writer and run_data.validation is not None:  # checked before config.json
             _record_validation_images(run_data, config, workdir, resumed=bool(start_epoch))
+        # the records kept (a damaged metrics.jsonl is refused before config.json is written):
+        # those of an epoch interrupted before its checkpoint are dropped
+        records = ([r for r in summary.read_metrics(workdir) if r["epoch"] <= start_epoch]
+                   if is_writer else [])
     except BaseException:
         checkpoints.close()
         raise
@@ -806,9 +810,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         write_config(workdir, config, start_epoch)
         write_atomically(workdir / VOCABULARY_RECORD,
                          json.dumps({"labels": list(vocabulary)}, indent=1) + "\n")
-        # drop records of an epoch that was interrupted before its checkpoint
-        summary.rewrite_metrics(workdir, [r for r in summary.read_metrics(workdir)
-                                          if r["epoch"] <= start_epoch])
+        summary.rewrite_metrics(workdir, records)
         writer = summary.MetricsWriter(workdir, first_step=start_epoch * steps_per_epoch + 1)
 
     def check_saves() -> None:

@@ -349,6 +349,14 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dataset, tiny_backbo
     (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
         summary.read_metrics(tmp_path / "run")
+    # a resume refused for it records nothing: config.json stays that of the epochs trained
+    files = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()
+             if path.is_file()}
+    config.train.epochs = 3
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()
+            if path.is_file()} == files
 
 
 def test_write_atomically_replaces_whole_files_or_nothing(tmp_path):
