@@ -78,6 +78,15 @@ def explain(error: BaseException, argv: Sequence[str]) -> str:
         while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
             cause = cause.args[0]
         lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        # ml_collections' override of a key below a value: --config.train.epochs.x=1
+        below_value = re.search(r"Attribute <class '(\w+)'>\.\S* does not exist.*Attempting to "
+                                r"lookup: (\S+)", " ".join(lines))
+        if below_value:
+            kind, path = below_value.groups()
+            flag = next((argument for argument in argv
+                         if argument.split("=", 1)[0] == f"--config.{path}"), None)
+            return (f"{flag + ': ' if flag else ''}the config has no key '{path}' "
+                    f"({path.rsplit('.', 1)[0]} is a value of type {kind}, not a section)")
         key = lines[0].strip("'\"") if lines else "?"
         hint = f"; {lines[1]}" if len(lines) > 1 else ""
         flag = _override_named(argv, key)

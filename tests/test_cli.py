@@ -27,6 +27,9 @@ def run_app(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
      '"epoch"?'),
     ("annotate.main", ["--config=configs/smoke.py", "--config.eval.x=1"],
      "--config.eval.x=1: the config has no key 'x'"),
+    ("annotate.main", ["--config=configs/smoke.py", "--config.train.epochs.x=1"],
+     "--config.train.epochs.x=1: the config has no key 'train.epochs.x' (train.epochs is a value "
+     "of type int, not a section)"),
     ("annotate.main", ["--config=configs/smoke.py", "--config.train.epochs=abc"],
      "flag --config.train.epochs=abc: invalid literal for int() with base 10: 'abc'"),
     ("annotate.main", ["--config=configs/nope.py"], "config file configs/nope.py not found"),
