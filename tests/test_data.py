@@ -6,6 +6,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -160,6 +161,17 @@ def invalid_json(root: Path) -> str:
     return "train.json"
 
 
+def deeply_nested_json(root: Path) -> str:
+    (root / "train.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json
+    return "train.json"
+
+
+def images_a_file(root: Path) -> str:
+    shutil.rmtree(root / "images")
+    (root / "images").write_text("not a folder")
+    return "images/0.jpeg"
+
+
 def missing_key(root: Path) -> str:
     edit_json(root / "train.json", lambda c: c.pop("labels"))
     return "train.json"
@@ -183,7 +195,9 @@ def different_vocabulary(root: Path) -> str:
 @pytest.mark.parametrize("spoil, reason", [
     (truncate_image, "cannot decode"), (garble_image, "cannot decode"), (delete_image, "missing"),
     (unknown_label, "unicorn"), (duplicate_name, "duplicate image name"),
-    (invalid_json, "invalid JSON"), (missing_key, "'labels'"), (different_vocabulary, "vocabulary"),
+    (invalid_json, "invalid JSON"), (deeply_nested_json, r"invalid JSON \(nested too deeply\)"),
+    (images_a_file, "Not a directory"),
+    (missing_key, "'labels'"), (different_vocabulary, "vocabulary"),
     (nul_in_name, "has no valid 'image_name'"),
     (image_in_both_splits, r"1 images are also in train.json \(first: \['3.jpeg'\]\)"),
 ])

@@ -134,8 +134,16 @@ def damaged_central_directory(source: Path, tmp_path: Path) -> tuple[Path, str]:
     return archive, "corel5k.zip: damaged zip archive \\(Bad magic number for central directory\\)"
 
 
+def truncated_zip(source: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A download cut short: the local headers are there, the end record is not."""
+    archive = pack(source, tmp_path / "corel5k.zip")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    return archive, "corel5k.zip: a damaged or truncated zip archive"
+
+
 @pytest.mark.parametrize("spoil", [not_an_archive, no_dataset_folder, wrong_counts, corrupt_image,
-                                   unsafe_member, truncated_tar, damaged_central_directory])
+                                   unsafe_member, truncated_tar, truncated_zip,
+                                   damaged_central_directory])
 def test_bad_archive_gives_a_clear_error_and_installs_nothing(fetch, tiny_dataset, tmp_path, spoil):
     archive, reason = spoil(tiny_dataset, tmp_path)
     destination = tmp_path / "data" / "corel5k"
@@ -265,6 +273,17 @@ def test_default_source_layout_is_assembled_and_verified(server, tiny_dataset, t
         fetch_module.fetch_github(tmp_path / "other", **options)
     assert not (tmp_path / "other").exists()
     with pytest.raises(DatasetError, match="download of .*/absent.zip failed"):
+        fetch_module.fetch_github(tmp_path / "other", **dict(options,
+                                                             images_url=f"{url}/absent.zip"))
+    # an index file is named by its own URL, before the images are downloaded
+    github_layout(tiny_dataset, folder)
+    (folder / "index" / "test.json").write_text("<html>Sign in</html>")
+    with pytest.raises(DatasetError, match=f"^{url}/index/test.json: the server sent an HTML "
+                                           f"page, not test.json"):
+        fetch_module.fetch_github(tmp_path / "other", **dict(options,
+                                                             images_url=f"{url}/absent.zip"))
+    (folder / "index" / "test.json").write_text('{"samples": [], "labels": []}')
+    with pytest.raises(DatasetError, match=f"^{url}/index/test.json: 1 files differ"):
         fetch_module.fetch_github(tmp_path / "other", **dict(options,
                                                              images_url=f"{url}/absent.zip"))
 
@@ -501,6 +520,23 @@ def test_force_moves_the_old_copy_aside_until_the_new_one_is_in_place(tiny_datas
     with pytest.raises(KeyboardInterrupt):
         fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS, force=True)
     assert (destination / "train.json").is_file() and not (destination / "old.txt").exists()
+
+
+def test_force_replaces_a_linked_data_folder_and_can_do_it_again(tiny_dataset, tmp_path):
+    """data/corel5k as a link to a copy elsewhere: --force puts the new copy in the link's place
+    and deletes the link, not the copy it points to (the link was left aside for good, and every
+    later --force failed on it)."""
+    archive = pack(tiny_dataset, tmp_path / "corel5k.zip")
+    elsewhere = fetch_module.install_dataset(archive, tmp_path / "big" / "corel5k",
+                                             expected=TINY_COUNTS)
+    destination = tmp_path / "data" / "corel5k"
+    destination.parent.mkdir()
+    destination.symlink_to(elsewhere)
+    for _ in range(2):
+        fetch_module.install_dataset(archive, destination, expected=TINY_COUNTS, force=True)
+        assert destination.is_dir() and not destination.is_symlink()
+        assert sorted(p.name for p in destination.parent.iterdir()) == ["corel5k"]
+    assert same_tree(tiny_dataset, elsewhere)
 
 
 @pytest.mark.parametrize("url", ["github.com/owner/corel5k.zip", "corel5k.zip"])

@@ -102,17 +102,35 @@ def _check_member_name(archive: str | Path, name: str) -> None:
         raise DatasetError(f"{archive}: unsafe member path '{name}' (absolute or containing '..')")
 
 
-def _not_an_archive(archive: Path, url: str | None) -> DatasetError:
-    """The error for a file that is neither zip nor tar, saying when it is an HTML page (what a
-    server sends instead of the file when it wants a sign-in, or for an error)."""
-    with open(archive, "rb") as file:
-        html = file.read(64).lstrip().startswith(b"<")  # <!DOCTYPE html>, <html>, ...
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file `path` begins with `prefix`, leading white space aside."""
+    with open(path, "rb") as file:
+        return file.read(64).lstrip().startswith(prefix)
+
+
+def _is_html(path: Path) -> bool:
+    """An HTML page (<!DOCTYPE html>, <html>, ...): what a server sends instead of the file asked
+    for when it wants a sign-in, or for an error."""
+    return _starts_with(path, b"<")
+
+
+def _archive_kind(archive: Path, url: str | None) -> str:
+    """"zip" or "tar"; DatasetError naming `url` (else `archive`) for anything else: an HTML page,
+    a zip cut short (its local header without the end record: an interrupted download)."""
+    if zipfile.is_zipfile(archive):
+        return "zip"
+    if tarfile.is_tarfile(archive):
+        return "tar"
+    if _starts_with(archive, b"PK\x03\x04"):
+        raise DatasetError(f"{url or archive}: a damaged or truncated zip archive (its end is "
+                           f"missing: an interrupted download?); download it again")
+    html = _is_html(archive)
     if html and url is not None:
-        return DatasetError(f"{url}: the server sent an HTML page, not an archive (a sign-in or "
-                            f"error page?); download the archive in a browser and run `python -m "
-                            f"annotate.data.fetch --archive PATH`")
-    return DatasetError(f"{url or archive}: {'an HTML page, ' if html else ''}not a zip or tar "
-                        f"archive")
+        raise DatasetError(f"{url}: the server sent an HTML page, not an archive (a sign-in or "
+                           f"error page?); download the archive in a browser and run `python -m "
+                           f"annotate.data.fetch --archive PATH`")
+    raise DatasetError(f"{url or archive}: {'an HTML page, ' if html else ''}not a zip or tar "
+                       f"archive")
 
 
 def extract_archive(archive: Path, work_dir: Path, *, url: str | None = None) -> None:
@@ -122,12 +140,7 @@ def extract_archive(archive: Path, work_dir: Path, *, url: str | None = None) ->
     name = url or archive
     if not archive.is_file():
         raise DatasetError(f"{archive}: archive file does not exist")
-    if zipfile.is_zipfile(archive):
-        kind = "zip"
-    elif tarfile.is_tarfile(archive):
-        kind = "tar"
-    else:
-        raise _not_an_archive(archive, url)
+    kind = _archive_kind(archive, url)
     try:
         if kind == "zip":
             with zipfile.ZipFile(archive) as bundle:  # a damaged central directory raises here
@@ -208,10 +221,18 @@ def replaced_path(destination: Path, state: str = "replaced") -> Path:
     return destination.with_name(f".{destination.name}.{state}")
 
 
+def _remove(path: Path) -> None:
+    """Delete `path`: a folder with what it holds, a link (not what it points to) or a file."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _delete_aside_copies(destination: Path) -> None:
     """Delete what a --force replacement killed after its renames left beside `destination`."""
     for state in ("replaced", "deleting"):
-        shutil.rmtree(replaced_path(destination, state), ignore_errors=True)
+        _remove(replaced_path(destination, state))
 
 
 def _refuse_existing(destination: Path, force: bool) -> None:
@@ -244,7 +265,7 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
         replaced.rename(destination)  # the old copy back
         raise
     replaced.rename(deleting)
-    shutil.rmtree(deleting, ignore_errors=True)
+    _remove(deleting)  # a link to a copy elsewhere is replaced, the copy left alone
     return destination
 
 
@@ -328,11 +349,17 @@ def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: s
     with _work_dir(destination) as work_dir:
         root = work_dir / "corel5k"
         (root / "images").mkdir(parents=True)
-        for name in INDEX_FILES:
-            download(index_url.format(name=name), root / name)
+        for name in INDEX_FILES:  # each checked before the images, named by its own URL
+            url = index_url.format(name=name)
+            download(url, root / name)
+            if _is_html(root / name):
+                raise DatasetError(f"{url}: the server sent an HTML page, not {name} (a sign-in "
+                                   f"or error page?)")
+            if manifest is not None and name in manifest:
+                verify_manifest(root, {name: manifest[name]}, url)
         archive = download(images_url, work_dir / "images.zip")
-        if not zipfile.is_zipfile(archive):
-            raise _not_an_archive(archive, images_url)
+        if _archive_kind(archive, images_url) != "zip":
+            raise DatasetError(f"{images_url}: a tar archive, not the zip of the repository")
         try:
             with zipfile.ZipFile(archive) as bundle:
                 for member in bundle.infolist():

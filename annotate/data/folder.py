@@ -86,6 +86,8 @@ def read_index_file(json_path: Path | str, image_folder: str = "images", *,
         content = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{json_path}: invalid JSON ({error})") from error
+    except RecursionError:  # arrays nested thousands deep
+        raise DatasetError(f"{json_path}: invalid JSON (nested too deeply)") from None
     if not isinstance(content, dict):
         raise DatasetError(f"{json_path}: top level must be an object with keys 'samples' and "
                            "'labels'")
@@ -163,13 +165,17 @@ def read_dataset_indices(root: Path | str) -> dict[str, SplitIndex]:
 
 
 def check_images_exist(index: SplitIndex) -> list[os.stat_result]:
-    """Stat every image of `index`; raise DatasetError naming the first missing file."""
+    """Stat every image of `index`; raise DatasetError naming the first missing or unreadable
+    file (e.g. `images` a file, not a folder)."""
     stats = []
     for name, path in zip(index.image_names, index.image_paths):
         try:
             stats.append(path.stat())
         except FileNotFoundError:
             raise DatasetError(f"{path}: image file is missing (listed as '{name}' in "
+                               f"{index.json_path})") from None
+        except OSError as error:
+            raise DatasetError(f"{path}: {error.strerror} (listed as '{name}' in "
                                f"{index.json_path})") from None
     return stats
 
