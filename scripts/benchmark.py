@@ -8,6 +8,7 @@
     python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
     python scripts/benchmark.py stream --data DIR [--res 448,224] [--threads 2,16]
     python scripts/benchmark.py checkpoint [--models tresnet_m] [--variants packed,leaves+zstd]
+    python scripts/benchmark.py compile-cache [--config FILE] [--overrides="--config.x=1 ..."]
     python scripts/benchmark.py report FILE...   # our lines + torch_reference.py's lines
 
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
@@ -30,6 +31,8 @@ import gzip
 import json
 import os
 import re
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -474,6 +477,35 @@ def run_stream(args: argparse.Namespace) -> list[dict[str, Any]]:
                       "cpu_count": os.cpu_count(), **device_info()}
             emit(record)
             records.append(record)
+    return records
+
+
+def run_compile_cache(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Wall seconds of one `python -m annotate.main` experiment run twice, in fresh processes that
+    share one new persistent compilation cache (the second loads what the first compiled), once
+    keeping every compilation (the apps' setting, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+    and once JAX's default (only those over 1 s); each run trains into a new workdir."""
+    records = []
+    for threshold in csv(args.thresholds):
+        with tempfile.TemporaryDirectory(prefix="benchmark_compile_cache_") as scratch:
+            env = dict(os.environ, XDG_CACHE_HOME=f"{scratch}/xdg",
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=threshold)
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the cache is XDG_CACHE_HOME's
+            seconds = []
+            for run in ("first", "second"):
+                command = [sys.executable, "-m", "annotate.main", f"--config={args.config}",
+                           f"--workdir={scratch}/{run}", *shlex.split(args.overrides)]
+                start = time.perf_counter()
+                done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
+                                      text=True)
+                seconds.append(time.perf_counter() - start)
+                if done.returncode:
+                    raise RuntimeError(f"{shlex.join(command)} failed: {done.stderr[-2000:]}")
+        record = {"what": "compile_cache", "config": args.config, "overrides": args.overrides,
+                  "min_compile_time_s": float(threshold), "first_run_s": seconds[0],
+                  "second_run_s": seconds[1], "cpu_count": os.cpu_count(), **device_info()}
+        emit(record)
+        records.append(record)
     return records
 
 
@@ -963,8 +995,8 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- command line
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line: `train`, `flops`, `stream`, `checkpoint`, `wgan`, `wgan-bound` or
-    `report`, each with its options."""
+    """The command line: `train`, `flops`, `stream`, `checkpoint`, `compile-cache`, `wgan`,
+    `wgan-bound` or `report`, each with its options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="images/s of the full jitted train step")
@@ -1010,6 +1042,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "array per leaf, as before), +zstd for orbax's compression")
     saving.add_argument("--saves", type=int, default=7, help="saves timed (median taken)")
     saving.add_argument("--dir", default="", help="folder to save into (default: the temp dir)")
+    cache = commands.add_parser("compile-cache",
+                                help="seconds of an experiment's second run from the compilation "
+                                     "cache, keeping every compilation or JAX's default")
+    cache.add_argument("--config", default="configs/smoke.py", help="the experiment's config")
+    cache.add_argument("--overrides", default="--config.data.image_size=16 "
+                                              "--config.train.epochs=1",
+                       help='its --config.* flags in one: --overrides="--config.a=1 ..."')
+    cache.add_argument("--thresholds", default="0,1",
+                       help="comma-separated JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (the "
+                            "apps' 0, JAX's default 1)")
     bound = commands.add_parser("wgan-bound",
                                 help="the ML-WGAN recipe's weight reads, bytes, FLOPs, bound")
     bound.add_argument("--width", type=int, default=64, help="network width (seed: 64)")
@@ -1041,6 +1083,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         return run_stream(args)
     elif args.command == "checkpoint":
         return run_checkpoint(args)
+    elif args.command == "compile-cache":
+        return run_compile_cache(args)
     elif args.command == "wgan-bound":
         record = wgan_bound(args.width)
         emit(record)

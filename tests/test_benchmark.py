@@ -7,6 +7,7 @@ import functools
 import gzip
 import json
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,31 @@ def test_checkpoint_command_times_the_loops_saves(benchmark, tmp_path):
         assert 0 < record["save_blocking_s"] <= record["save_s"] <= max(record["save_s_each"])
         assert sum(record["save_s_each"]) < wall / 2 and record["save_cpu_s"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_cache_command_runs_an_experiment_twice_per_cache(benchmark, monkeypatch):
+    """Each threshold gets a new cache folder (XDG_CACHE_HOME), shared by its two runs of the
+    same experiment into two new workdirs, with JAX's threshold variable set; the seconds are
+    each run's wall time."""
+    runs = []
+
+    def fake_main(command, cwd, env, capture_output, text):
+        assert "JAX_COMPILATION_CACHE_DIR" not in env  # it would override XDG_CACHE_HOME's
+        runs.append((command, env["XDG_CACHE_HOME"],
+                     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        time.sleep(0.05 * len(runs))
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_main)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    records = benchmark.main(["compile-cache", "--overrides=--config.train.epochs=1"])
+    assert [r["min_compile_time_s"] for r in records] == [0.0, 1.0]
+    assert [threshold for *_, threshold in runs] == ["0", "0", "1", "1"]
+    caches = [cache for _, cache, _ in runs]
+    assert caches[0] == caches[1] != caches[2] == caches[3]
+    workdirs = [next(a for a in command if a.startswith("--workdir=")) for command, *_ in runs]
+    assert len(set(workdirs)) == 4
+    assert all(command[1:4] == ["-m", "annotate.main", "--config=configs/smoke.py"]
+               and command[-1] == "--config.train.epochs=1" for command, *_ in runs)
+    for record, (first, second) in zip(records, [(0.05, 0.10), (0.15, 0.20)]):  # the sleeps
+        assert first <= record["first_run_s"] < second <= record["second_run_s"]
