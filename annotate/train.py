@@ -603,6 +603,7 @@ def _record_validation_images(run_data: RunData, config: ml_collections.ConfigDi
 # --------------------------------------------------------------------------- the loop
 
 CPU_WARNING_SECONDS = 3600.0  # a CPU run estimated longer than this gets a one-line warning
+ESTIMATE_AFTER_SECONDS = 10.0  # timed steps this long suffice for train_epoch's estimate
 
 
 def _check_steps_per_epoch(trained_steps: int, epochs: int, steps_per_epoch: int,
@@ -655,8 +656,9 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
     """Run epoch `epoch` (1-based) over the permutation fold_in(order_key, epoch), K steps per
     dispatch (steps_per_call), showing loss and images/s; returns (state, mean loss, seconds).
     `on_step_time(seconds per step)` is called once, measured over the steps after the first
-    call (which may compile); `check_saves()` after every call's losses arrive. A non-finite
-    loss raises FloatingPointError."""
+    call (which may compile): five, or fewer once they took ESTIMATE_AFTER_SECONDS (one step of
+    the seed's recipe on 2 CPU cores takes two minutes); `check_saves()` after every call's
+    losses arrive. A non-finite loss raises FloatingPointError."""
     batch_size, num_images = experiment.config.train.batch_size, train_split.num_images
     steps_per_epoch = num_images // batch_size
     chunk = steps_per_call(steps_per_epoch, experiment.config.train.log_every,
@@ -692,8 +694,9 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
             nonlocal on_step_time
             if on_step_time is not None and not after_first:
                 after_first.append(time.perf_counter())
-            elif on_step_time is not None and (len(step_losses) - 1) * chunk >= min(
-                    5, steps_per_epoch - chunk):
+            elif on_step_time is not None and (
+                    (len(step_losses) - 1) * chunk >= min(5, steps_per_epoch - chunk)
+                    or time.perf_counter() - after_first[0] >= ESTIMATE_AFTER_SECONDS):
                 on_step_time((time.perf_counter() - after_first[0])
                              / ((len(step_losses) - 1) * chunk))
                 on_step_time = None

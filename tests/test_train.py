@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from annotate import data, devices, metrics, summary, train
+from annotate.config import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]
 from configs import base, smoke  # noqa: E402
@@ -627,6 +628,28 @@ def test_a_long_cpu_run_says_what_it_will_cost(tiny_dataset, tiny_backbone, tmp_
     assert "s/step" in warnings[0] and "3 epochs to go" in warnings[0]
     assert "make train CONFIG=configs/smoke.py" in warnings[0]
     assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("estimate_after_seconds, estimated_at_call", [(1e9, 6), (0.0, 2)])
+def test_the_step_time_estimate_comes_after_five_timed_steps_or_once_they_took_long(
+        tiny_dataset, tiny_backbone, tmp_path, monkeypatch, estimate_after_seconds,
+        estimated_at_call):
+    """train_epoch times the steps after its first call (which compiles): five of them, or fewer
+    once they took ESTIMATE_AFTER_SECONDS (here 0: the first timed call), so that a CPU run of
+    two minutes per step is told its cost after 2 steps, not 6."""
+    monkeypatch.setattr(train, "ESTIMATE_AFTER_SECONDS", estimate_after_seconds)
+    config = resolved_config(tiny_config(tiny_dataset, tmp_path / "cache"))
+    config.train.batch_size = 1  # 12 steps, one per call on the CPU
+    mesh = devices.make_mesh()
+    run_data = train.load_data(config, mesh)
+    experiment, state = train.create_experiment(config, 5, 12, mesh)
+    calls, estimated = [], []
+    key = jax.random.key(0)
+    train.train_epoch(experiment, state, run_data.train, 1, key, key, show_progress=False,
+                      on_step_time=lambda seconds: estimated.append((len(calls), seconds)),
+                      check_saves=lambda: calls.append(1))
+    assert len(calls) == 12 and [call for call, _ in estimated] == [estimated_at_call]
+    assert estimated[0][1] > 0
 
 
 def test_a_dataset_with_other_labels_is_refused_on_resume_and_evaluation(
