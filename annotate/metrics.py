@@ -3,7 +3,8 @@
 Pure numpy on host arrays: targets are 0/1 [N, C], probs are sigmoid outputs [N, C]. Definitions
 follow the seed's `EvaluationMetrics` exactly, including its 1e-7 guards, so that numbers are
 comparable with the published tables. `evaluation_results` is the one place where predictions
-become the reported evaluation (thresholds chosen on train, metrics on test, per-label records).
+become the reported evaluation (thresholds chosen on the threshold split: the training images, or
+the validation images under protocol "validation"; metrics on test; per-label records).
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ training loop runs them (`annotate.train.train_steps`, a lax.scan; K = 1 is one 
 Variants are backbone x head x dtype x resolution x K. All variants are lowered
 one after another and compiled concurrently (XLA compiles release the GIL), then timed one at a
 time: median of `repeats` timings of `steps` steps after `warmup` steps. FLOPs come from XLA's
-cost analysis of the compiled step, memory from its memory analysis and the device's counters.
+cost analysis of the lowered step (the compiled one leaves out cuDNN's convolutions), memory from
+the compiled step's memory analysis and the device's counters.
 `wgan` times `wgan_throughput` (wgan.train's jitted chunk) at each K and extrapolates to the
 1001-iteration recipe.
 Every measurement is one JSON line on stdout; a markdown table comes last.

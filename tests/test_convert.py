@@ -209,7 +209,8 @@ def test_a_folder_that_is_not_an_orbax_checkpoint_is_named_so(tmp_path):
     (tmp_path / "snapshot" / "model.safetensors").write_bytes(b"x")
     with pytest.raises(PretrainedError, match=f"^{tmp_path / 'snapshot'} is not an orbax "
                        "checkpoint written by save_weights"):
-        load_pretrained(create_model("resnet18", NUM_CLASSES), str(tmp_path / "snapshot"))
+        load_pretrained(nnx.eval_shape(lambda: create_model("resnet18", NUM_CLASSES)),
+                        str(tmp_path / "snapshot"))  # refused before the model is touched
 
 
 def test_saved_head_of_another_type_loads_into_the_same_head(tmp_path):

@@ -9,9 +9,9 @@ Randomness is per image (`image_keys`), so an image's result does not depend on 
 share its chunk.
 
 Seed semantics kept: batch 1 per pair; every critic forward (fake, real, interpolate) normalises
-with that one image's own statistics (fake and real share one call: `BatchNorm2d` is per image);
-the saved image of an iteration is the fake of its LAST critic step (made before that iteration's
-generator update) in train mode.
+with that one image's own statistics (the three share one batch-3 call: `BatchNorm2d` is per
+image); the saved image of an iteration is the fake of its LAST critic step (made before that
+iteration's generator update) in train mode.
 """
 from __future__ import annotations
 
