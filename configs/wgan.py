@@ -22,8 +22,9 @@ def get_config() -> config_dict.ConfigDict:
     config.seed = 1  # the seed's torch.manual_seed(1); each image's stream is fold_in(seed, index)
     config.model_width = 64  # the seed's hidden_dim; smaller only for quick tests
     config.compute_dtype = "float32"  # matrix-product inputs: "float32" or "bfloat16"
-    # A rerun continues what out_dir holds only with the same seed, iterations, model_width and
-    # compute_dtype (recorded in wgan_run.json); force=True deletes every image and makes them again
-    # (a killed forced run resumes with the same command without force).
+    # A rerun continues what out_dir holds only with the same seed, iterations, model_width,
+    # compute_dtype and training images (recorded in wgan_run.json); force=True deletes every image
+    # and makes them again (a forced run killed while it deletes is run again with force; one
+    # killed while it trains resumes with the same command without force).
     config.force = False
     return config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -460,6 +461,57 @@ def test_a_killed_forced_run_never_mixes_two_settings(tmp_path, monkeypatch):
     wgan_run.run(wgan_config(seed=2, **settings))  # the same command without force resumes
     assert sorted(values_on_disk().values()) == [0.6] * 4
     assert len(read_augmentation_index(out).image_names) == 12
+
+
+def test_a_forced_run_killed_while_it_deletes_leaves_no_index_of_deleted_images(tmp_path,
+                                                                                 monkeypatch):
+    """The index goes before the images it lists: a kill between two deletions leaves no
+    train_aug.json (the classifier's augmentation then says how to write it), never one that
+    lists deleted files; the old record refuses a rerun without force."""
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    out = tmp_path / "out"
+    settings = dict(data__root=str(root), out_dir=str(out), iterations=3, pairs=2,
+                    model_width=WIDTH)
+    monkeypatch.setattr(wgan_run, "train_chunk", _constant_fakes(-0.6))
+    wgan_run.run(wgan_config(seed=1, **settings))
+    unlink, deleted = Path.unlink, []
+
+    def killed_at_the_second_image(path, *args, **kwargs):
+        if path.parent.name == "aug-images" and path.suffix == ".jpeg":
+            deleted.append(path)
+            if len(deleted) == 2:
+                raise KeyboardInterrupt
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_at_the_second_image)
+    with pytest.raises(KeyboardInterrupt):
+        wgan_run.run(wgan_config(seed=2, force=True, **settings))
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert not (out / "train_aug.json").exists()
+    with pytest.raises(ValueError, match="made with seed=1, not seed=2; .* --config.force=True"):
+        wgan_run.run(wgan_config(seed=2, **settings))
+    monkeypatch.setattr(wgan_run, "train_chunk", _constant_fakes(0.6))
+    wgan_run.run(wgan_config(seed=2, force=True, **settings))
+    assert len(read_augmentation_index(out).image_names) == 9
+
+
+def test_another_datasets_rerun_into_the_same_folder_is_refused(tmp_path, monkeypatch):
+    """Images made from one dataset are not another dataset's augmentations, even under the same
+    file names: the record holds the training images' fingerprint (names, order, file sizes)."""
+    first, other = (write_dataset(tmp_path / name, n_train=3, n_test=1) for name in "ab")
+    (other / "images" / "0.jpeg").write_bytes((other / "images" / "0.jpeg").read_bytes() + b"\0")
+    out = tmp_path / "out"
+    monkeypatch.setattr(wgan_run, "train_chunk", _constant_fakes(-0.6))
+    wgan_run.run(wgan_config(data__root=str(first), out_dir=str(out), iterations=3, pairs=2,
+                             model_width=WIDTH))
+    monkeypatch.setattr(wgan_run, "train_chunk", lambda *args: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="made from another dataset"):
+        wgan_run.run(wgan_config(data__root=str(other), out_dir=str(out), iterations=3, pairs=2,
+                                 model_width=WIDTH))
+    elsewhere = tmp_path / "copy"  # the same dataset elsewhere: its images are done
+    shutil.copytree(first, elsewhere)
+    wgan_run.run(wgan_config(data__root=str(elsewhere), out_dir=str(out), iterations=3, pairs=2,
+                             model_width=WIDTH))
 
 
 def test_an_unwritable_image_folder_fails_before_any_training(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ file is written to a temporary name and renamed, so none is ever half-written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -78,14 +79,25 @@ def write_augmentation_index(out_dir: Path, index: SplitIndex) -> int:
 RUN_KEYS = ("seed", "iterations", "model_width", "compute_dtype")  # what the images depend on
 
 
+def dataset_fingerprint(index: SplitIndex) -> str:
+    """What the images depend on in the dataset: the training images in their order (an image's
+    random key is its position) and their files' sizes; a copy of the dataset elsewhere has the
+    same, another dataset with the same file names has not."""
+    digest = hashlib.sha256()
+    for name, path in zip(index.image_names, index.image_paths):
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def record_run(out_dir: Path, index: SplitIndex, config: config_dict.ConfigDict) -> None:
-    """Write out_dir/wgan_run.json (the settings the images depend on). A rerun with other
-    settings over finished images is refused, unless config.force: then every existing image is
-    deleted first, so that the folder never holds images of two settings (a killed forced run is
-    resumed by the same command without force). A run that stopped before its first image
-    leaves nothing to protect: the new settings replace its record."""
+    """Write out_dir/wgan_run.json (the settings and the dataset the images depend on). A rerun
+    with other settings or another dataset over finished images is refused, unless config.force:
+    then the index and every existing image are deleted first, so that the folder never holds
+    images of two settings (a forced run killed during the deletions is run again with force;
+    one killed later is resumed by the same command without force). A run that stopped before
+    its first image leaves nothing to protect: the new record replaces its record."""
     path = out_dir / "wgan_run.json"
-    settings = {key: config[key] for key in RUN_KEYS}
+    settings = {**{key: config[key] for key in RUN_KEYS}, "dataset": dataset_fingerprint(index)}
     image_dir = out_dir / AUGMENTATION_IMAGES
     finished = sum(is_done(image_dir, name) for name in index.image_names)
     if path.is_file() and finished and not config.force:
@@ -104,7 +116,14 @@ def record_run(out_dir: Path, index: SplitIndex, config: config_dict.ConfigDict)
                     f"{key}={stored.get(key)!r}" for key in changed) + ", not " + ", ".join(
                     f"{key}={settings[key]!r}" for key in changed) +
                 "; use another --config.out_dir, or --config.force=True to make them all again")
-    if config.force:
+        # a record from before the fingerprint cannot tell: its images are kept
+        if stored.get("dataset", settings["dataset"]) != settings["dataset"]:
+            raise ValueError(
+                f"{out_dir} holds {finished} images' augmentations made from another dataset "
+                f"(other training images, sizes or order than {index.json_path}'s); use another "
+                f"--config.out_dir, or --config.force=True to make them all again")
+    if config.force:  # the index first: never one that lists deleted images
+        (out_dir / AUGMENTATION_INDEX).unlink(missing_ok=True)
         for image_name in index.image_names:
             for name in augmented_names(image_name):
                 (image_dir / name).unlink(missing_ok=True)
