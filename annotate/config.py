@@ -43,9 +43,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
     # the head's options: config.model.<head>, the linear head's config.model.global_pool, ...
     section = "model" if config.model.head == "linear" else f"model.{config.model.head}"
-    named(section, models.check_head_options, config.model.head, head_options(config))
+    options = head_options(config)
+    named(section, models.check_head_options, config.model.head, options)
     try:  # the head's constructor checks the values: "<option> = <value>: <why>"
-        models.check_head_values(config.model.head, head_options(config))
+        models.check_head_values(config.model.head, options)
     except ValueError as error:
         raise ValueError(f"config.{section}.{error}") from None
     train = config.train

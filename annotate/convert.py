@@ -236,13 +236,13 @@ def _restore_weights(model: nnx.Module, directory: Path) -> nnx.Module:
     def in_head(key: str) -> bool:
         return is_classifier and key.startswith("head.")
 
-    if not (directory / "_METADATA").is_file():  # orbax's list of a checkpoint's arrays
-        raise PretrainedError(f"{directory} is not an orbax checkpoint written by save_weights "
-                              f"(no _METADATA in it); a folder must hold one, a timm checkpoint "
-                              f"is a .pth/.pt/.bin/.safetensors file")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(directory.absolute())
     metadata = getattr(metadata, "item_metadata", metadata)
+    if not metadata:  # orbax lists no arrays there
+        raise PretrainedError(f"{directory} is not an orbax checkpoint written by save_weights "
+                              f"(orbax finds no arrays in it); a folder must hold one, a timm "
+                              f"checkpoint is a .pth/.pt/.bin/.safetensors file")
     stored = {key: tuple(leaf.shape) for key, leaf in flat_leaves(metadata).items()}
     variables = _flat_variables(model)
     expected = {key: tuple(variable.shape) for key, variable in variables.items()}

@@ -135,5 +135,6 @@ def main(argv: list[str]) -> None:
               f"{mcc['per_image_f1']:.3f}, N+ {mcc['n_plus']} (MCC thresholds); see "
               f"{workdir}/results.md")
 
+
 if __name__ == "__main__":
     cli.run(main, define_flags)

@@ -694,12 +694,13 @@ def train_epoch(experiment: Experiment, state: TrainState, train_split: DeviceSp
             nonlocal on_step_time
             if on_step_time is not None and not after_first:
                 after_first.append(time.perf_counter())
-            elif on_step_time is not None and (
-                    (len(step_losses) - 1) * chunk >= min(5, steps_per_epoch - chunk)
-                    or time.perf_counter() - after_first[0] >= ESTIMATE_AFTER_SECONDS):
-                on_step_time((time.perf_counter() - after_first[0])
-                             / ((len(step_losses) - 1) * chunk))
-                on_step_time = None
+            elif on_step_time is not None:
+                timed_steps = (len(step_losses) - 1) * chunk
+                seconds = time.perf_counter() - after_first[0]
+                if (timed_steps >= min(5, steps_per_epoch - chunk)
+                        or seconds >= ESTIMATE_AFTER_SECONDS):
+                    on_step_time(seconds / timed_steps)
+                    on_step_time = None
 
         pending = None  # the previous call's losses, read while the device runs the next call
         for chunk_rows in rows:

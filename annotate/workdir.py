@@ -42,9 +42,10 @@ EVALUATION_KEYS = ("eval.protocol", "data.augmentation", "data.mean", "data.std"
 LINEAR_HEAD_KEYS = ("model.global_pool",)  # read by the linear head alone
 # and, under protocol "validation", which training images were held out
 VALIDATION_KEYS = ("seed", "eval.validation_size")
-# what a resumed training run must keep too: the schedule's length in steps (a longer or shorter
-# OneCycle would jump mid-run; a constant learning rate has no length, its run may be extended)
-RESUME_KEYS = ("train.batch_size", "train.schedule_epochs")
+# what a resumed training run must keep too: the steps per epoch; and a scheduled one's length in
+# steps (a longer or shorter OneCycle would jump mid-run; a constant learning rate has no length)
+RESUME_KEYS = ("train.batch_size",)
+SCHEDULE_KEYS = ("train.schedule_epochs",)
 
 
 def state_layout(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
@@ -262,16 +263,17 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict, *,
     resolved_config) that differs from its config.json in SHAPE_KEYS, EVALUATION_KEYS (and
     VALIDATION_KEYS under protocol "validation"), the options of its head (LINEAR_HEAD_KEYS, or
     those under config.model.<head> but dropout) or in what its checkpoints
-    hold (state_layout), and to resume its training (`training`) with other RESUME_KEYS;
-    nothing to check before the first run."""
+    hold (state_layout), and to resume its training (`training`) with other RESUME_KEYS (and
+    SCHEDULE_KEYS unless its learning rate is constant); nothing to check before the first run."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         return
     saved = read_saved_config(path)
     keys = list(SHAPE_KEYS) + list(EVALUATION_KEYS)
-    if training:  # (the schedule's kind is in state_layout: a constant one stays constant)
-        keys += [key for key in RESUME_KEYS if key != "train.schedule_epochs"
-                 or _value(saved, "train.schedule") != "constant"]
+    if training:
+        keys += list(RESUME_KEYS)
+    if training and _value(saved, "train.schedule") != "constant":  # (its kind: state_layout)
+        keys += list(SCHEDULE_KEYS)
     if _value(saved, "eval.protocol") == "validation":
         keys += list(VALIDATION_KEYS)
     head = _value(config, "model.head")

@@ -10,7 +10,6 @@ file is written to a temporary name and renamed, so none is ever half-written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from annotate import cli
 from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, AUGMENTATION_SUFFIXES,
                            DatasetError, SplitIndex, read_split_index)
 from annotate.config import COMPUTE_DTYPES, dataset_folder
+from annotate.data.cache import hash_parts
+from annotate.data.folder import check_images_exist
 from annotate.devices import enable_compilation_cache
 from annotate.workdir import WorkdirError, WorkdirLock, remove_abandoned_writes, write_atomically
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
@@ -83,10 +84,8 @@ def dataset_fingerprint(index: SplitIndex) -> str:
     """What the images depend on in the dataset: the training images in their order (an image's
     random key is its position) and their files' sizes; a copy of the dataset elsewhere has the
     same, another dataset with the same file names has not."""
-    digest = hashlib.sha256()
-    for name, path in zip(index.image_names, index.image_paths):
-        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
-    return digest.hexdigest()[:16]
+    return hash_parts(f"{name}:{stat.st_size}" for name, stat in
+                      zip(index.image_names, check_images_exist(index)))[:16]
 
 
 def record_run(out_dir: Path, index: SplitIndex, config: config_dict.ConfigDict) -> None:

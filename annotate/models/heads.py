@@ -4,8 +4,9 @@ Every head takes (num_features, num_classes, *, rngs, **options) and is register
 annotate.models (`_HEADS`); its options come from config.model.<head> (annotate.config.
 head_options), whose keys are checked against the keyword-only arguments; its constructor checks
 their values (`require_option`), which annotate.config.validate_config runs abstractly to name a
-bad one as its config key; `Classifier` joins a backbone and a head. "linear" is the seed's head (global average or max pool, dropout, linear), named `fc`
-like timm's classifier, so timm checkpoints load into it.
+bad one as its config key; `Classifier` joins a backbone and a head. "linear" is the seed's head
+(global average or max pool, dropout, linear), named `fc` like timm's classifier, so timm
+checkpoints load into it.
 """
 from __future__ import annotations
 
