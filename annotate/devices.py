@@ -93,7 +93,7 @@ def enable_compilation_cache() -> str:
     The folder is $JAX_COMPILATION_CACHE_DIR (read by JAX itself) or, by default,
     $XDG_CACHE_HOME/annotate/jax (~/.cache/annotate/jax). Every compilation is kept, however
     short (unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise): a model's eager
-    initialisers are about a hundred compilations of a tenth of a second each, most of a CPU
+    initialisers are dozens of compilations of a fraction of a second each, most of a CPU
     run's start. Call before the first compilation; returns the folder."""
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
