@@ -34,6 +34,13 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(array.addressable_data(0))
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for XLA's out-of-device-memory error (a buffer, a dataset or a step's activations that
+    do not fit), which the apps name with the settings that lower their memory."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and \
+        str(error).startswith("RESOURCE_EXHAUSTED")
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None, process_id: int | None = None,
                            timeout_s: int = 300) -> None:

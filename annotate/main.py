@@ -22,7 +22,8 @@ from ml_collections import config_flags
 from annotate import checkpoints, cli, data, reports, train
 from annotate.config import dataset_to_fetch, validate_config
 from annotate.data import fetch
-from annotate.devices import enable_compilation_cache, initialize_distributed
+from annotate.devices import (enable_compilation_cache, initialize_distributed,
+                              is_out_of_memory)
 from annotate.workdir import WorkdirError, WorkdirLock, require_folder
 
 FLAGS = flags.FLAGS
@@ -117,6 +118,14 @@ def main(argv: list[str]) -> None:
             # read-only workdir, a workdir under a file); checkpoints already written stay put
             cli.fail(error)
         except jax.errors.JaxRuntimeError as error:
+            if is_out_of_memory(error):  # the checkpoints already written are kept
+                process = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+                cli.fail(f"{process}out of device memory ({str(error).splitlines()[0][:200]}); "
+                         f"use less with --config.train.eval_batch_size, "
+                         f"--config.model.dtype=bfloat16 or --config.data.pipeline=stream (the "
+                         f"dataset off the device), and a rerun resumes from the last checkpoint; "
+                         f"or with a smaller --config.train.batch_size, in a new --workdir once "
+                         f"this one holds checkpoints")
             if jax.process_count() == 1:
                 raise
             cli.fail(f"process {jax.process_index()}: a step shared with the other processes "

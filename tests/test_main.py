@@ -98,3 +98,26 @@ def test_reports_that_cannot_be_written_are_one_line_and_keep_the_checkpoints(tm
     assert last.startswith(f"error: writing the reports into {workdir} failed (") and \
         "--evaluate" in last, done.stderr[-3000:]
     assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "results.json").is_file()
+
+
+def test_out_of_device_memory_is_one_line_naming_what_uses_less(tmp_path):
+    """XLA's RESOURCE_EXHAUSTED during a run (here a real one: a 4 TiB buffer) ends it with one
+    line naming the settings that use less device memory and how to keep the checkpoints."""
+    from conftest import write_dataset
+
+    root = write_dataset(tmp_path / "tiny")
+    script = ("import jax.numpy as jnp\n"
+              "from annotate import cli, main, train\n"
+              "train.train_and_evaluate = lambda *args: jnp.zeros(2 ** 40).block_until_ready()\n"
+              "cli.run(main.main, main.define_flags)\n")
+    done = subprocess.run([sys.executable, "-c", script, "--config=configs/smoke.py",
+                           f"--workdir={tmp_path / 'run'}", f"--config.data.root={root}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory "), last
+    for setting in ("--config.train.eval_batch_size", "--config.model.dtype=bfloat16",
+                    "--config.data.pipeline=stream", "--config.train.batch_size, in a new "
+                    "--workdir once this one holds checkpoints"):
+        assert setting in last, last

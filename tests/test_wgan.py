@@ -655,3 +655,33 @@ def test_training_images_whose_augmentations_share_names_are_refused_before_any_
                                          r"1000_aug\.jpeg"):
         wgan_run.run(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_out_of_device_memory_is_one_line_and_keeps_the_finished_images(tmp_path):
+    """XLA's RESOURCE_EXHAUSTED in a chunk (here a real one: a 4 TiB buffer, on the second chunk)
+    ends the app with one line naming --config.pairs; the first chunk's images stay indexed."""
+    root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
+    script = (
+        "import jax.numpy as jnp, numpy as np\n"
+        "from annotate import cli\n"
+        "from wgan import run\n"
+        "calls = []\n"
+        "def train_chunk(setup, keys, images, iterations):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 1:\n"
+        "        jnp.zeros(2 ** 40).block_until_ready()\n"
+        "    return np.full((images.shape[0], 3, 128, 192, 3), 0.5, np.float32)\n"
+        "run.train_chunk = train_chunk\n"
+        "cli.run(run.main, run.define_flags)\n")
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--config=configs/wgan.py", f"--config.data.root={root}",
+         f"--config.out_dir={tmp_path / 'out'}", "--config.iterations=3", "--config.pairs=2",
+         f"--config.model_width={WIDTH}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory") and \
+        last.endswith("training 2 WGAN-GP pairs at once; a rerun with a smaller --config.pairs "
+                      "keeps the finished images"), last
+    assert len(read_augmentation_index(tmp_path / "out").image_names) == 6  # two images, 3 views

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
@@ -27,7 +28,7 @@ from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, AUGMENTATION
 from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.data.cache import hash_parts
 from annotate.data.folder import check_images_exist
-from annotate.devices import enable_compilation_cache
+from annotate.devices import enable_compilation_cache, is_out_of_memory
 from annotate.workdir import WorkdirError, WorkdirLock, remove_abandoned_writes, write_atomically
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
                         train_chunk)
@@ -221,10 +222,17 @@ def main(argv: list[str]) -> None:
         cli.fail(cli.unexpected_arguments(argv[1:]))
     absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend notices stay quiet
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
+    config = flags.FLAGS.config
     try:
-        run(flags.FLAGS.config)
+        run(config)
     except (DatasetError, ValueError, OSError, WorkdirError) as error:  # finished images stay
         cli.fail(error)
+    except jax.errors.JaxRuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        cli.fail(f"out of device memory ({str(error).splitlines()[0][:200]}) training "
+                 f"{config.pairs} WGAN-GP pairs at once; a rerun with a smaller --config.pairs "
+                 f"keeps the finished images")
 
 
 def define_flags() -> None:
