@@ -93,7 +93,7 @@ done
 
 "$PY" - "$WORKDIR" "$MEASUREMENTS" "$OVERRIDES" <<'EOF' 2>&1 | tee "$RUN_FILES/summary.md" | tee -a "$LOG"
 """Final- and best-epoch test metrics of the run beside the PyTorch reference's."""
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 
 workdir, measurements = Path(sys.argv[1]), Path(sys.argv[2])
@@ -110,11 +110,14 @@ prefix = "test" if "test/per_class_f1" in records[-1] else "val"
 final = records[-1]
 best = max(records, key=lambda r: r[f"{prefix}/per_class_f1"])
 config = json.loads((workdir / "config.json").read_text())
-upper_median = lambda values: sorted(values)[len(values) // 2] if values else None  # noqa: E731
-epoch_s = upper_median([r["train/epoch_seconds"] for r in records])
+# medians over every epoch, as torch_reference.py takes its own (np.median)
+median = lambda values: statistics.median(values) if values else None  # noqa: E731
+epoch_seconds = [r["train/epoch_seconds"] for r in records]
+epoch_s = median(epoch_seconds)
 # evaluation, record and checkpoint save between two epochs (recorded since 2026-11-29)
-between_s = upper_median([r["train/seconds_between_epochs"] for r in records
-                          if "train/seconds_between_epochs" in r])
+between_seconds = [r["train/seconds_between_epochs"] for r in records
+                   if "train/seconds_between_epochs" in r]
+between_s = median(between_seconds)
 results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").is_file() else {}
 
 def row(name, metrics, reference):
@@ -146,8 +149,8 @@ with measurements.open("a") as handle:
                              "overrides": sys.argv[3], "head": config["model"].get("head", "linear"),
                              "protocol": config["eval"]["protocol"], "monitored": prefix,
                              "epochs_run": len(records), "epoch_s_median": epoch_s,
-                             "epoch_s": [r["train/epoch_seconds"] for r in records],
-                             "between_epochs_s_median": between_s,
+                             "epoch_s": epoch_seconds, "between_epochs_s_median": between_s,
+                             "between_epochs_s": between_seconds,
                              "final": strip(final), f"best_epoch_by_{prefix}_f1": best["epoch"],
                              "mcc": results.get("mcc")}) + "\n")
     if results:  # the run's test metrics as annotate.summarize --runs-jsonl writes them

@@ -34,14 +34,19 @@ BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w-]+) -->\n).*?(<!-- END g
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (other lines skipped)."""
+    """The JSON objects of a JSON-lines file; ValueError naming the file and line of one that
+    is not (a line cut short by a killed process would otherwise drop its measurement)."""
     records = []
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not a JSON line ({error})") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} is a JSON {type(record).__name__}, not an object")
+        records.append(record)
     return records
 
 
@@ -73,16 +78,21 @@ def flops_records() -> list[dict[str, Any]]:
             if record.get("what") == "train_flops"]
 
 
-def lowered_flops() -> dict[tuple[str, str, str, int, int], float]:
-    """FLOPs per image of the train step by (model, head, dtype, size, batch)."""
+def lowered_flops() -> dict[tuple[str, str, str, int, int], tuple[float, str]]:
+    """FLOPs per image of the train step and the name of the file that counted them, by
+    (model, head, dtype, size, batch)."""
     return {(r["model"], r.get("head", "linear"), r["dtype"], r["res"], r["batch"]):
-            r["train_flops_per_img"] for r in flops_records()}
+            (r["train_flops_per_img"], path.name)
+            for path in sorted(MEASUREMENTS.glob("*.jsonl")) for r in read_lines(path)
+            if r.get("what") == "train_flops"}
 
 
-def timed_steps(records: Iterable[dict[str, Any]], *, gpu_only: bool = False
-                ) -> list[dict[str, Any]]:
-    """The train_throughput lines that carry a time (optionally only those not from a CPU)."""
-    return [r for r in records if r.get("what") == "train_throughput" and r.get("img_per_s")
+def timed_steps(records: Iterable[dict[str, Any]], *, gpu_only: bool = False,
+                failed: bool = False) -> list[dict[str, Any]]:
+    """The train_throughput lines that carry a time (optionally only those not from a CPU);
+    with `failed`, also those of a variant that could not be built, compiled or timed."""
+    return [r for r in records if r.get("what") == "train_throughput"
+            and (r.get("img_per_s") or (failed and r.get("error")))
             and not (gpu_only and r.get("platform") == "cpu")]
 
 
@@ -97,38 +107,44 @@ def step_files() -> list[tuple[Path, list[dict[str, Any]]]]:
 
 
 def train_step_table() -> str:
-    """JAX train step (bf16, batch 32) per backbone, size and steps per call, beside PyTorch
-    bf16 and bf16 + torch.compile from the same file."""
+    """JAX train step per backbone, size, dtype, batch and steps per call, beside PyTorch's
+    bf16 and bf16 + torch.compile steps of the same shape from the same file; a ratio only
+    between steps of one dtype. A variant that failed is a row that says so."""
     flops = lowered_flops()
     rows = []
     for path, records in step_files():
-        torch = {(r["model"], r["res"], r["mode"]): r for r in records
+        torch = {(r["model"], r["res"], r["batch"], r["mode"]): r for r in records
                  if r.get("what") == "throughput" and r.get("img_per_s")}
-        ours = timed_steps(records, gpu_only=True)  # CPU steps have a table of their own
-        shapes = list(dict.fromkeys([(r["model"], r["res"]) for r in ours]
-                                    + [(m, res) for m, res, _ in torch]))
-        for model, res in shapes:
-            torch_bf16 = torch.get((model, res, "bf16"), {}).get("img_per_s")
-            torch_compiled = torch.get((model, res, "bf16compile"), {}).get("img_per_s")
+        ours = timed_steps(records, gpu_only=True, failed=True)  # CPU steps: a table of their own
+        shapes = list(dict.fromkeys([(r["model"], r["res"], r["batch"]) for r in ours]
+                                    + [(m, res, batch) for m, res, batch, _ in torch]))
+        for model, res, batch in shapes:
+            torch_bf16 = torch.get((model, res, batch, "bf16"), {}).get("img_per_s")
+            torch_compiled = torch.get((model, res, batch, "bf16compile"), {}).get("img_per_s")
             best_torch = max(filter(None, (torch_bf16, torch_compiled)), default=None)
-            variants = [r for r in ours if (r["model"], r["res"]) == (model, res)] or [{}]
-            for record in variants:
+            variants = [r for r in ours if (r["model"], r["res"], r["batch"]) == (model, res, batch)]
+            for record in variants or [{}]:
                 rate = record.get("img_per_s")
-                per_image = flops.get((model, record.get("head", "linear"), record.get("dtype"),
-                                       res, record.get("batch")))
                 head = record.get("head", "linear")
+                per_image, flops_file = flops.get((model, head, record.get("dtype"), res, batch),
+                                                  (None, None))
+                same_dtype = record.get("dtype") == "bfloat16"  # torch's modes above are bf16
+                ratio = (f"{rate / best_torch:.2f}x" if rate and best_torch and same_dtype
+                         else "-")
+                if record.get("error"):
+                    ratio = f"failed: {' '.join(str(record['error']).split())[:80]}"
                 rows.append([
-                    model if head == "linear" else f"{model} + {head}", str(res),
-                    str(record.get("steps_per_call", "-")), number(rate),
-                    number(record.get("step_ms"), 2),
+                    model if head == "linear" else f"{model} + {head}", str(res), str(batch),
+                    record.get("dtype", "-"), str(record.get("steps_per_call", "-")),
+                    number(rate), number(record.get("step_ms"), 2),
                     number(per_image / 1e9 if per_image else None, 1),
                     number(per_image * rate / 1e12 if per_image and rate else None),
-                    number(torch_bf16), number(torch_compiled),
-                    f"{rate / best_torch:.2f}x" if rate and best_torch else "-",
-                    f"`{path.name}`", card(records)])
-    return table(["backbone", "px", "K", "JAX img/s", "JAX ms/step", "GFLOP/img", "TFLOP/s",
-                  "torch bf16", "torch bf16+compile", "JAX / best torch", "file", "card"], rows,
-                 "lrrrrrrrrrll")
+                    number(torch_bf16), number(torch_compiled), ratio,
+                    f"`{path.name}`" + (f", FLOPs `{flops_file}`" if flops_file else ""),
+                    card(records)])
+    return table(["backbone", "px", "batch", "JAX dtype", "K", "JAX img/s", "JAX ms/step",
+                  "GFLOP/img", "TFLOP/s", "torch bf16", "torch bf16+compile",
+                  "JAX / best torch (same dtype)", "files", "card"], rows, "lrrlrrrrrrrlll")
 
 
 def profile_table() -> str:
@@ -155,10 +171,19 @@ def profile_table() -> str:
 
 
 def _reference_recipe(record: dict[str, Any]) -> bool:
-    """An annotate_train line of the reference recipe as issue #6 compares it: linear head,
-    protocol "final" (lines written before device_train.sh recorded them are that recipe)."""
+    """An annotate_train line of the reference recipe as issue #6 compares it: the linear head
+    trained on the whole training split, under protocol "final" or "seed" (which differ only in
+    the checkpoint and thresholds evaluated at the end; "validation" holds 500 images out).
+    Lines written before device_train.sh recorded them were the seed protocol's runs."""
     return (record.get("head", "linear") == "linear"
-            and record.get("protocol", "final") == "final")
+            and record.get("protocol", "seed") in ("seed", "final"))
+
+
+def _median(record: dict[str, Any], key: str) -> float | None:
+    """The median of a run's per-epoch seconds `key` (over every epoch, as torch_reference.py
+    takes its own), from the line's raw list where it holds one, else its `<key>_median`."""
+    values = record.get(key)
+    return float(np.median(values)) if values else record.get(f"{key}_median")
 
 
 def train_runs(reference_only: bool = False) -> list[tuple[Path, list[dict[str, Any]]]]:
@@ -176,16 +201,17 @@ def epoch_table() -> str:
     device_train.sh records from metrics.jsonl since 2026-11-29."""
     rows = []
     for path, records in train_runs():
-        ours = next(r for r in records if r.get("what") == "annotate_train")
         torch = next((r for r in records if r.get("what") == "train_from_scratch"), None)
         torch_s = torch["epoch_s_median"] if torch else None
-        head = ours.get("head", "linear")
-        rows.append([f"{ours['epochs_run']} epochs" + ("" if head == "linear" else f", {head} head"),
-                     f"{ours['epoch_s_median']:.2f}",
-                     number(ours.get("between_epochs_s_median"), 2),
-                     f"{torch['epochs']} epochs" if torch else "-", number(torch_s, 2),
-                     f"{torch_s / ours['epoch_s_median']:.2f}x" if torch_s else "-",
-                     f"`{path.name}`", card(records)])
+        for ours in (r for r in records if r.get("what") == "annotate_train"):
+            head = ours.get("head", "linear")
+            epoch_s = _median(ours, "epoch_s")
+            rows.append([f"{ours['epochs_run']} epochs" + ("" if head == "linear"
+                                                           else f", {head} head"),
+                         f"{epoch_s:.2f}", number(_median(ours, "between_epochs_s"), 2),
+                         f"{torch['epochs']} epochs" if torch else "-", number(torch_s, 2),
+                         f"{torch_s / epoch_s:.2f}x" if torch_s else "-",
+                         f"`{path.name}`", card(records)])
     return table(["ours (annotate.main)", "median s/epoch", "median s between epochs",
                   "PyTorch reference (eager)", "median s/epoch", "speed-up", "file", "card"],
                  rows, "lrrlrrll")
@@ -196,12 +222,16 @@ def metric_cells(metrics: dict[str, Any]) -> list[str]:
             str(metrics["n_plus"])]
 
 
+CHOSEN_BY = {"seed": " (chosen by test per-class F1, the seed's protocol)",
+             "final": " (the last, protocol final)"}
+
+
 def parity_table() -> str:
     """Test metrics of each full run: final and best epoch at 0.5, best checkpoint with MCC
     thresholds, beside the reference's 40-epoch figures (issue #6) and the target."""
     rows = []
     for path, records in train_runs(reference_only=True):
-        ours = next(r for r in records if r.get("what") == "annotate_train")
+        (ours,) = [r for r in records if r.get("what") == "annotate_train"]  # its folder's run
         folder = path.with_suffix("")
         epochs = read_lines(folder / "metrics.jsonl")
         strip = lambda r: {k[len("test/"):]: v for k, v in r.items() if k.startswith("test/")}
@@ -214,7 +244,8 @@ def parity_table() -> str:
                   "met" if met else "missed", source],
                  [f"ours, best epoch {best['epoch']} by test per-class F1, at 0.5",
                   *metric_cells(strip(best)), "", source],
-                 [f"ours, checkpoint of epoch {results['best_epoch']}, MCC thresholds",
+                 [f"ours, checkpoint of epoch {results['best_epoch']}"
+                  + CHOSEN_BY[ours.get("protocol", "seed")] + ", MCC thresholds",
                   *metric_cells(results["mcc"]), "", source]]
         assert ours["epochs_run"] == len(epochs), f"{path.name} and {folder} disagree"
     for name, metrics in REFERENCE_40_EPOCHS.items():
@@ -308,7 +339,8 @@ def wgan_bound_table() -> str:
                 f"({fewest['generator_reads_per_iteration']})",
                 f"{record['bytes_per_pair_iteration'] / 1e9:.3f}",
                 f"{record['flops_per_pair_iteration'] / 1e9:.0f}",
-                *(f"{minutes:.1f}" for minutes in record["bound_minutes_4500_images"].values()),
+                *(f"{record['bound_minutes_4500_images'][card_name]:.1f}"
+                  for card_name in ("H100", "H200")),
                 f"{total / FP32_FLOPS / 3600:.1f}", f"{total / TF32_FLOPS / 60:.0f}",
                 f"`{path.name}`"])
     return table(["critic reads per critic step (fewest)", "critic reads per iteration (fewest)",
@@ -464,9 +496,11 @@ def gpu_heads_table() -> str:
 
 
 def cpu_heads_table() -> str:
-    """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds."""
-    rows = _head_rows(_runs("*cpu-heads*.jsonl"), ("head",))
-    return table(["head", "seeds", *COMPARED_HEADER, "file"], rows, "llrrrrrrl")
+    """Each head's runs (annotate_run lines of a heads comparison) as mean ± sd over seeds,
+    per head, size, epochs and protocol."""
+    rows = _head_rows(_runs("*cpu-heads*.jsonl"), ("head", "image_size", "epochs", "protocol"))
+    return table(["head", "px", "epochs", "protocol", "seeds", *COMPARED_HEADER, "file"], rows,
+                 "lrrllrrrrrrl")
 
 
 TABLES: dict[str, Callable[[], str]] = {

@@ -28,13 +28,19 @@ def test_ratio_only_within_one_file(results_tables, tmp_path, monkeypatch):
                "torch": "2.11.0"}
     ours = {"what": "train_throughput", "model": "tresnet_m", "dtype": "bfloat16", "batch": 32,
             "res": 448, "steps_per_call": 1, "img_per_s": 1500.0, "step_ms": 21.3}
-    torch_eager = {"what": "throughput", "model": "tresnet_m", "mode": "bf16", "res": 448,
-                   "img_per_s": 600.0}
+    torch_eager = {"what": "throughput", "model": "tresnet_m", "mode": "bf16", "batch": 32,
+                   "res": 448, "img_per_s": 600.0}
     torch_compiled = dict(torch_eager, mode="bf16compile", img_per_s=750.0)
     _write(tmp_path / "a-jax-only.jsonl", [machine, ours])
     _write(tmp_path / "b-torch-only.jsonl", [machine, torch_compiled])
     _write(tmp_path / "c-both.jsonl", [machine, dict(ours, img_per_s=1200.0), torch_eager,
                                        torch_compiled])
+    # float32 against torch's bf16, and a batch torch did not run: no ratio; a failed variant
+    _write(tmp_path / "e-other-shapes.jsonl", [
+        machine, dict(ours, dtype="float32", img_per_s=300.0), dict(ours, batch=64),
+        {"what": "train_throughput", "model": "tresnet_m", "dtype": "bfloat16", "batch": 32,
+         "res": 448, "steps_per_call": 10, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED:\n oom"},
+        torch_eager])
     _write(tmp_path / "d-flops.jsonl", [{"what": "train_flops", "model": "tresnet_m",
                                          "dtype": "bfloat16", "res": 448, "batch": 32,
                                          "train_flops_per_img": 1e11}])
@@ -45,6 +51,48 @@ def test_ratio_only_within_one_file(results_tables, tmp_path, monkeypatch):
     assert "| 1.60x |" in rows["c-both.jsonl"]  # 1200 / 750, the better of the file's two
     assert "| 120 |" in rows["c-both.jsonl"]  # 1e11 FLOP x 1200 img/s = 120 TFLOP/s
     assert "NVIDIA H200, jax 0.11.2" in rows["b-torch-only.jsonl"]
+    other = [line for line in results_tables.train_step_table().splitlines()
+             if "e-other-shapes" in line]
+    assert len(other) == 3
+    assert "| 448 | 32 | float32 | 1 | 300 |" in other[0] and "| 600 | - | - |" in other[0]
+    assert "| 10 | - | - |" in other[1] and \
+        "| failed: XlaRuntimeError: RESOURCE_EXHAUSTED: oom |" in other[1]
+    assert "| 448 | 64 | bfloat16 | 1 | 1,500 |" in other[2] and "| - | - | - |" in other[2]
+
+
+def test_a_line_that_is_not_json_names_its_file_and_line(results_tables, tmp_path, monkeypatch):
+    """A line cut short by a killed process is an error, not a measurement silently dropped."""
+    (tmp_path / "a.jsonl").write_text('{"what": "machine"}\n\n{"what": "train_thro\n')
+    monkeypatch.setattr(results_tables, "MEASUREMENTS", tmp_path)
+    with pytest.raises(ValueError, match=r"a.jsonl:3 is not a JSON line"):
+        results_tables.train_step_table()
+    (tmp_path / "a.jsonl").write_text('{"what": "machine"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"a.jsonl:2 is a JSON list, not an object"):
+        results_tables.train_step_table()
+
+
+def test_epoch_medians_are_over_every_epoch_from_the_raw_lists(results_tables, tmp_path,
+                                                               monkeypatch):
+    """The median of each run's per-epoch seconds (np.median, as torch_reference.py takes its
+    own; not the line's stored upper median): [34, 2, 4, 3] -> 3.5 s, 7.0 / 3.5 = 2.00x; every
+    annotate_train line of a file is a row; a run from before the recorded protocol (the
+    seed's) is the reference recipe, one under "validation" is not."""
+    machine = {"what": "machine", "gpus": ["NVIDIA H200, 143771 MiB, 580"], "jax": "0.11.2",
+               "torch": "2.11.0"}
+    torch = {"what": "train_from_scratch", "epochs": 3, "epoch_s_median": 7.0}
+    old = {"what": "annotate_train", "epochs_run": 4, "epoch_s_median": 4.0,
+           "epoch_s": [34.0, 2.0, 4.0, 3.0]}
+    csra = dict(old, head="csra", protocol="validation", epoch_s=[30.0, 1.0, 1.0, 1.0],
+                between_epochs_s=[0.5, 0.7, 0.6], between_epochs_s_median=0.7)
+    _write(tmp_path / "a-train.jsonl", [machine, torch, old, csra])
+    monkeypatch.setattr(results_tables, "MEASUREMENTS", tmp_path)
+    rows = results_tables.epoch_table().splitlines()[2:]
+    assert rows[0].startswith("| 4 epochs | 3.50 | - | 3 epochs | 7.00 | 2.00x |"), rows
+    assert rows[1].startswith("| 4 epochs, csra head | 1.00 | 0.60 | 3 epochs | 7.00 | 7.00x |")
+    assert [path.name for path, _ in results_tables.train_runs(reference_only=True)] == \
+        ["a-train.jsonl"]
+    _write(tmp_path / "a-train.jsonl", [machine, torch, csra])
+    assert results_tables.train_runs(reference_only=True) == []
 
 
 def test_unknown_generated_block_is_an_error(results_tables):
@@ -118,7 +166,7 @@ def test_a_heads_run_is_labelled_and_kept_out_of_the_parity_tables(results_table
                                        wgan, seed])
     _write(tmp_path / "b-train-csra.jsonl", [machine, train, run])  # no run folder beside it
     monkeypatch.setattr(results_tables, "MEASUREMENTS", tmp_path)
-    assert "| tresnet_m + csra | 224 | 10 |" in results_tables.train_step_table()
+    assert "| tresnet_m + csra | 224 | 32 | bfloat16 | 10 |" in results_tables.train_step_table()
     # 2,300 images/h against the seed's 3600 / 60.06 s = 59.9 images/h: 38x
     assert ("| 32 | float32 | 64 | 0.0500 | 2,300 | 1.96 | 49 | 38 | - | `a-step.jsonl` |"
             in results_tables.wgan_throughput_table())
