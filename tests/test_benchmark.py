@@ -178,9 +178,29 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
     assert "| 64 | float32 | 0.2000 | 1,151 | 3.91 | 25x |" in table
 
 
+def test_time_variant_divides_by_the_steps_not_the_calls(benchmark, monkeypatch):
+    """A call of K = 2 steps that takes 10 ms on a stand-in clock is 5 ms per step; 3 timed steps
+    are rounded up to 2 whole calls (4 steps), the warm-up's call is not timed."""
+    clock = [100.0]
+    calls_run = []
+
+    def run_steps(variant, calls):
+        calls_run.append(calls)
+        clock[0] += 0.010 * calls
+        return 0.5  # the last loss, finite
+
+    monkeypatch.setattr(benchmark, "run_steps", run_steps)
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    variant = types.SimpleNamespace(steps_per_call=2, model="stand-in", dtype="float32")
+    times = benchmark.time_variant(variant, warmup=1, steps=3, repeats=2)
+    assert calls_run == [1, 2, 2]
+    assert times == pytest.approx([0.005, 0.005], rel=1e-9)
+
+
 def test_k_steps_per_call_time_per_step_and_borrow_the_step_flops(benchmark):
     """K = 2 steps per call: the same per-step FLOPs as K = 1 (the lowered call's cost analysis
-    counts the scan's body once) and a per-step time."""
+    counts the scan's body once), and images per second that follow from the step time (the
+    time per step itself: test_time_variant_divides_by_the_steps_not_the_calls)."""
     records = benchmark.main(["train", "--models", "resnet18", "--dtypes", "float32", "--res", "32",
                               "--batch", "2", "--warmup", "1", "--steps", "3", "--repeats", "1",
                               "--batches-on-device", "2", "--steps-per-call", "1,2"])

@@ -57,13 +57,31 @@ def test_local_rows_split_each_batch_by_device():
                                                                112, 113, 114, 115]
 
 
-def test_stream_training_equals_device_training(tiny_dataset, tiny_backbone, tmp_path):
-    records = {}
+def counting_decoded_batches(counts: dict[int, int]):
+    """stream.decoded_batches that adds each batch's images to counts[split's image count]."""
+    decoded_batches = stream.decoded_batches
+
+    def counted(sources, rows, rows_per_batch, image_size, **options):
+        for images in decoded_batches(sources, rows, rows_per_batch, image_size, **options):
+            counts[len(sources)] = counts.get(len(sources), 0) + len(images)
+            yield images
+    return counted
+
+
+def test_stream_training_equals_device_training(tiny_dataset, tiny_backbone, tmp_path,
+                                                monkeypatch):
+    records, decoded = {}, {}
+    monkeypatch.setattr(stream, "decoded_batches", counting_decoded_batches(decoded))
     for pipeline in ("device", "stream"):
         config = tiny_config(tiny_dataset, tmp_path / "cache")
         config.data.pipeline = pipeline
         evaluation = train.train_and_evaluate(config, tmp_path / pipeline)
         records[pipeline] = (summary.read_metrics(tmp_path / pipeline), evaluation)
+        if pipeline == "device":
+            assert decoded == {}  # the device pipeline decodes nothing batch by batch
+    # the stream run decoded every image it used: 12 training images per epoch and once more
+    # for the MCC thresholds, the 6 test images after every epoch and once at the end
+    assert decoded == {12: 3 * 12 + 12, 6: 3 * 6 + 6}
     (device, device_eval), (streamed, stream_eval) = records["device"], records["stream"]
     assert [r["epoch"] for r in streamed] == [r["epoch"] for r in device] == [1, 2, 3]
     for ours, theirs in zip(streamed, device):
@@ -82,7 +100,11 @@ import jax
 from conftest import register_tiny_backbone, tiny_config
 from annotate import summary, train
 assert jax.device_count() == 2
+from annotate.data import stream
+from test_stream import counting_decoded_batches
 register_tiny_backbone()
+decoded = {{}}
+stream.decoded_batches = counting_decoded_batches(decoded)
 losses = {{}}
 for pipeline in ("device", "stream"):
     config = tiny_config({root!r}, {cache!r})
@@ -90,6 +112,7 @@ for pipeline in ("device", "stream"):
     train.train_and_evaluate(config, {workdir!r} + "/" + pipeline)
     losses[pipeline] = [r["train/loss"] for r in summary.read_metrics({workdir!r} + "/" + pipeline)]
 print("LOSSES" + json.dumps(losses))
+print("DECODED" + json.dumps(decoded))
 """
 
 
@@ -101,6 +124,8 @@ def test_stream_layout_on_two_devices(tiny_dataset, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    losses = json.loads(done.stdout.split("LOSSES", 1)[1])
+    losses = json.loads(done.stdout.split("LOSSES", 1)[1].split("DECODED")[0])
     assert len(losses["device"]) == 3  # one record per epoch
+    # the stream run, and it alone, decoded its batches (as on one device)
+    assert json.loads(done.stdout.split("DECODED", 1)[1]) == {"12": 3 * 12 + 12, "6": 3 * 6 + 6}
     np.testing.assert_allclose(losses["stream"], losses["device"], rtol=1e-6)

@@ -23,8 +23,10 @@ from annotate.data.folder import (DEFAULT_DATASET_FOLDER, SPLITS, DatasetError, 
                                   validate_dataset)
 from annotate.data.validation import validation_indices
 
-# Per-channel mean/std of the 4,500 Corel-5k training images in [0, 1] (the seed's values), and
-# the seed's values for the 18,000 of its --augmentation (with its ML-WGAN images).
+# The seed's input normalisation, its get_mean_std() verbatim: per-channel mean/std in [0, 1]
+# labelled "4500 images" (the training split; measured on this project's copy the means differ
+# by under 0.007, tests/test_data.py, perhaps another resize), and for the 18,000 images of
+# its --augmentation (with its ML-WGAN images). Kept as the seed's, for parity with it.
 COREL5K_MEAN = (0.3928, 0.4079, 0.3531)
 COREL5K_STD = (0.2559, 0.2436, 0.2544)
 COREL5K_AUGMENTED_MEAN = (0.4249, 0.4365, 0.3926)
