@@ -63,10 +63,12 @@ def asymmetric_loss(logits: jax.Array, targets: jax.Array, gamma_neg: float = 4.
 
     p = sigmoid(x), p_m = max(p - clip, 0);
     loss = -mean(y log(max(p, eps)) (1-p)^gamma_pos + (1-y) log(max(1-p_m, eps)) p_m^gamma_neg).
-    As in the seed and the official `AsymmetricLoss` (whose `disable_torch_grad_focal_loss`
-    block is commented out; `AsymmetricLossOptimized` honours it), the gradient also flows
-    through the focusing weights. Negatives with p < clip get exactly zero gradient; as in
-    the seed, so do labels whose log term is clamped at log(eps) (positives with x < log(eps)).
+    As in the seed, the gradient also flows through the focusing weights: the official
+    `AsymmetricLoss` with `disable_torch_grad_focal_loss=False` (its default, True, detaches
+    them; one version of that file has the detaching block commented out) or
+    `AsymmetricLossOptimized` at its default. Negatives with p < clip get exactly zero gradient;
+    as in the seed, so do labels whose log term is clamped at log(eps) (positives with
+    x < log(eps)).
     """
     _check_hyper(gamma_neg, gamma_pos, clip, eps)
     logits, targets = _promote(logits, targets)

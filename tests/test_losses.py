@@ -207,13 +207,25 @@ def test_values_and_gradients_finite_at_large_logits(name):
 
 
 def test_large_logit_values_match_references():
-    logits = np.array([[100.0, -100.0, 30.0, -30.0]], np.float32)
-    targets = np.array([[1.0, 1.0, 0.0, 0.0]], np.float32)
+    """At logits far beyond log(eps) = -18.4 every loss equals its reference: focal and ASL clamp
+    the log of a confident wrong positive (x = -100, -30, -17 with y = 1) or negative (clip 0)
+    at log(eps) as the seed does; under ASL's gamma+ = 0 (a constant weight) a clamped positive
+    gets no gradient."""
+    logits = np.array([[100.0, -100.0, 30.0, -30.0, 17.0, -17.0, -30.0, 30.0]], np.float32)
+    targets = np.array([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]], np.float32)
     expected_bce = torch.nn.MultiLabelSoftMarginLoss()(torch.tensor(logits).double(),
                                                        torch.tensor(targets).double()).item()
     np.testing.assert_allclose(value_of(bce_loss, logits, targets), expected_bce, rtol=1e-6)
     np.testing.assert_allclose(value_of(lsep_loss, logits, targets),
                                seed_lsep_loss(logits.astype(np.float64), targets), rtol=1e-6)
+    seed = functools.partial(seed_multilabel_loss, logits.astype(np.float64), targets)
+    np.testing.assert_allclose(value_of(asymmetric_loss, logits, targets), seed(4.0, 0.0, 0.05),
+                               rtol=1e-6)
+    np.testing.assert_allclose(value_of(focal_loss, logits, targets), seed(3.0, 3.0, 0.0),
+                               rtol=1e-6)
+    gradient = gradient_of(asymmetric_loss, logits, targets)[0]
+    assert gradient[1] == gradient[3] == 0.0  # positive at -100 clamped; negative at -30 < clip
+    assert gradient[6] == 0.0 and gradient[5] < 0  # -30 clamped; -17 > log(eps) still learns
 
 
 def test_asl_with_a_margin_below_eps_clamps_like_the_seed():
