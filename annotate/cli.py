@@ -54,12 +54,13 @@ def _override_named(argv: Sequence[str], key: str) -> str | None:
     return None
 
 
-def unexpected_arguments(arguments: Sequence[str]) -> str:
+def unexpected_arguments(arguments: Sequence[str],
+                         examples: str = "--config.train.epochs=5; a boolean flag none: "
+                                         "--evaluate, --noevaluate") -> str:
     """The one-line error for words on the command line that are not flags (a flag's value
-    given after a space, such as `--evaluate true`)."""
+    given after a space, such as `--evaluate true`); `examples` are the app's own flags."""
     return (f"unexpected argument{'s' * (len(arguments) > 1)} {' '.join(arguments)!r}: a flag "
-            f"takes its value after '=' (--config.train.epochs=5), a boolean flag none "
-            f"(--evaluate, --noevaluate)")
+            f"takes its value after '=' ({examples})")
 
 
 def _config_file(argv: Sequence[str]) -> str:
@@ -73,6 +74,8 @@ def explain(error: BaseException, argv: Sequence[str]) -> str:
     if isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error):
         return (f"{_config_file(argv)} has no get_config() function (one that returns the "
                 f"ml_collections.ConfigDict)")
+    if isinstance(error, (AttributeError, KeyError)) and LOCKED_KEY in str(error):
+        return _config_file_failure(error)  # the config file set a key base's config has not
     if isinstance(error, (AttributeError, KeyError)):
         cause: object = error
         while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
@@ -109,7 +112,26 @@ def _config_file_failure(error: BaseException) -> str:
                   and not frame.filename.endswith("annotate/cli.py")]
         where = f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else "?"
     message = error.msg if isinstance(error, SyntaxError) else str(error)
+    if LOCKED_KEY in message:  # a misspelt key set on configs/base.py's locked config
+        message = _locked_key_message(error)
     return f"the config file failed to load ({where}): {type(error).__name__}: {message}"
+
+
+LOCKED_KEY = "cannot be added since the config is locked"  # ml_collections' error text
+
+
+def _locked_key_message(error: BaseException) -> str:
+    """ml_collections' error for a key set on a locked config, without its dump of the section's
+    fields: the key, why, and its did-you-mean hint."""
+    cause: object = error
+    while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
+        cause = cause.args[0]
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    first = lines[0].split(" Other fields present")[0].rstrip(".")
+    hint = next((line for line in lines if line.startswith("Did you mean")), "")
+    return (f"{first} (configs/base.py locks its config against misspelt keys; a new section is "
+            f"added inside `with config.unlocked():`)" + (f"; {hint[0].lower()}{hint[1:]}"
+                                                           if hint else ""))
 
 
 PARSE_FAILURE = ": Error whilst parsing config file:"  # ml_collections' flag error

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from annotate import data, models
+from annotate.workdir import flat_config
 
 COMPUTE_DTYPES = ("float32", "bfloat16")  # names for jnp.dtype(); the one dtype table
 OPTIMIZERS = ("adam", "adamw")
@@ -20,12 +21,20 @@ SCHEDULES = ("onecycle", "constant")
 PROTOCOLS = ("seed", "validation", "final")  # see configs/base.py
 PIPELINES = ("device", "stream")
 LINEAR_HEAD_OPTIONS = ("global_pool", "drop_rate")  # config.model keys read by the linear head alone
+# the keys that may be None (configs/base.py's placeholders): every other one needs a value
+OPTIONAL_KEYS = ("model.pretrained", "data.root", "data.augmentation_dir", "data.cache_dir",
+                 "data.mean", "data.std")
+MAX_BOOTSTRAP_RESAMPLES = 100_000  # each holds a row of weights per test image and label counts
+
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
     from annotate import losses  # jax: only here, to check the loss's hyper-parameters
 
+    for key, value in flat_config(config.to_dict()).items():  # before any comparison meets a None
+        if value is None and key not in OPTIONAL_KEYS:
+            raise ValueError(f"config.{key} = None: it needs a value")
     def named(key: str, check: Any, *arguments: Any, **keywords: Any) -> None:
         try:
             check(*arguments, **keywords)
@@ -58,8 +67,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     for key in ("mean", "std"):
         value = config.data[key]
         require(value is None or (len(value) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)),
-            f"data.{key}", "needs 3 numbers (R, G, B)")
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value)), f"data.{key}", "needs 3 finite numbers (R, G, B)")
     require(config.data.std is None or min(config.data.std) > 0, "data.std", "must be positive")
     require(train.batch_size > 0, "train.batch_size", "must be positive")
     for key in ("learning_rate", "div_factor", "final_div_factor"):  # NaN and inf fail too
@@ -73,7 +82,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     require(train.optimizer in OPTIMIZERS, "train.optimizer", f"use one of {list(OPTIMIZERS)}")
     require(train.schedule in SCHEDULES, "train.schedule", f"use one of {list(SCHEDULES)}")
     require(0 < train.pct_start < 1, "train.pct_start", "must lie in (0, 1)")
-    require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(0 <= train.weight_decay < math.inf, "train.weight_decay", "must be >= 0 and finite")
     require(0 <= train.ema_decay < 1, "train.ema_decay", "must lie in [0, 1); 0 disables EMA")
     require(train.log_every > 0, "train.log_every", "must be positive")
     require(config.eval.protocol in PROTOCOLS, "eval.protocol", f"use one of {list(PROTOCOLS)}")
@@ -81,8 +90,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     # after the training)
     require(0 <= config.seed < 2 ** 32, "seed", "must lie in [0, 2**32)")
     require(config.eval.validation_size > 0, "eval.validation_size", "must be positive")
-    require(config.eval.bootstrap_resamples >= 100, "eval.bootstrap_resamples",
-            "must be at least 100")
+    require(100 <= config.eval.bootstrap_resamples <= MAX_BOOTSTRAP_RESAMPLES,
+            "eval.bootstrap_resamples", f"must lie in [100, {MAX_BOOTSTRAP_RESAMPLES}]")
     return config
 
 

@@ -117,6 +117,10 @@ def main(argv: list[str]) -> None:
             # optional reader, torch or timm, is missing; an OSError: a missing file, a
             # read-only workdir, a workdir under a file); checkpoints already written stay put
             cli.fail(error)
+        except MemoryError as error:  # numpy's: a huge bootstrap or image size
+            cli.fail(f"out of host memory ({type(error).__name__}: {str(error)[:200]}); "
+                     f"checkpoints already written are kept: free memory or lower what the "
+                     f"message names, then rerun (with --evaluate if the training finished)")
         except jax.errors.JaxRuntimeError as error:
             if is_out_of_memory(error):  # the checkpoints already written are kept
                 process = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""

@@ -131,7 +131,7 @@ def load_annotator(workdir: Path | str) -> Annotator:
                                 f"(python -m annotate.main --config=... --workdir={workdir} --evaluate)")
     try:
         config = validate_config(ml_collections.ConfigDict(json.loads(config_path.read_text())))
-    except (KeyError, AttributeError, ValueError, json.JSONDecodeError) as error:
+    except (KeyError, AttributeError, TypeError, ValueError) as error:  # JSONDecodeError too
         raise ValueError(f"{config_path} does not hold a config of this version of annotate "
                          f"({type(error).__name__}: {error}); retrain, or annotate with the "
                          f"version that trained it") from error

@@ -90,4 +90,5 @@ def get_config(model: str = "tresnet_m", loss: str = "asl") -> ml_collections.Co
     config.eval.validation_size = 500  # images held out of train under "validation"
     config.eval.bootstrap_resamples = 1000  # test-image resamples of results.json's ci95
 
+    config.lock()  # a per-run config that sets a key base has not (a typo) fails as it loads
     return validate_config(config)

@@ -27,4 +27,5 @@ def get_config() -> config_dict.ConfigDict:
     # and makes them again (a forced run killed while it deletes is run again with force; one
     # killed while it trains resumes with the same command without force).
     config.force = False
+    config.lock()  # a config file built on this one that sets a misspelt key fails as it loads
     return config

@@ -42,6 +42,11 @@ def run_app(module: str, *args: str, env: dict | None = None) -> subprocess.Comp
     ("annotate.main", ["--config=configs/smoke.py", "--evaluate", "true"],
      "unexpected argument 'true': a flag takes its value after '='"),
     ("annotate.predict", ["--workdir=x"], "give image files or folders to annotate"),
+    # wgan's own flags named (folders that do not exist: nothing is written if it ran)
+    ("wgan.run", ["--config=configs/wgan.py", "--config.data.root=/nonexistent-annotate-test",
+                  "--config.out_dir=/nonexistent-annotate-test", "yes"],
+     "unexpected argument 'yes': a flag takes its value after '=' (--config.pairs=32; a boolean "
+     "one as --config.force=True)"),
 ])
 def test_user_errors_are_one_line_with_status_2(module, args, message):
     done = run_app(module, *args)
@@ -63,6 +68,13 @@ def test_user_errors_are_one_line_with_status_2(module, args, message):
                      "ml_collections.ConfigDict)"),
     ("def get_config():\n    pass\n",
      "get_config() of CONFIG returned None; it must return the config"),
+    # a misspelt key on base's locked config (it was ignored, the run trained 60 epochs)
+    ("from configs import base\ndef get_config():\n    config = base.get_config()\n"
+     "    config.train.epoch = 5\n    return config\n",
+     'the config file failed to load (CONFIG, line 4): AttributeError: Key "epoch" does not '
+     "exist and cannot be added since the config is locked (configs/base.py locks its config "
+     "against misspelt keys; a new section is added inside `with config.unlocked():`); did you "
+     'mean "epochs" instead of "epoch"?'),
 ])
 def test_a_config_file_that_fails_is_one_line_naming_the_cause(tmp_path, module, source, message):
     config = tmp_path / "broken_config.py"

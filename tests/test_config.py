@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from annotate import cli
-from annotate.config import dataset_to_fetch, head_options, normalisation, validate_config
+from annotate.config import (config_value, dataset_to_fetch, head_options, normalisation,
+                             validate_config)
 from configs import base
 from modules import REPO
 
@@ -66,7 +67,9 @@ def test_config_errors_name_the_key():
                                 ("learning_rate", float("inf"), "must be positive and finite"),
                                 ("beta2", 1.5, "must lie in [0, 1)"),
                                 ("max_momentum", 1.2, "must lie in [0, 1)"),
-                                ("base_momentum", -0.5, "must lie in [0, 1)")]:
+                                ("base_momentum", -0.5, "must lie in [0, 1)"),
+                                # a NaN loss at the second step
+                                ("weight_decay", float("inf"), "must be >= 0 and finite")]:
         config = base.get_config(model="resnet18", loss="asl")
         config.train[key] = value
         with pytest.raises(ValueError, match=re.escape(f"config.train.{key} = {value!r}: {message}")):
@@ -78,14 +81,30 @@ def test_config_errors_name_the_key():
         with pytest.raises(ValueError, match=re.escape(f"config.seed = {seed}: must lie in "
                                                        f"[0, 2**32)")):
             validate_config(config)
-    for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5)]:  # the run would fail mid-start
+    # the run would fail mid-start, or (an infinite std) train on zeros
+    for mean in [(0.5, "a", 0.5), (0.5, None, 0.5), (0.5, 0.5), (0.5, float("inf"), 0.5),
+                 (float("nan"), 0.5, 0.5)]:
         config = base.get_config(model="resnet18", loss="asl")
         config.data.mean = mean
         with pytest.raises(ValueError, match=re.escape(
-                f"config.data.mean = {mean!r}: needs 3 numbers (R, G, B)")):
+                f"config.data.mean = {mean!r}: needs 3 finite numbers (R, G, B)")):
+            validate_config(config)
+    # numpy's bootstrap ran out of memory after the whole training
+    config = base.get_config(model="resnet18", loss="asl")
+    config.eval.bootstrap_resamples = 10 ** 12
+    with pytest.raises(ValueError, match=re.escape(
+            "config.eval.bootstrap_resamples = 1000000000000: must lie in [100, 100000]")):
+        validate_config(config)
+    # a None where a value is needed: named, not "'>=' not supported between 'NoneType' ..."
+    for key in ("train.schedule_epochs", "model.drop_rate", "loss.asl.clip"):
+        config = base.get_config(model="resnet18", loss="asl")
+        section, leaf = key.rsplit(".", 1)
+        config_value(config, section)[leaf] = None
+        with pytest.raises(ValueError, match=re.escape(f"config.{key} = None: it needs a value")):
             validate_config(config)
     config = base.get_config(model="resnet18", loss="asl")
-    del config.model["head"]
+    with config.unlocked():  # base's config is locked: a config built by hand
+        del config.model["head"]
     with pytest.raises(AttributeError) as missing:
         validate_config(config)
     assert cli.explain(missing.value, []) == "the config has no key 'head'"
@@ -129,7 +148,8 @@ def test_other_heads_take_their_config_section():
 def test_an_unknown_head_option_is_named_with_the_accepted_ones():
     config = base.get_config(model="resnet18", loss="asl")
     config.model.head = "csra"
-    config.model.csra.temperature = 2.0
+    with config.unlocked():  # a config file adding it to base's config fails as it loads
+        config.model.csra.temperature = 2.0
     with pytest.raises(ValueError, match=re.escape(
             "config.model.csra: head 'csra' got unknown options ['temperature']; it accepts "
             "['num_heads', 'lam']")):
@@ -138,7 +158,8 @@ def test_an_unknown_head_option_is_named_with_the_accepted_ones():
 
 def test_an_unknown_loss_hyper_parameter_names_its_config_section():
     config = base.get_config(model="resnet18", loss="asl")
-    config.loss.asl.gamma = 2.0
+    with config.unlocked():  # a config file adding it to base's config fails as it loads
+        config.loss.asl.gamma = 2.0
     with pytest.raises(ValueError, match=re.escape(
             "config.loss.asl: loss 'asl' got unknown hyper-parameters ['gamma']")):
         validate_config(config)

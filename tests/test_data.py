@@ -6,6 +6,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -514,3 +515,13 @@ def test_a_full_cache_disk_is_one_error_naming_the_folder_and_leaves_no_temp_fil
     assert load_split(tiny_dataset, "train", SIZE, cache_dir=cache_dir).images.shape[0] == 12
     monkeypatch.delattr(os, "posix_fallocate")  # macOS has none: decoded as before
     assert load_split(tiny_dataset, "test", SIZE, cache_dir=cache_dir).images.shape[0] == 6
+
+
+def test_a_cache_folder_that_is_a_file_is_named_before_any_decoding(tiny_dataset, tmp_path):
+    """config.data.cache_dir pointing at a file: named as the cache folder, not mkdir's bare
+    'File exists'."""
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=re.escape(
+            f"the cache folder {tmp_path / 'afile'} (config.data.cache_dir, else $ANNOTATE_CACHE) "
+            f"is a file")):
+        load_split(tiny_dataset, "train", SIZE, cache_dir=tmp_path / "afile")

@@ -113,6 +113,12 @@ def test_config_of_another_version_is_named(smoke_workdir, tmp_path):
     (tmp_path / "thresholds.json").write_bytes((smoke_workdir / "thresholds.json").read_bytes())
     with pytest.raises(ValueError, match="does not hold a config of this version of annotate"):
         predict.load_annotator(tmp_path)
+    config = json.loads((smoke_workdir / "config.json").read_text())
+    config["train"]["epochs"] = "3"  # hand-edited: a TypeError inside validate_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not hold a config of this version of annotate "
+                                         r"\(TypeError: "):
+        predict.load_annotator(tmp_path)
 
 
 def test_annotations_reproduce_test_metrics(smoke_workdir, corel5k_dir, tmp_path):

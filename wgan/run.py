@@ -219,7 +219,8 @@ def _train_pending(config: config_dict.ConfigDict, root: Path, index: SplitIndex
 def main(argv: list[str]) -> None:
     """absl entry point: run with the --config file and its overrides."""
     if len(argv) > 1:
-        cli.fail(cli.unexpected_arguments(argv[1:]))
+        cli.fail(cli.unexpected_arguments(argv[1:], "--config.pairs=32; a boolean one as "
+                                                   "--config.force=True"))
     absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend notices stay quiet
     enable_compilation_cache()  # a resumed run loads the chunk step instead of compiling it
     config = flags.FLAGS.config

@@ -97,6 +97,9 @@ def cached_uint8_array(cache_dir: Path, prefix: str, key: str, shape: Sequence[i
             return np.load(final_path)
         except (ValueError, OSError, EOFError):  # truncated or damaged: build it again
             final_path.unlink(missing_ok=True)
+    if cache_dir.exists() and not cache_dir.is_dir():  # mkdir would say 'File exists'
+        raise NotADirectoryError(f"the cache folder {cache_dir} (config.data.cache_dir, else "
+                                 f"$ANNOTATE_CACHE) is a file")
     cache_dir.mkdir(parents=True, exist_ok=True)
     # first, so that their space is free for this entry (a killed decode's temp file is a split)
     for stale in cache_dir.iterdir():
