@@ -64,6 +64,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     require(config.data.source in data.SOURCES, "data.source", f"use one of {list(data.SOURCES)}")
     require(config.data.pipeline in PIPELINES, "data.pipeline", f"use one of {list(PIPELINES)}")
     require(config.data.image_size > 0, "data.image_size", "must be positive")
+    multiple = models.model_info(config.model.name).size_multiple  # else the first step fails
+    require(config.data.image_size % multiple == 0, "data.image_size",
+            f"{config.model.name} takes sizes that are multiples of {multiple}")
     for key in ("mean", "std"):
         value = config.data[key]
         require(value is None or (len(value) == 3 and all(

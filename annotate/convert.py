@@ -12,6 +12,7 @@ scripts/convert_timm.py writes) loads by the same rules. A backbone class may de
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections.abc import Mapping
@@ -161,12 +162,26 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model")
 
 
+def _import_reader(module: str, needs: str) -> Any:
+    """The optional package `module` that reads a checkpoint, or ImportError saying what `needs`
+    it ("reading x.pth needs torch (pip install torch)")."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(needs) from error
+
+
+def _torch_needed(path: Path) -> str:
+    return f"reading {path} needs torch (pip install torch)"
+
+
+def _timm_needed(name: str) -> str:
+    return f"pretrained 'timm:{name}' needs timm and torch installed (pip install timm torch)"
+
+
 def _read_torch_checkpoint(path: Path) -> dict[str, Any]:
     """A `.pth`/`.pt` file's state_dict, unwrapped from {'state_dict'|'model': ...}/'module.'."""
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(f"reading {path} needs torch (pip install torch)") from error
+    torch = _import_reader("torch", _torch_needed(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors of a damaged or foreign file
@@ -186,11 +201,7 @@ def _read_torch_checkpoint(path: Path) -> dict[str, Any]:
 
 def _timm_pretrained_state_dict(name: str) -> dict[str, Any]:
     """The ImageNet state_dict of timm model `name`, downloaded by timm (needs internet)."""
-    try:
-        import timm
-    except ImportError as error:
-        raise ImportError(f"pretrained 'timm:{name}' needs timm and torch installed (pip "
-                          f"install timm torch)") from error
+    timm = _import_reader("timm", _timm_needed(name))
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as error:  # timm/huggingface raise many types when offline or name unknown
@@ -281,27 +292,42 @@ def load_pretrained(model: nnx.Module, spec: str) -> nnx.Module:
                               f"{_first_line(error)}") from error
 
 
-def _load_pretrained(model: nnx.Module, spec: str) -> nnx.Module:
+def check_pretrained(spec: str) -> None:
+    """What loading `spec` meets before any weights are read, raised at once (a run checks it
+    before it decodes its data): a missing file (FileNotFoundError), an unknown format
+    (PretrainedError), a reader that is not installed (ImportError)."""
     if spec.startswith("timm:"):
-        return load_timm_weights(model, _timm_pretrained_state_dict(spec.removeprefix("timm:")))
+        _import_reader("timm", _timm_needed(spec.removeprefix("timm:")))
+        return
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (expected a .pth/"
                                 f".pt/.bin/.safetensors file, an orbax directory or timm:<name>)")
     if path.is_dir():
+        return
+    if path.suffix == ".safetensors":
+        _import_reader("safetensors.numpy", f"reading {path} needs the safetensors package")
+    elif path.suffix in _TORCH_SUFFIXES:
+        _import_reader("torch", _torch_needed(path))
+    else:
+        raise PretrainedError(f"pretrained checkpoint {path}: unknown format {path.suffix!r}; "
+                              f"use .pth/.pt/.bin/.safetensors, an orbax directory or "
+                              f"timm:<name>")
+
+
+def _load_pretrained(model: nnx.Module, spec: str) -> nnx.Module:
+    check_pretrained(spec)
+    if spec.startswith("timm:"):
+        return load_timm_weights(model, _timm_pretrained_state_dict(spec.removeprefix("timm:")))
+    path = Path(spec).expanduser()
+    if path.is_dir():
         return _restore_weights(model, path)
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as error:
-            raise ImportError(f"reading {path} needs the safetensors package") from error
+        from safetensors.numpy import load_file  # check_pretrained: installed
         try:
             state_dict = load_file(path)
         except Exception as error:  # safetensors' own error type for a damaged header or data
             raise PretrainedError(f"{path} is not a readable safetensors file "
                                   f"({type(error).__name__}: {_first_line(error)})") from error
         return load_timm_weights(model, state_dict)
-    if path.suffix in _TORCH_SUFFIXES:
-        return load_timm_weights(model, _read_torch_checkpoint(path))
-    raise PretrainedError(f"pretrained checkpoint {path}: unknown format {path.suffix!r}; use "
-                     f".pth/.pt/.bin/.safetensors, an orbax directory or timm:<name>")
+    return load_timm_weights(model, _read_torch_checkpoint(path))  # a torch file, checked

@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from annotate import data, losses, metrics, models, summary
+from annotate import convert, data, losses, metrics, models, summary
 from annotate.checkpoints import (checkpoint_manager, has_checkpoint, require_checkpoint,
                                   restore_best, restore_state, save_checkpoint)
 from annotate.config import (data_root, head_options, loss_hyper, normalisation,
@@ -287,8 +287,7 @@ def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total
                                 dtype=jnp.dtype(config.model.dtype), seed=config.seed,
                                 **head_options(config))
     if config.model.pretrained and load_pretrained:
-        from annotate.convert import load_pretrained
-        load_pretrained(model, config.model.pretrained)
+        convert.load_pretrained(model, config.model.pretrained)
     model_def, params, batch_stats = split_model(model)
     tx = make_optimizer(config, total_steps)
     ema = (params, batch_stats) if config.train.ema_decay > 0 else (None, None)
@@ -483,6 +482,27 @@ def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) 
     keep += [i for i in range(num_originals, len(train.image_names))
              if original_stem(train.image_names[i]) not in held_stems]
     return np.asarray(keep)
+
+
+def check_before_decoding(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """What the split indexes and the pretrained checkpoint's name already refuse, before minutes
+    of decoding: a validation subset that leaves no training image, a batch larger than the
+    training images, a pretrained file that does not exist or whose reader is not installed
+    (checked only for a run that starts afresh: a resumed one does not load it)."""
+    root = data_root(config)
+    originals = len(data.read_split_index(root, "train").image_names)
+    held_out = config.eval.validation_size if config.eval.protocol == "validation" else 0
+    if held_out >= originals:
+        raise ValueError(f"config.eval.validation_size = {held_out}: must be less than the "
+                         f"{originals} training images of {root / 'train.json'} (at least one "
+                         f"is left to train on)")
+    augmented = (len(data.read_augmentation_index(config.data.augmentation_dir or root)
+                     .image_names) if config.data.augmentation else 0)
+    if config.train.batch_size > originals - held_out + augmented:
+        raise ValueError(f"config.train.batch_size = {config.train.batch_size} exceeds the "
+                         f"{originals - held_out + augmented} training images")
+    if config.model.pretrained and not has_checkpoint(workdir):
+        convert.check_pretrained(config.model.pretrained)
 
 
 def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
@@ -779,6 +799,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     if batch_size % mesh.size:  # before the data is decoded
         raise ValueError(f"config.train.batch_size = {batch_size} must be a multiple of the "
                          f"device count {mesh.size}")
+    check_before_decoding(config, workdir)
     run_data = load_data(config, mesh)
     train_split = run_data.train
     num_images = train_split.num_images

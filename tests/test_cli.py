@@ -86,9 +86,11 @@ def test_a_config_file_that_fails_is_one_line_naming_the_cause(tmp_path, module,
     assert "Traceback" not in done.stderr
 
 
-def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path):
+def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path, corel5k_dir):
     """A workdir that is a file, an evaluation of a workdir without checkpoints, a batch that
-    the devices cannot share: one line, and neither a decoded cache nor a new workdir."""
+    the devices cannot share or larger than the training split, a validation subset that leaves
+    nothing to train on, a pretrained file that does not exist: one line, and no decoded cache
+    (Corel-5k at 448 px is minutes of decoding) nor a new workdir."""
     (tmp_path / "file").write_text("not a folder")
     two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     # an evaluation with nothing to evaluate says so before it would download Corel-5k
@@ -99,7 +101,18 @@ def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path):
             ([f"--workdir={tmp_path / 'new'}", "--evaluate"], no_dataset,
              f"no checkpoint in {tmp_path / 'new' / 'checkpoints'}; train first"),
             ([f"--workdir={tmp_path / 'batch'}", "--config.train.batch_size=3"],
-             two_devices, "config.train.batch_size = 3 must be a multiple of the device count 2")]:
+             two_devices, "config.train.batch_size = 3 must be a multiple of the device count 2"),
+            ([f"--workdir={tmp_path / 'big'}", "--config.train.batch_size=4001",
+              "--config.eval.protocol=validation"], None,
+             "config.train.batch_size = 4001 exceeds the 4000 training images"),
+            ([f"--workdir={tmp_path / 'held'}", "--config.eval.protocol=validation",
+              "--config.eval.validation_size=4500"], None,
+             "config.eval.validation_size = 4500: must be less than the 4500 training images of "
+             f"{corel5k_dir.absolute() / 'train.json'} (at least one is left to train on)"),
+            ([f"--workdir={tmp_path / 'weights'}",
+              f"--config.model.pretrained={tmp_path / 'missing.pth'}"], None,
+             f"pretrained checkpoint {tmp_path / 'missing.pth'} does not exist (expected a "
+             f".pth/.pt/.bin/.safetensors file, an orbax directory or timm:<name>)")]:
         done = run_app("annotate.main", "--config=configs/smoke.py",
                        f"--config.data.cache_dir={tmp_path / 'cache'}", *args, env=env)
         assert done.returncode == 2, done.stderr[-2000:]
@@ -112,11 +125,13 @@ def test_a_pretrained_checkpoint_without_its_reader_is_one_line(tmp_path):
     (tmp_path / "timm.py").write_text("raise ImportError('No module named timm')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = run_app("annotate.main", "--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}",
-                   "--config.model.pretrained=timm:resnet18", env=env)
+                   "--config.model.pretrained=timm:resnet18",
+                   f"--config.data.cache_dir={tmp_path / 'cache'}", env=env)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         "error: pretrained 'timm:resnet18' needs timm and torch installed (pip install timm torch)")
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "cache").exists()  # said before any decoding
 
 
 def test_a_workdir_under_a_file_is_one_line(tmp_path):

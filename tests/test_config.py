@@ -89,6 +89,14 @@ def test_config_errors_name_the_key():
         with pytest.raises(ValueError, match=re.escape(
                 f"config.data.mean = {mean!r}: needs 3 finite numbers (R, G, B)")):
             validate_config(config)
+    # TResNet's space-to-depth stem failed at the first step, after the decoding
+    config = base.get_config(model="tresnet_m", loss="asl")
+    config.data.image_size = 17
+    with pytest.raises(ValueError, match=re.escape(
+            "config.data.image_size = 17: tresnet_m takes sizes that are multiples of 4")):
+        validate_config(config)
+    config.model.name = "resnet18"  # any size
+    validate_config(config)
     # numpy's bootstrap ran out of memory after the whole training
     config = base.get_config(model="resnet18", loss="asl")
     config.eval.bootstrap_resamples = 10 ** 12

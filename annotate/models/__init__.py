@@ -29,6 +29,7 @@ class ModelInfo:
     std: tuple[float, float, float]
     classifier: str  # key prefix of the classifier in timm's state_dict
     classifier_init_std: float | None = None  # N(0, std) weights; None: torch's nn.Linear default
+    size_multiple: int = 1  # input height and width must be multiples of it
 
 
 _REGISTRY: dict[str, ModelInfo] = {
@@ -40,7 +41,8 @@ _REGISTRY: dict[str, ModelInfo] = {
     "xception": ModelInfo("xception:xception", "legacy_xception", (0.5, 0.5, 0.5),
                           (0.5, 0.5, 0.5), "fc"),
     "tresnet_m": ModelInfo("tresnet:tresnet_m", "tresnet_m", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
-                           "head.fc", classifier_init_std=0.01),
+                           "head.fc", classifier_init_std=0.01,
+                           size_multiple=4),  # its stem's space-to-depth takes 4x4 blocks
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
