@@ -129,9 +129,9 @@ def _locked_key_message(error: BaseException) -> str:
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     first = lines[0].split(" Other fields present")[0].rstrip(".")
     hint = next((line for line in lines if line.startswith("Did you mean")), "")
-    return (f"{first} (configs/base.py locks its config against misspelt keys; a new section is "
-            f"added inside `with config.unlocked():`)" + (f"; {hint[0].lower()}{hint[1:]}"
-                                                           if hint else ""))
+    return (f"{first} (the configs of configs/ are locked against misspelt keys; a new section "
+            f"is added inside `with config.unlocked():`)" + (f"; {hint[0].lower()}{hint[1:]}"
+                                                              if hint else ""))
 
 
 PARSE_FAILURE = ": Error whilst parsing config file:"  # ml_collections' flag error

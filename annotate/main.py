@@ -60,6 +60,20 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> None:
         fetch.ensure_corel5k(destination)
 
 
+def out_of_device_memory(error: BaseException, config: ml_collections.ConfigDict) -> str:
+    """The error line of a run that ran out of device memory: the settings that use less,
+    leaving out those already in effect, and which of them a rerun resumes with."""
+    less = ["a smaller --config.train.eval_batch_size"]
+    if config.model.dtype != "bfloat16":
+        less.append("--config.model.dtype=bfloat16")
+    if config.data.pipeline != "stream":
+        less.append("--config.data.pipeline=stream (the dataset off the device)")
+    process = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    return (f"{process}out of device memory ({str(error).splitlines()[0][:200]}); use less with "
+            f"{', '.join(less)}, and a rerun resumes from the last checkpoint; or with a smaller "
+            f"--config.train.batch_size, in a new --workdir once this one holds checkpoints")
+
+
 def write_reports(workdir: Path, evaluation: train.Evaluation) -> None:
     """results.json, results.md, thresholds.json and the pictures of `evaluation`
     (annotate.reports); the prediction picture shows the original test image files."""
@@ -123,13 +137,7 @@ def main(argv: list[str]) -> None:
                      f"message names, then rerun (with --evaluate if the training finished)")
         except jax.errors.JaxRuntimeError as error:
             if is_out_of_memory(error):  # the checkpoints already written are kept
-                process = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
-                cli.fail(f"{process}out of device memory ({str(error).splitlines()[0][:200]}); "
-                         f"use less with --config.train.eval_batch_size, "
-                         f"--config.model.dtype=bfloat16 or --config.data.pipeline=stream (the "
-                         f"dataset off the device), and a rerun resumes from the last checkpoint; "
-                         f"or with a smaller --config.train.batch_size, in a new --workdir once "
-                         f"this one holds checkpoints")
+                cli.fail(out_of_device_memory(error, config))
             if jax.process_count() == 1:
                 raise
             cli.fail(f"process {jax.process_index()}: a step shared with the other processes "

@@ -72,7 +72,7 @@ def test_user_errors_are_one_line_with_status_2(module, args, message):
     ("from configs import base\ndef get_config():\n    config = base.get_config()\n"
      "    config.train.epoch = 5\n    return config\n",
      'the config file failed to load (CONFIG, line 4): AttributeError: Key "epoch" does not '
-     "exist and cannot be added since the config is locked (configs/base.py locks its config "
+     "exist and cannot be added since the config is locked (the configs of configs/ are locked "
      "against misspelt keys; a new section is added inside `with config.unlocked():`); did you "
      'mean "epochs" instead of "epoch"?'),
 ])
@@ -90,7 +90,7 @@ def test_a_run_that_cannot_start_is_refused_before_any_decoding(tmp_path, corel5
     """A workdir that is a file, an evaluation of a workdir without checkpoints, a batch that
     the devices cannot share or larger than the training split, a validation subset that leaves
     nothing to train on, a pretrained file that does not exist: one line, and no decoded cache
-    (Corel-5k at 448 px is minutes of decoding) nor a new workdir."""
+    (Corel-5k at 448 px is minutes of decoding); an evaluation leaves no new workdir either."""
     (tmp_path / "file").write_text("not a folder")
     two_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     # an evaluation with nothing to evaluate says so before it would download Corel-5k

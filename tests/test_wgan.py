@@ -658,10 +658,13 @@ def test_training_images_whose_augmentations_share_names_are_refused_before_any_
 
 
 def test_out_of_device_memory_is_one_line_and_keeps_the_finished_images(tmp_path):
-    """XLA's RESOURCE_EXHAUSTED in a chunk (here a real one: a 4 TiB buffer, on the second chunk)
-    ends the app with one line naming --config.pairs; the first chunk's images stay indexed."""
+    """XLA's RESOURCE_EXHAUSTED in a chunk (here a real one, on the second chunk: a 1 TiB buffer
+    in a process capped at 1 TiB of address space) ends the app with one line naming
+    --config.pairs; the first chunk's images stay indexed."""
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
     script = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 40, 1 << 40))\n"
         "import jax.numpy as jnp, numpy as np\n"
         "from annotate import cli\n"
         "from wgan import run\n"
@@ -669,7 +672,7 @@ def test_out_of_device_memory_is_one_line_and_keeps_the_finished_images(tmp_path
         "def train_chunk(setup, keys, images, iterations):\n"
         "    calls.append(1)\n"
         "    if len(calls) > 1:\n"
-        "        jnp.zeros(2 ** 40).block_until_ready()\n"
+        "        jnp.zeros(2 ** 38).block_until_ready()\n"
         "    return np.full((images.shape[0], 3, 128, 192, 3), 0.5, np.float32)\n"
         "run.train_chunk = train_chunk\n"
         "cli.run(run.main, run.define_flags)\n")
