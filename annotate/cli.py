@@ -63,6 +63,14 @@ def unexpected_arguments(arguments: Sequence[str],
             f"takes its value after '=' ({examples})")
 
 
+def _innermost(error: BaseException) -> object:
+    """The text an error wraps, unwrapped from ml_collections' AttributeError(KeyError(text))."""
+    cause: object = error
+    while isinstance(cause, BaseException) and cause.args:
+        cause = cause.args[0]
+    return cause
+
+
 def _config_file(argv: Sequence[str]) -> str:
     """The --config file of the command line (what a config-file error is about)."""
     files = [argument.split("=", 1)[1] for argument in argv if argument.startswith("--config=")]
@@ -77,10 +85,7 @@ def explain(error: BaseException, argv: Sequence[str]) -> str:
     if isinstance(error, (AttributeError, KeyError)) and LOCKED_KEY in str(error):
         return _config_file_failure(error)  # the config file set a key base's config has not
     if isinstance(error, (AttributeError, KeyError)):
-        cause: object = error
-        while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
-            cause = cause.args[0]
-        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        lines = [line.strip() for line in str(_innermost(error)).splitlines() if line.strip()]
         # ml_collections' override of a key below a value: --config.train.epochs.x=1
         below_value = re.search(r"Attribute <class '(\w+)'>\.\S* does not exist.*Attempting to "
                                 r"lookup: (\S+)", " ".join(lines))
@@ -123,10 +128,7 @@ LOCKED_KEY = "cannot be added since the config is locked"  # ml_collections' err
 def _locked_key_message(error: BaseException) -> str:
     """ml_collections' error for a key set on a locked config, without its dump of the section's
     fields: the key, why, and its did-you-mean hint."""
-    cause: object = error
-    while isinstance(cause, BaseException) and cause.args:  # AttributeError(KeyError(text))
-        cause = cause.args[0]
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(_innermost(error)).splitlines() if line.strip()]
     first = lines[0].split(" Other fields present")[0].rstrip(".")
     hint = next((line for line in lines if line.startswith("Did you mean")), "")
     return (f"{first} (the configs of configs/ are locked against misspelt keys; a new section "

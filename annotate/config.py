@@ -27,7 +27,6 @@ OPTIONAL_KEYS = ("model.pretrained", "data.root", "data.augmentation_dir", "data
 MAX_BOOTSTRAP_RESAMPLES = 100_000  # each holds a row of weights per test image and label counts
 
 
-
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check names, ranges and combinations of `config`; raise ValueError naming the bad key."""
     from annotate import losses  # jax: only here, to check the loss's hyper-parameters
@@ -35,6 +34,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     for key, value in flat_config(config.to_dict()).items():  # before any comparison meets a None
         if value is None and key not in OPTIONAL_KEYS:
             raise ValueError(f"config.{key} = None: it needs a value")
+
     def named(key: str, check: Any, *arguments: Any, **keywords: Any) -> None:
         try:
             check(*arguments, **keywords)

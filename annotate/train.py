@@ -484,11 +484,16 @@ def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) 
     return np.asarray(keep)
 
 
-def check_before_decoding(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """What the split indexes and the pretrained checkpoint's name already refuse, before minutes
-    of decoding: a validation subset that leaves no training image, a batch larger than the
-    training images, a pretrained file that does not exist or whose reader is not installed
-    (checked only for a run that starts afresh: a resumed one does not load it)."""
+def check_before_decoding(config: ml_collections.ConfigDict, workdir: Path,
+                          devices: int) -> None:
+    """What the device count, the split indexes and the pretrained checkpoint's name already
+    refuse, before minutes of decoding: a batch the devices cannot share, a validation subset
+    that leaves no training image, a batch larger than the training images, a pretrained file
+    that does not exist or whose reader is not installed (checked only for a run that starts
+    afresh: a resumed one does not load it)."""
+    if config.train.batch_size % devices:
+        raise ValueError(f"config.train.batch_size = {config.train.batch_size} must be a "
+                         f"multiple of the device count {devices}")
     root = data_root(config)
     originals = len(data.read_split_index(root, "train").image_names)
     held_out = config.eval.validation_size if config.eval.protocol == "validation" else 0
@@ -796,10 +801,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                         is_writer: bool) -> Evaluation:
     mesh = make_mesh()
     batch_size = config.train.batch_size
-    if batch_size % mesh.size:  # before the data is decoded
-        raise ValueError(f"config.train.batch_size = {batch_size} must be a multiple of the "
-                         f"device count {mesh.size}")
-    check_before_decoding(config, workdir)
+    check_before_decoding(config, workdir, mesh.size)
     run_data = load_data(config, mesh)
     train_split = run_data.train
     num_images = train_split.num_images

@@ -82,8 +82,7 @@ def lowered_flops() -> dict[tuple[str, str, str, int, int], tuple[float, str]]:
     """FLOPs per image of the train step and the name of the file that counted them, by
     (model, head, dtype, size, batch)."""
     return {(r["model"], r.get("head", "linear"), r["dtype"], r["res"], r["batch"]):
-            (r["train_flops_per_img"], path.name)
-            for path in sorted(MEASUREMENTS.glob("*.jsonl")) for r in read_lines(path)
+            (r["train_flops_per_img"], path.name) for path, r in _runs("*.jsonl")
             if r.get("what") == "train_flops"}
 
 
