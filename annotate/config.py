@@ -24,6 +24,10 @@ LINEAR_HEAD_OPTIONS = ("global_pool", "drop_rate")  # config.model keys read by 
 # the keys that may be None (configs/base.py's placeholders): every other one needs a value
 OPTIONAL_KEYS = ("model.pretrained", "data.root", "data.augmentation_dir", "data.cache_dir",
                  "data.mean", "data.std")
+# the switches: every other key holds a number or a name (ml_collections takes True for an int,
+# as bool is an int: `--config.train.batch_size=True` would train at batch 1)
+BOOLEAN_KEYS = ("distributed", "data.augmentation", "train.cycle_momentum", "train.flip_horizontal",
+                "train.flip_vertical")
 MAX_BOOTSTRAP_RESAMPLES = 100_000  # each holds a row of weights per test image and label counts
 
 
@@ -34,6 +38,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     for key, value in flat_config(config.to_dict()).items():  # before any comparison meets a None
         if value is None and key not in OPTIONAL_KEYS:
             raise ValueError(f"config.{key} = None: it needs a value")
+        if isinstance(value, bool) and key not in BOOLEAN_KEYS:
+            raise ValueError(f"config.{key} = {value!r}: it needs a number or a name, not a bool")
 
     def named(key: str, check: Any, *arguments: Any, **keywords: Any) -> None:
         try:
@@ -54,6 +60,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     section = "model" if config.model.head == "linear" else f"model.{config.model.head}"
     options = head_options(config)
     named(section, models.check_head_options, config.model.head, options)
+    if config.model.head != "linear":  # else a pooling or dropout asked for would be ignored
+        defaults = models.head_defaults("linear")
+        for key in LINEAR_HEAD_OPTIONS:
+            require(config.model[key] == defaults[key], f"model.{key}",
+                    f"read by the linear head only; head {config.model.head!r} takes "
+                    f"config.model.{config.model.head}.* (leave model.{key} at {defaults[key]!r})")
     try:  # the head's constructor checks the values: "<option> = <value>: <why>"
         models.check_head_values(config.model.head, options)
     except ValueError as error:

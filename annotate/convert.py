@@ -249,11 +249,7 @@ def _restore_weights(model: nnx.Module, directory: Path) -> nnx.Module:
 
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(directory.absolute())
-    metadata = getattr(metadata, "item_metadata", metadata)
-    if not metadata:  # orbax lists no arrays there
-        raise PretrainedError(f"{directory} is not an orbax checkpoint written by save_weights "
-                              f"(orbax finds no arrays in it); a folder must hold one, a timm "
-                              f"checkpoint is a .pth/.pt/.bin/.safetensors file")
+    metadata = getattr(metadata, "item_metadata", metadata)  # check_pretrained: a checkpoint
     stored = {key: tuple(leaf.shape) for key, leaf in flat_leaves(metadata).items()}
     variables = _flat_variables(model)
     expected = {key: tuple(variable.shape) for key, variable in variables.items()}
@@ -304,6 +300,12 @@ def check_pretrained(spec: str) -> None:
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist (expected a .pth/"
                                 f".pt/.bin/.safetensors file, an orbax directory or timm:<name>)")
     if path.is_dir():
+        from orbax.checkpoint.path import format_utils  # its files, without reading (or warning)
+
+        if not format_utils.is_pytree_checkpoint(path):
+            raise PretrainedError(f"{path} is not an orbax checkpoint written by save_weights (no "
+                                  f"orbax arrays in it); a folder must hold one, a timm checkpoint "
+                                  f"is a .pth/.pt/.bin/.safetensors file")
         return
     if path.suffix == ".safetensors":
         _import_reader("safetensors.numpy", f"reading {path} needs the safetensors package")

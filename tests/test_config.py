@@ -124,6 +124,36 @@ def test_linear_head_takes_the_seed_options():
     assert head_options(config) == {"global_pool": "avg", "drop_rate": 0.1}
 
 
+def test_the_linear_heads_options_are_refused_under_another_head():
+    """global_pool and drop_rate are read by the linear head alone: a value other than its
+    constructor's default under CSRA would be ignored, so it is refused, naming the key."""
+    config = base.get_config(model="resnet18", loss="asl")
+    config.model.head = "csra"
+    validate_config(config)  # base's values are the linear head's defaults
+    for key, value in (("global_pool", "max"), ("drop_rate", 0.0)):
+        config = base.get_config(model="resnet18", loss="asl")
+        config.model.head = "csra"
+        config.model[key] = value
+        with pytest.raises(ValueError, match=re.escape(
+                f"config.model.{key} = {value!r}: read by the linear head only; head 'csra' "
+                f"takes config.model.csra.*")):
+            validate_config(config)
+
+
+@pytest.mark.parametrize("key", ["train.batch_size", "data.image_size", "model.csra.num_heads",
+                                 "eval.validation_size"])
+def test_a_bool_where_a_number_is_needed_is_refused(key):
+    """ml_collections takes True for an int field (bool is an int) and keeps it a bool: refused,
+    named. (A float field casts it to 1.0, as it casts any int.)"""
+    config = base.get_config(model="resnet18", loss="asl")
+    section, leaf = key.rsplit(".", 1)
+    config_value(config, section)[leaf] = True
+    assert config_value(config, key) is True
+    with pytest.raises(ValueError, match=re.escape(
+            f"config.{key} = True: it needs a number or a name, not a bool")):
+        validate_config(config)
+
+
 def test_config_and_registry_import_without_jax():
     code = ("import sys; import annotate.config, annotate.models; "
             "annotate.models.model_info('tresnet_m'); assert 'jax' not in sys.modules, 'jax'")

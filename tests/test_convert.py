@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from annotate.convert import PretrainedError, load_pretrained, load_timm_weights, save_weights
+from annotate.convert import (PretrainedError, check_pretrained, load_pretrained, load_timm_weights,
+                              save_weights)
 from annotate.models import MODEL_NAMES, create_model
 from parity import randomize_torch_model_
 from modules import load_module
@@ -202,15 +203,22 @@ def test_converted_checkpoint_of_another_backbone_is_an_error(converted):
         load_pretrained(create_model("resnet50", NUM_CLASSES), str(converted))
 
 
-def test_a_folder_that_is_not_an_orbax_checkpoint_is_named_so(tmp_path):
+def test_a_folder_that_is_not_an_orbax_checkpoint_is_named_so(tmp_path, caplog):
     """An empty folder, or a Hugging Face snapshot's (model.safetensors inside), is not reported
-    as another architecture's checkpoint."""
+    as another architecture's checkpoint; check_pretrained (run before any decoding) refuses it
+    in one error, without orbax's warnings about the metadata files it lacks."""
+    (tmp_path / "empty").mkdir()
     (tmp_path / "snapshot").mkdir()
     (tmp_path / "snapshot" / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(PretrainedError, match=f"^{tmp_path / 'snapshot'} is not an orbax "
-                       "checkpoint written by save_weights"):
-        load_pretrained(nnx.eval_shape(lambda: create_model("resnet18", NUM_CLASSES)),
-                        str(tmp_path / "snapshot"))  # refused before the model is touched
+    for folder in (tmp_path / "empty", tmp_path / "snapshot"):
+        with pytest.raises(PretrainedError, match=f"^{folder} is not an orbax checkpoint written "
+                           "by save_weights"):
+            check_pretrained(str(folder))
+        with pytest.raises(PretrainedError, match=f"^{folder} is not an orbax checkpoint"):
+            load_pretrained(nnx.eval_shape(lambda: create_model("resnet18", NUM_CLASSES)),
+                            str(folder))  # refused before the model is touched
+    assert "Metadata" not in caplog.text
+    check_pretrained(str(save_weights(create_model("resnet18", NUM_CLASSES), tmp_path / "ok")))
 
 
 def test_saved_head_of_another_type_loads_into_the_same_head(tmp_path):

@@ -329,8 +329,7 @@ def test_vmapped_pair_does_not_depend_on_its_partners(trained):
 
 
 def test_preprocessing_matches_seed_transforms(tmp_path):
-    torchvision = pytest.importorskip("torchvision")
-    transforms = torchvision.transforms
+    from torchvision import transforms  # timm's dependency (dev extras)
     rng = np.random.default_rng(5)
     for size in [(192, 128), (128, 192)]:  # landscape and portrait (W, H) as in Corel-5k
         path = tmp_path / f"{size[0]}x{size[1]}.png"
@@ -543,6 +542,7 @@ def test_a_second_run_on_one_output_folder_is_refused_before_any_training(tmp_pa
     ({"model_width": 0}, "config.model_width = 0: must be >= 1"),
     ({"limit": -5}, "config.limit = -5: must be >= 1, or None for every training image"),
     ({"seed": -1}, r"config.seed = -1: must lie in \[0, 2\*\*32\)"),
+    ({"pairs": True}, "config.pairs = True: it needs a number, not a bool"),  # not 1 pair
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, message):
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)

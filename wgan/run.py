@@ -143,6 +143,9 @@ def run(config: config_dict.ConfigDict) -> Path:
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype must be one of {list(COMPUTE_DTYPES)}, "
                          f"got {config.compute_dtype!r}")
+    for key in ("pairs", "model_width", "seed", "iterations", "limit"):
+        if isinstance(config[key], bool):  # ml_collections takes True for an int field
+            raise ValueError(f"config.{key} = {config[key]!r}: it needs a number, not a bool")
     for key in ("pairs", "model_width"):
         if config[key] < 1:
             raise ValueError(f"config.{key} = {config[key]}: must be >= 1")

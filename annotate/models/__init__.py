@@ -73,14 +73,25 @@ def check_head_name(name: str) -> None:
 def check_head_options(name: str, options: dict[str, Any]) -> None:
     """Raise a ValueError listing what head `name` accepts when `options` holds a keyword its
     class does not take (a misspelt config.model.<head> key); imports the head (jax)."""
-    check_head_name(name)
-    parameters = inspect.signature(_constructor(_HEADS[name]).__init__).parameters
-    accepted = [key for key, parameter in parameters.items()
-                if parameter.kind == parameter.KEYWORD_ONLY and key != "rngs"]
+    accepted = list(_head_keywords(name))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"head {name!r} got unknown options {unknown}; it accepts "
                          f"{accepted or 'none'}")
+
+
+def head_defaults(name: str) -> dict[str, Any]:
+    """The default values of head `name`'s keyword-only options (its constructor's signature)."""
+    return {key: parameter.default for key, parameter in _head_keywords(name).items()
+            if parameter.default is not parameter.empty}
+
+
+def _head_keywords(name: str) -> dict[str, inspect.Parameter]:
+    """Head `name`'s options: its constructor's keyword-only parameters but rngs."""
+    check_head_name(name)
+    parameters = inspect.signature(_constructor(_HEADS[name]).__init__).parameters
+    return {key: parameter for key, parameter in parameters.items()
+            if parameter.kind == parameter.KEYWORD_ONLY and key != "rngs"}
 
 
 def check_head_values(name: str, options: dict[str, Any]) -> None:
