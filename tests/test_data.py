@@ -231,6 +231,47 @@ def test_sixteen_bit_greys_are_scaled_not_clipped(tmp_path, dtype, file_format):
     np.testing.assert_array_equal(decode_image(path, SIZE), np.stack([expected] * 3, axis=-1))
 
 
+@pytest.mark.parametrize("orientation, turns", [(3, 2), (6, 1), (8, -1)])
+def test_exif_orientation_is_applied(tmp_path, orientation, turns):
+    """A photo stored turned, with the EXIF orientation that tells viewers to turn it back (3:
+    180 degrees, 6: 90 clockwise, 8: 90 anticlockwise), decodes as the upright image does."""
+    upright = np.random.default_rng(orientation).integers(0, 256, (24, 16, 3), dtype=np.uint8)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, turns)))  # anticlockwise
+    exif = stored.getexif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    stored.save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(decode_image(tmp_path / "turned.png", SIZE),
+                                  seed_decode(tmp_path / "upright.png", SIZE))
+
+
+def test_transparency_is_composited_onto_white(tmp_path):
+    """RGBA, grey + alpha and a palette with a transparent entry: colour * alpha + white *
+    (1 - alpha), not the colour stored under a transparent pixel."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8)
+    rgba[0, 0] = (0, 0, 0, 0)  # transparent black: white, not black
+    alpha = rgba[..., 3:] / 255.0
+    expected = np.rint(rgba[..., :3] * alpha + 255 * (1 - alpha))
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    decoded = decode_image(tmp_path / "rgba.png", SIZE)  # SIZE: the resize keeps every pixel
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+    np.testing.assert_allclose(decoded, expected, atol=1)
+    grey_alpha = rgba[..., [0, 3]]
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "la.png")
+    alpha = grey_alpha[..., 1:] / 255.0
+    expected = np.rint(grey_alpha[..., :1] * alpha + 255 * (1 - alpha))
+    np.testing.assert_allclose(decode_image(tmp_path / "la.png", SIZE),
+                               np.repeat(expected, 3, axis=-1), atol=1)
+    palette = Image.fromarray((np.arange(SIZE * SIZE) % 2).reshape(SIZE, SIZE).astype(np.uint8),
+                              mode="P")
+    palette.putpalette([0, 0, 0, 200, 10, 10])  # entry 0 black, transparent; entry 1 red
+    palette.save(tmp_path / "palette.gif", transparency=0)
+    decoded = decode_image(tmp_path / "palette.gif", SIZE)
+    np.testing.assert_array_equal(decoded[0, 0], (255, 255, 255))
+    np.testing.assert_array_equal(decoded[0, 1], (200, 10, 10))
+
+
 def test_a_floating_point_image_is_refused_by_name(tmp_path):
     path = tmp_path / "depth.tiff"
     Image.fromarray(np.ones((SIZE, SIZE), np.float32)).save(path)

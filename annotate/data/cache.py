@@ -23,7 +23,9 @@ from annotate.data.folder import DatasetError, SplitIndex, check_images_exist, i
 from annotate.workdir import is_abandoned
 
 # Bump when the decoding or the file layout changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = 2  # 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb)
+# 2: 16-bit greys scaled to 8 bits, not clipped (folder.as_rgb); 3: transparency composited onto
+# white, EXIF orientation applied (folder.decode_image)
+CACHE_FORMAT_VERSION = 3
 
 
 def default_cache_dir() -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -181,23 +181,30 @@ def check_images_exist(index: SplitIndex) -> list[os.stat_result]:
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. Single-channel images of more than 8 bits (16-bit PNG or TIFF greys,
-    PIL modes "I;16*" and "I") are scaled from 0..65535, where PIL's convert("RGB") would clip
-    at 255 and make them near-white; floating-point images (mode "F") have no agreed range and
-    are refused with a ValueError."""
+    """`image` as 8-bit RGB, upright as viewers show it: its EXIF orientation applied (a phone's
+    portrait photo is stored sideways; no Corel-5k image has one). Single-channel images of more
+    than 8 bits (16-bit PNG or TIFF greys, PIL modes "I;16*" and "I") are scaled from 0..65535,
+    where PIL's convert("RGB") would clip at 255 and make them near-white; images with
+    transparency are composited onto white, where convert("RGB") would show the colour stored
+    under transparent pixels (often black); floating-point images (mode "F") have no agreed
+    range and are refused with a ValueError."""
     if image.mode == "F":
         raise ValueError("a floating-point image (PIL mode F) has no agreed value range; save it "
                          "with 8 or 16 bits per channel")
+    image = ImageOps.exif_transpose(image)  # a copy: the caller's image is left as it is
     if image.mode.startswith("I"):
         grey = np.rint(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0))
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
 
 
 def decode_image(source: Path | str | bytes, image_size: int, *,
                  name: str | None = None) -> np.ndarray:
-    """Decode an image file (or its encoded bytes) as the seed does: PIL RGB (as_rgb), bilinear
-    S x S resize.
+    """Decode an image file (or its encoded bytes) as the seed does: PIL RGB (as_rgb, which also
+    turns it upright), bilinear S x S resize.
 
     Returns uint8 [S, S, 3] (aspect ratio squashed). The image is fully decoded, so truncated or
     corrupt files raise DatasetError naming `name` (default: the path).
