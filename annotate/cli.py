@@ -184,10 +184,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(_config_file_failure(error))
 
 
-def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
+RESUMES = "what was completed is kept (a rerun of the same command resumes)"
+
+
+def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
+        interrupted: str = RESUMES) -> None:
     """Define the app's flags and `app.run(main)`, with one-line flag and config errors (a config
     flag with a default file applies the command line's overrides while being defined) and
-    Ctrl-C as one line."""
+    Ctrl-C as one line: "interrupted; <interrupted>", what the app keeps."""
     try:
         define_flags()
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
@@ -198,8 +202,7 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> 
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:  # the apps have already waited for their checkpoint or image saves
-        print("interrupted; what was completed is kept (a rerun of the same command resumes)",
-              file=sys.stderr)
+        print(f"interrupted; {interrupted}", file=sys.stderr)
         # no interpreter teardown: a Ctrl-C during the first compilation leaves XLA compiling in
         # its own threads, and tearing Python down under them segfaults (status 139)
         _exit_at_once(INTERRUPTED)

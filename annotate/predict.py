@@ -4,11 +4,13 @@
 
 Folders are searched (not recursively) for image files. For every image the labels whose
 probability exceeds the label's threshold (thresholds.json, written by the evaluation) are
-printed with their probabilities, most probable first; --output also writes them, as JSON
-(`.json`) or CSV (`.csv`: image, label, probability). Files that are not images, or do not
-decode, are skipped and listed at the end; the exit status is non-zero only when nothing could be
-annotated. User errors are one line, `error: ...`, with exit status 2. Images are decoded and
-annotated train.eval_batch_size at a time, so memory does not grow with their number.
+printed with their probabilities, most probable first, as each batch is done (a run stopped
+later keeps them); --output also writes them, when every image is done, as JSON (`.json`) or CSV
+(`.csv`: image, label, probability). Files that are not images, or do not decode, are skipped
+and listed at the end. The exit status is non-zero when nothing could be annotated or the output
+could not be written. User errors are one line, `error: ...`, with exit status 2. Images are
+decoded and annotated --batch_size (default: the run's train.eval_batch_size) at a time, so
+memory does not grow with their number.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import csv
 import dataclasses
 import json
 import os
+import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from absl import flags
@@ -28,8 +32,8 @@ from tqdm import tqdm
 
 from annotate import checkpoints, cli, data, metrics, train
 from annotate.config import validate_config
-from annotate.devices import enable_compilation_cache, make_mesh, put
-from annotate.workdir import CheckpointMismatchError, WorkdirError
+from annotate.devices import enable_compilation_cache, is_out_of_memory, make_mesh, put
+from annotate.workdir import CheckpointMismatchError, WorkdirError, write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -87,28 +91,37 @@ class Annotator:
     def annotate(self, files: Sequence[Path | str], chunk_size: int | None = None,
                  ) -> tuple[list[dict], list[tuple[str, str]]]:
         """([{"image": path, "labels": [{"label", "probability"}, ...]}], [(path, why skipped)])
-        for image files: labels above their threshold, most probable first; files that do not
-        decode are skipped with the reason. Files are decoded and predicted `chunk_size` at a
-        time (default: self.chunk_size), every chunk padded to one shape (one compilation)."""
-        chunk_size = min(chunk_size or self.chunk_size, max(len(files), 1))
+        for image files: `annotate_chunks`' annotations and skipped files, all chunks joined."""
         annotations, skipped = [], []
+        for chunk_annotations, chunk_skipped in self.annotate_chunks(files, chunk_size):
+            annotations += chunk_annotations
+            skipped += chunk_skipped
+        return annotations, skipped
+
+    def annotate_chunks(self, files: Sequence[Path | str], chunk_size: int | None = None,
+                        ) -> Iterator[tuple[list[dict], list[tuple[str, str]]]]:
+        """Per chunk of `chunk_size` files (default: self.chunk_size), as it is done: its
+        annotations (labels above their threshold, most probable first) and the files that do
+        not decode, with the reason. Every chunk is padded to one shape (one compilation)."""
+        chunk_size = min(chunk_size or self.chunk_size, max(len(files), 1))
         with tqdm(total=len(files), unit="image", desc="annotate", file=sys.stderr,
                   disable=len(files) <= chunk_size) as bar:
             for start in range(0, len(files), chunk_size):
-                chunk, decoded = files[start:start + chunk_size], []
+                chunk, decoded, skipped = files[start:start + chunk_size], [], []
                 for path in chunk:
                     try:
                         decoded.append((path, data.decode_image(path, self.image_size)))
                     except data.DatasetError as error:  # its message starts with the path
                         skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
+                annotations = []
                 if decoded:
                     images = [image for _, image in decoded]
                     images += images[-1:] * (chunk_size - len(images))  # the compiled shape
                     probs = self.probabilities(np.stack(images))
-                    annotations += [self._labels_above_threshold(path, image_probs)
-                                    for (path, _), image_probs in zip(decoded, probs)]
+                    annotations = [self._labels_above_threshold(path, image_probs)
+                                   for (path, _), image_probs in zip(decoded, probs)]
                 bar.update(len(chunk))
-        return annotations, skipped
+                yield annotations, skipped
 
     def _labels_above_threshold(self, path: Path | str, image_probs: np.ndarray) -> dict:
         """One image's annotation: its labels above their threshold, most probable first."""
@@ -119,8 +132,9 @@ class Annotator:
             for j in chosen]}
 
 
-def load_annotator(workdir: Path | str) -> Annotator:
-    """The best checkpoint of `workdir` with the config and thresholds stored beside it."""
+def load_annotator(workdir: Path | str, batch_size: int | None = None) -> Annotator:
+    """The best checkpoint of `workdir` with the config and thresholds stored beside it; it
+    annotates `batch_size` images at once (default: the run's train.eval_batch_size)."""
     workdir = Path(workdir).absolute()
     config_path, thresholds_path = workdir / "config.json", workdir / "thresholds.json"
     if not config_path.is_file():
@@ -148,7 +162,10 @@ def load_annotator(workdir: Path | str) -> Annotator:
         raise ValueError(f"{thresholds_path} is damaged: it must hold one threshold in [0, 1] per "
                          f"label ({len(vocabulary)} labels, thresholds of shape "
                          f"{thresholds.shape}, NaN or out of range?); write it again with --evaluate")
+    checkpoints.require_checkpoint(workdir)  # before the model is built
     config.data.pipeline = "device"  # each chunk of images to annotate is put on the device
+    if batch_size is not None:
+        config.train.eval_batch_size = batch_size
     experiment, state = train.create_experiment(config, len(vocabulary), 1, make_mesh(),
                                                 load_pretrained=False)
     try:
@@ -172,21 +189,35 @@ def define_flags() -> None:
     """Register the flags; done only when run as a program, so importing this module is harmless."""
     flags.DEFINE_string("workdir", None, "Training workdir (best checkpoint + thresholds.json).")
     flags.DEFINE_string("output", None, "Also write the annotations here: .json or .csv.")
+    flags.DEFINE_integer("batch_size", None, "Images decoded and annotated at once (default: the "
+                         "run's train.eval_batch_size); lower it if the device runs out of memory.",
+                         lower_bound=1)
     flags.mark_flags_as_required(["workdir"])
 
 
 def write_annotations(path: Path, annotations: list[dict]) -> None:
     """The annotations as JSON, or as CSV rows (image, label, probability; an image without a
-    label above its threshold gets one row with an empty label)."""
+    label above its threshold gets one row with an empty label), written atomically (a full
+    disk leaves the previous file whole); a link is followed, not replaced."""
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(annotations, indent=2) + "\n")
-        return
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
+        text = json.dumps(annotations, indent=2) + "\n"
+    else:
+        rows = io.StringIO(newline="")
+        writer = csv.writer(rows)
         writer.writerow(["image", "label", "probability"])
         for item in annotations:
-            rows = [[item["image"], x["label"], x["probability"]] for x in item["labels"]]
-            writer.writerows(rows or [[item["image"], "", ""]])
+            labels = [[item["image"], x["label"], x["probability"]] for x in item["labels"]]
+            writer.writerows(labels or [[item["image"], "", ""]])
+        text = rows.getvalue()
+    write_atomically(path.resolve(), text)
+
+
+def print_annotations(annotations: list[dict]) -> None:
+    """One line per image, "<path>: label (probability), ...", flushed at once."""
+    for item in annotations:
+        labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])
+        print(f"{item['image']}: {labels or '(no label above its threshold)'}")
+    sys.stdout.flush()
 
 
 def check_output(output: str | None) -> Path | None:
@@ -211,6 +242,7 @@ def main(argv: list[str]) -> None:
         cli.fail("give image files or folders to annotate: python -m annotate.predict "
                  "--workdir=runs/<experiment> photo.jpg holiday/")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax stay quiet
+    annotator = None
     try:
         output = check_output(FLAGS.output)
         files, others = image_paths(argv[1:])  # a bad path fails before the model is loaded
@@ -218,13 +250,22 @@ def main(argv: list[str]) -> None:
             raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in "
                                     f"{', '.join(argv[1:])}")
         enable_compilation_cache()
-        annotations, skipped = load_annotator(FLAGS.workdir).annotate(files)
+        annotator = load_annotator(FLAGS.workdir, FLAGS.batch_size)
+        annotations, skipped = [], []
+        for chunk_annotations, chunk_skipped in annotator.annotate_chunks(files):
+            print_annotations(chunk_annotations)  # now: a run stopped later keeps them
+            annotations += chunk_annotations
+            skipped += chunk_skipped
     except (FileNotFoundError, PermissionError, ValueError, data.DatasetError,
             WorkdirError) as error:
         cli.fail(error)
-    for item in annotations:
-        labels = ", ".join(f"{x['label']} ({x['probability']:.2f})" for x in item["labels"])
-        print(f"{item['image']}: {labels or '(no label above its threshold)'}")
+    except jax.errors.JaxRuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        at_once = f" annotating {annotator.chunk_size} at a time" if annotator else ""
+        cli.fail(f"out of device memory{at_once} ({str(error).splitlines()[0][:200]}); the "
+                 f"annotations printed above are complete: annotate the rest with a smaller "
+                 f"--batch_size")
     skipped += [(str(path), "not an image file") for path in others]
     if skipped:
         print(f"skipped {len(skipped)} file(s):", file=sys.stderr)
@@ -240,4 +281,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags)
+    cli.run(main, define_flags, interrupted="the annotations printed above are complete; "
+                                            "--output is written only when every image is done")

@@ -71,6 +71,13 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "tiny")
 
 
+# A child process's first lines: its address space capped at 1 TiB, so that a 1 TiB buffer
+# (`jnp.zeros(2 ** 38)`) fails to allocate on any Linux host, whether or not its kernel overcommits
+# memory: the apps' out-of-memory errors, raised for real.
+ADDRESS_SPACE_CAP = ("import resource\n"
+                     "resource.setrlimit(resource.RLIMIT_AS, (1 << 40, 1 << 40))\n")
+
+
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory, corel5k_dir: Path) -> Path:
     """The workdir of one `python -m annotate.main --config=configs/smoke.py` run on the real

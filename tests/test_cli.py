@@ -208,6 +208,9 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     assert sys.unraisablehook.__qualname__ == "redeliver_interrupts.<locals>.unraisable"
     assert capsys.readouterr().err.strip() == (
         "interrupted; what was completed is kept (a rerun of the same command resumes)")
+    with pytest.raises(SystemExit):  # an app that keeps something else says what
+        cli.run(interrupted, lambda: None, interrupted="the lines printed above are complete")
+    assert capsys.readouterr().err.strip() == "interrupted; the lines printed above are complete"
 
 
 def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again():

@@ -102,12 +102,6 @@ def test_reports_that_cannot_be_written_are_one_line_and_keep_the_checkpoints(tm
     assert (workdir / "checkpoints" / "1").is_dir() and (workdir / "results.json").is_file()
 
 
-# Caps the process's address space at 1 TiB, so that a 1 TiB buffer fails to allocate on any
-# Linux host, whether or not its kernel overcommits memory.
-ADDRESS_SPACE_CAP = ("import resource\n"
-                     "resource.setrlimit(resource.RLIMIT_AS, (1 << 40, 1 << 40))\n")
-
-
 @pytest.mark.parametrize("allocation,message", [
     ("jnp.zeros(2 ** 38).block_until_ready()", "error: out of device memory (RESOURCE_EXHAUSTED: "
                                                "Out of memory "),
@@ -117,7 +111,7 @@ def test_out_of_memory_is_one_line_naming_what_uses_less(tmp_path, allocation, m
     """XLA's RESOURCE_EXHAUSTED or numpy's MemoryError during a run (here real ones: a 1 TiB
     buffer in a process capped at 1 TiB of address space) end it with one line naming what uses
     less memory (what the config does not already use) and how to keep the checkpoints."""
-    from conftest import write_dataset
+    from conftest import ADDRESS_SPACE_CAP, write_dataset
 
     root = write_dataset(tmp_path / "tiny")
     script = (ADDRESS_SPACE_CAP + "import jax.numpy as jnp, numpy as np\n"

@@ -204,3 +204,49 @@ def test_command_line(smoke_workdir, corel5k_dir, tmp_path):
         assert bad.returncode == 2, bad.stderr[-2000:]
         assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
         assert message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_out_of_device_memory_keeps_the_printed_annotations(smoke_workdir, corel5k_dir):
+    """--batch_size=1 over two images, the second batch running out of device memory (a real
+    XLA RESOURCE_EXHAUSTED: a 1 TiB buffer in a process capped at 1 TiB of address space): the
+    first image's annotation was printed before, and one line names --batch_size."""
+    from conftest import ADDRESS_SPACE_CAP
+
+    script = (ADDRESS_SPACE_CAP + "import jax.numpy as jnp\n"
+              "from annotate import cli, predict\n"
+              "real, calls = predict.Annotator.probabilities, []\n"
+              "def probabilities(self, images):\n"
+              "    calls.append(len(images))\n"
+              "    if len(calls) == 2:\n"
+              "        jnp.zeros(2 ** 38).block_until_ready()\n"
+              "    return real(self, images)\n"
+              "predict.Annotator.probabilities = probabilities\n"
+              "cli.run(predict.main, predict.define_flags)\n")
+    first, second = (corel5k_dir / "images" / name for name in ("1000.jpeg", "1001.jpeg"))
+    done = subprocess.run([sys.executable, "-c", script, f"--workdir={smoke_workdir}",
+                           "--batch_size=1", str(first), str(second)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.startswith(f"{first}: ") and str(second) not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory annotating 1 at a time "
+                           "(RESOURCE_EXHAUSTED: Out of memory "), last
+    assert last.endswith("the annotations printed above are complete: annotate the rest with a "
+                         "smaller --batch_size"), last
+
+
+def test_the_output_is_written_through_a_link(tmp_path):
+    """--output naming a link writes the file it points to (an atomic write's rename would
+    otherwise replace the link with a file)."""
+    target = tmp_path / "kept" / "tags.csv"
+    target.parent.mkdir()
+    target.write_text("old")
+    (tmp_path / "tags.csv").symlink_to(target)
+    annotations = [{"image": "a.jpg", "labels": [{"label": "sky", "probability": 0.9}]},
+                   {"image": "b.jpg", "labels": []}]
+    predict.write_annotations(tmp_path / "tags.csv", annotations)
+    assert (tmp_path / "tags.csv").is_symlink()
+    assert list(csv.reader(target.open())) == [["image", "label", "probability"],
+                                               ["a.jpg", "sky", "0.9"], ["b.jpg", "", ""]]
+

@@ -20,7 +20,7 @@ from PIL import Image
 
 from annotate.data import read_augmentation_index, read_split_index
 from annotate.workdir import WorkdirError
-from conftest import lock_held_by_another_run, write_dataset
+from conftest import ADDRESS_SPACE_CAP, lock_held_by_another_run, write_dataset
 from modules import load_module
 from wgan import run as wgan_run
 from wgan.models import BatchNorm2d, Conv2d, Critic, Generator
@@ -663,8 +663,7 @@ def test_out_of_device_memory_is_one_line_and_keeps_the_finished_images(tmp_path
     --config.pairs; the first chunk's images stay indexed."""
     root = write_dataset(tmp_path / "data", n_train=3, n_test=1)
     script = (
-        "import resource\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (1 << 40, 1 << 40))\n"
+        ADDRESS_SPACE_CAP +
         "import jax.numpy as jnp, numpy as np\n"
         "from annotate import cli\n"
         "from wgan import run\n"
