@@ -66,13 +66,18 @@ def test_install_extracts_validates_and_moves_into_place(fetch, tiny_dataset, tm
     assert sorted(p.name for p in destination.parent.iterdir()) == ["corel5k"]  # no leftovers
 
 
-def test_download_streams_a_url_to_disk(fetch, tiny_dataset, tmp_path):
+def test_download_streams_a_url_to_disk_once(fetch, tiny_dataset, tmp_path):
+    """The file, kept: a second call finds it without downloading; a failure before any byte
+    leaves nothing."""
     archive = pack(tiny_dataset, tmp_path / "source.zip")
-    downloaded = fetch.download(archive.as_uri(), tmp_path / "downloaded.zip")
-    assert downloaded.read_bytes() == archive.read_bytes()
+    content = archive.read_bytes()
+    downloaded = fetch.download(archive.as_uri(), tmp_path / "downloads")
+    assert downloaded.read_bytes() == content
+    archive.unlink()
+    assert fetch.download(archive.as_uri(), tmp_path / "downloads").read_bytes() == content
     with pytest.raises(DatasetError, match="--archive"):
-        fetch.download((tmp_path / "absent.zip").as_uri(), tmp_path / "other.zip")
-    assert not (tmp_path / "other.zip.part").exists()
+        fetch.download((tmp_path / "absent.zip").as_uri(), tmp_path / "downloads")
+    assert list((tmp_path / "downloads").iterdir()) == [downloaded]
 
 
 def test_main_installs_from_a_local_archive(fetch, tiny_dataset, tmp_path, capsys, monkeypatch):
@@ -186,34 +191,62 @@ def corel5k_archive(server, corel5k_dir) -> str:
     return f"{url}/corel5k.zip"
 
 
+PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
+
+
 class CutOffHandler(http.server.BaseHTTPRequestHandler):
-    """Announces 100,000 bytes, sends 5,000, then ends the connection."""
+    """Serves PAYLOAD; a request from the start is cut off after 5,000 bytes. A Range request
+    "bytes=N-" gets the rest (206 Partial Content), or, where `honour_range` is False, the whole
+    file from the start (200), as a server without range support does. Records the ranges."""
+
+    honour_range = True
+    ranges: list = []
 
     def do_GET(self):
+        asked = self.headers.get("Range")
+        self.ranges.append(asked)
+        if asked and self.honour_range:
+            start = int(asked.removeprefix("bytes=").removesuffix("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header("Content-Length", str(len(PAYLOAD) - start))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[start:])
+            return
         self.send_response(200)
-        self.send_header("Content-Length", "100000")
+        self.send_header("Content-Length", str(len(PAYLOAD)))
         self.end_headers()
-        self.wfile.write(b"x" * 5000)
+        self.wfile.write(PAYLOAD if asked else PAYLOAD[:5000])
         self.close_connection = True
 
     def log_message(self, *args):
         pass
 
 
-def test_a_download_cut_off_midway_is_an_error_and_leaves_no_file(tmp_path):
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOffHandler)
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_a_download_cut_off_midway_is_kept_and_resumed(tmp_path, honour_range):
+    """The error names the bytes kept; the next download asks for the rest (Range) and joins
+    it, or starts again where the server sends the whole file."""
+    handler = type("Handler", (CutOffHandler,), {"honour_range": honour_range, "ranges": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/corel5k.zip"
     try:
         with pytest.raises(DatasetError, match=f"download of {url} failed .*after 5,000 of "
-                                               f"100,000 bytes"):
-            fetch_module.download(url, tmp_path / "corel5k.zip")
+                                               f"102,400 bytes.*its 5,000 bytes are kept and a "
+                                               f"rerun resumes it"):
+            fetch_module.download(url, tmp_path)
+        (partial,) = tmp_path.iterdir()
+        assert partial.suffix == ".part" and partial.read_bytes() == PAYLOAD[:5000]
+        downloaded = fetch_module.download(url, tmp_path)
     finally:
         httpd.shutdown()
-    assert list(tmp_path.iterdir()) == []
+    assert downloaded.read_bytes() == PAYLOAD
+    assert list(tmp_path.iterdir()) == [downloaded]
+    assert handler.ranges == [None, "bytes=5000-"]
 
 
-def test_a_connection_reset_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+def test_a_connection_reset_keeps_what_was_received(tmp_path, monkeypatch):
     class ResetResponse(io.BytesIO):
         headers = {"Content-Length": "100000"}
 
@@ -225,8 +258,8 @@ def test_a_connection_reset_is_an_error_and_leaves_no_file(tmp_path, monkeypatch
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: ResetResponse(b"x" * 5000))
     with pytest.raises(DatasetError, match="download of http://corel5k.example/a.zip failed "
                                            r"\(ConnectionResetError: .*reset by peer"):
-        fetch_module.download("http://corel5k.example/a.zip", tmp_path / "corel5k.zip")
-    assert list(tmp_path.iterdir()) == []
+        fetch_module.download("http://corel5k.example/a.zip", tmp_path)
+    assert [path.read_bytes() for path in tmp_path.iterdir()] == [b"x" * 5000]
 
 
 def tiny_manifest(root: Path) -> dict[str, str]:
@@ -275,17 +308,23 @@ def test_default_source_layout_is_assembled_and_verified(server, tiny_dataset, t
     with pytest.raises(DatasetError, match="download of .*/absent.zip failed"):
         fetch_module.fetch_github(tmp_path / "other", **dict(options,
                                                              images_url=f"{url}/absent.zip"))
+    # the three index files, kept for the rerun (downloaded files are deleted only when bad)
+    assert len(list((tmp_path / ".other-downloads").iterdir())) == 3
     # an index file is named by its own URL, before the images are downloaded
     github_layout(tiny_dataset, folder)
     (folder / "index" / "test.json").write_text("<html>Sign in</html>")
     with pytest.raises(DatasetError, match=f"^{url}/index/test.json: the server sent an HTML "
                                            f"page, not test.json"):
-        fetch_module.fetch_github(tmp_path / "other", **dict(options,
+        fetch_module.fetch_github(tmp_path / "third", **dict(options,
                                                              images_url=f"{url}/absent.zip"))
     (folder / "index" / "test.json").write_text('{"samples": [], "labels": []}')
     with pytest.raises(DatasetError, match=f"^{url}/index/test.json: 1 files differ"):
-        fetch_module.fetch_github(tmp_path / "other", **dict(options,
+        fetch_module.fetch_github(tmp_path / "third", **dict(options,
                                                              images_url=f"{url}/absent.zip"))
+    # a good fetch installs and deletes what earlier ones kept
+    github_layout(tiny_dataset, folder)
+    assert fetch_module.fetch_github(tmp_path / "other", **options) == tmp_path / "other"
+    assert not (tmp_path / ".other-downloads").exists()
 
 
 def test_corel5k_url_downloads_checks_every_file_and_installs(corel5k_archive, corel5k_dir,
@@ -412,6 +451,27 @@ def test_a_file_system_error_of_the_fetch_is_one_error_line(tmp_path, capsys, mo
     monkeypatch.setattr(fetch_module, "fetch_corel5k", read_only)
     assert fetch_module.main(["--dest", str(tmp_path / "corel5k")]) == 2
     assert capsys.readouterr().err == "error: Permission denied: data/corel5k\n"
+
+
+def test_ctrl_c_during_a_download_keeps_it_for_the_rerun(tmp_path, capsys, monkeypatch):
+    """Ctrl-C midway (here as the first 5,000 bytes are counted): one line, status 130, and the
+    part file stays for the rerun to resume."""
+    class InterruptedBar(fetch_module.tqdm):
+        def update(self, n=1):
+            raise KeyboardInterrupt
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            type("Handler", (CutOffHandler,), {"ranges": []}))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/corel5k.zip"
+    monkeypatch.setattr(fetch_module, "tqdm", InterruptedBar)
+    try:
+        assert fetch_module.main(["--dest", str(tmp_path / "corel5k"), "--url", url]) == 130
+    finally:
+        httpd.shutdown()
+    assert capsys.readouterr().err.endswith("interrupted; a rerun resumes the download\n")
+    (partial,) = (tmp_path / ".corel5k-downloads").iterdir()
+    assert partial.read_bytes() == PAYLOAD[:5000]
 
 
 def test_the_main_job_names_its_own_way_out_of_an_incomplete_data_folder(tmp_path, monkeypatch):

@@ -19,7 +19,9 @@ deleted last). `python -m annotate.main` calls this on its first run.
 
 The command line and `python -m annotate.main` fetch holding a lock file beside the folder
 (`.corel5k.lock`), so fetches into one folder take turns, and the scratch folders
-(`.corel5k-fetch-*`) of a fetch that was killed are deleted by the next one.
+(`.corel5k-fetch-*`) of a fetch that was killed are deleted by the next one. A download that
+fails or is interrupted keeps what it received (`.corel5k-downloads/`), and the next fetch resumes
+it; a fetch that installs the dataset deletes that folder.
 """
 from __future__ import annotations
 
@@ -62,37 +64,81 @@ ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.
                   lzma.LZMAError)
 
 
-def download(url: str, destination: Path) -> Path:
-    """Stream `url` to `destination` (via a .part file renamed when complete), with progress bar;
-    DatasetError when the connection fails or ends before the announced Content-Length."""
-    partial = destination.with_name(destination.name + ".part")
+def download(url: str, folder: Path) -> Path:
+    """The file at `url`, downloaded into `folder` (named by the URL's hash) with a progress bar,
+    or found there from an earlier call. It is received into a part file, renamed when complete;
+    a download that fails or is interrupted keeps its part file, and the next call resumes it (an
+    HTTP Range request; from the start where the server ignores the range). DatasetError when
+    the connection fails or ends before the announced Content-Length."""
+    folder.mkdir(parents=True, exist_ok=True)
+    complete = folder / hashlib.sha256(url.encode()).hexdigest()[:16]
+    partial = complete.with_suffix(".part")
+    if complete.is_file():
+        return complete
+    offset = partial.stat().st_size if partial.is_file() else 0
+    headers = {"User-Agent": "annotate-fetch-corel5k"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "annotate-fetch-corel5k"})
+        request = urllib.request.Request(url, headers=headers)
     except ValueError as error:  # "unknown url type": no scheme, e.g. a typed github.com/...
         raise DatasetError(f"{url!r} is not a URL ({error}); give it with its scheme "
                            f"(https://..., or file:///... for a local file), or a local "
                            f"archive with --archive PATH") from None
     try:
-        with urllib.request.urlopen(request, timeout=60) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            content_range = response.headers.get("Content-Range") or ""
+            if not content_range.startswith(f"bytes {offset}-"):  # not a 206 continuing ours
+                offset = 0
+            length = int(response.headers.get("Content-Length") or 0) or None
+            total = offset + length if length is not None else None
+            received = offset
+            with open(partial, "ab" if offset else "wb") as out, \
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                         desc=f"downloading {url}") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
             if total is not None and received < total:
                 raise ConnectionError(f"the connection ended after {received:,} of {total:,} bytes")
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # the range starts at or past the end: start again
+            partial.unlink()
+            return download(url, folder)
+        raise _download_failed(url, error, partial) from error
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut-offs
-        partial.unlink(missing_ok=True)
         if is_disk_full(error):
             raise  # named with its folder by _work_dir
-        raise DatasetError(f"download of {url} failed ({type(error).__name__}: {error}); get a "
-                           f"Corel-5k archive by hand (e.g. from {KAGGLE_PAGE}) and run `python -m "
-                           f"annotate.data.fetch --archive PATH`, or point $COREL5K_DIR at a "
-                           f"copy") from error
-    partial.replace(destination)
-    return destination
+        raise _download_failed(url, error, partial) from error
+    partial.replace(complete)
+    return complete
+
+
+@contextlib.contextmanager
+def _discarded_if_bad(downloaded: Path) -> Iterator[None]:
+    """Delete `downloaded` when the block finds its content bad (a DatasetError: an HTML page, a
+    damaged archive, other files): a rerun downloads it again instead of reusing it. Any other
+    failure (Ctrl-C, a full disk) keeps it for the rerun."""
+    try:
+        yield
+    except DatasetError:
+        downloaded.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the downloads folder, when nothing else is kept
+            downloaded.parent.rmdir()
+        raise
+
+
+def _download_failed(url: str, error: BaseException, partial: Path) -> DatasetError:
+    """The error of a failed download: what failed, what is kept, the ways around it."""
+    kept = partial.stat().st_size if partial.is_file() else 0
+    if not kept:
+        partial.unlink(missing_ok=True)
+    resume = f"; its {kept:,} bytes are kept and a rerun resumes it" if kept else ""
+    return DatasetError(f"download of {url} failed ({type(error).__name__}: {error}){resume}; "
+                        f"or get a Corel-5k archive by hand (e.g. from {KAGGLE_PAGE}) and run "
+                        f"`python -m annotate.data.fetch --archive PATH`, or point $COREL5K_DIR "
+                        f"at a copy")
 
 
 def _check_member_name(archive: str | Path, name: str) -> None:
@@ -255,6 +301,7 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
     _refuse_existing(destination, force)
     if not destination.exists():
         root.rename(destination)
+        shutil.rmtree(downloads_folder(destination), ignore_errors=True)  # nothing to resume
         return destination
     replaced, deleting = replaced_path(destination), replaced_path(destination, "deleting")
     _delete_aside_copies(destination)  # of a replacement killed after its renames
@@ -266,7 +313,15 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
         raise
     replaced.rename(deleting)
     _remove(deleting)  # a link to a copy elsewhere is replaced, the copy left alone
+    shutil.rmtree(downloads_folder(destination), ignore_errors=True)
     return destination
+
+
+def downloads_folder(destination: Path) -> Path:
+    """`.<name>-downloads` beside `destination`: the part files of failed or interrupted
+    downloads, kept (the scratch folders are not) until a fetch installs the dataset, so that a
+    rerun resumes them."""
+    return destination.parent / f".{destination.name}-downloads"
 
 
 def _make_parent(destination: Path) -> None:
@@ -308,18 +363,26 @@ def fetch_lock(destination: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _full_disk_named(destination: Path) -> Iterator[None]:
+    """A full disk in the block is a DatasetError naming the folder being filled."""
+    try:
+        yield
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise DatasetError(f"{error.strerror} in {destination.parent} (fetching Corel-5k into "
+                           f"{destination})") from error
+
+
+@contextlib.contextmanager
 def _work_dir(destination: Path) -> Iterator[Path]:
     """A scratch folder beside `destination` (same file system: the final move is a rename),
     deleted on exit; a full disk meanwhile is a DatasetError naming the folder."""
     _make_parent(destination)
     work_dir = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}-fetch-"))
     try:
-        yield work_dir
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        raise DatasetError(f"{error.strerror} in {destination.parent} (fetching Corel-5k into "
-                           f"{destination})") from error
+        with _full_disk_named(destination):
+            yield work_dir
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -351,29 +414,31 @@ def fetch_github(destination: Path, *, index_url: str = INDEX_URL, images_url: s
         (root / "images").mkdir(parents=True)
         for name in INDEX_FILES:  # each checked before the images, named by its own URL
             url = index_url.format(name=name)
-            download(url, root / name)
-            if _is_html(root / name):
-                raise DatasetError(f"{url}: the server sent an HTML page, not {name} (a sign-in "
-                                   f"or error page?)")
-            if manifest is not None and name in manifest:
-                verify_manifest(root, {name: manifest[name]}, url)
-        archive = download(images_url, work_dir / "images.zip")
-        if _archive_kind(archive, images_url) != "zip":
-            raise DatasetError(f"{images_url}: a tar archive, not the zip of the repository")
-        try:
-            with zipfile.ZipFile(archive) as bundle:
-                for member in bundle.infolist():
-                    parent, _, name = member.filename.rpartition("/")
-                    if name and any(parent.endswith("/" + folder) for folder in IMAGE_FOLDERS):
-                        _check_member_name(images_url, name)
-                        (root / "images" / name).write_bytes(bundle.read(member))
-        except ARCHIVE_ERRORS as error:
-            if is_disk_full(error):
-                raise  # named with its folder by _work_dir
-            raise DatasetError(f"{images_url}: damaged zip archive ({error})") from error
-        archive.unlink()
-        return _install(root, destination, expected=expected, manifest=manifest, force=force,
-                        source=images_url)
+            downloaded = download(url, downloads_folder(destination))
+            with _discarded_if_bad(downloaded):
+                shutil.copyfile(downloaded, root / name)
+                if _is_html(root / name):
+                    raise DatasetError(f"{url}: the server sent an HTML page, not {name} (a "
+                                       f"sign-in or error page?)")
+                if manifest is not None and name in manifest:
+                    verify_manifest(root, {name: manifest[name]}, url)
+        archive = download(images_url, downloads_folder(destination))
+        with _discarded_if_bad(archive):
+            if _archive_kind(archive, images_url) != "zip":
+                raise DatasetError(f"{images_url}: a tar archive, not the zip of the repository")
+            try:
+                with zipfile.ZipFile(archive) as bundle:
+                    for member in bundle.infolist():
+                        parent, _, name = member.filename.rpartition("/")
+                        if name and any(parent.endswith("/" + folder) for folder in IMAGE_FOLDERS):
+                            _check_member_name(images_url, name)
+                            (root / "images" / name).write_bytes(bundle.read(member))
+            except ARCHIVE_ERRORS as error:
+                if is_disk_full(error):
+                    raise  # named with its folder by _work_dir
+                raise DatasetError(f"{images_url}: damaged zip archive ({error})") from error
+            return _install(root, destination, expected=expected, manifest=manifest,
+                            force=force, source=images_url)
 
 
 def fetch_corel5k(destination: Path = DEFAULT_DATASET_FOLDER, *, url: str | None = None,
@@ -390,8 +455,10 @@ def fetch_corel5k(destination: Path = DEFAULT_DATASET_FOLDER, *, url: str | None
         return fetch_github(destination, manifest=manifest, force=force)
     _refuse_existing(destination, force)
     url = url or KAGGLE_URL
-    with _work_dir(destination) as work_dir:
-        downloaded = download(url, work_dir / "corel5k.archive")
+    _make_parent(destination)
+    with _full_disk_named(destination):
+        downloaded = download(url, downloads_folder(destination))
+    with _discarded_if_bad(downloaded):
         return install_dataset(downloaded, destination, manifest=manifest, force=force, url=url)
 
 
@@ -441,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the part file of the download stays (downloads_folder)
+        print("interrupted; a rerun resumes the download", file=sys.stderr)
+        return 130
     except OSError as error:  # the file system's (a read-only folder): the path, in one line
         cause = f"{error.strerror}: {error.filename}" if error.filename else error
         print(f"error: {cause}", file=sys.stderr)
