@@ -52,9 +52,14 @@ def seed_tables(fixed: Mapping[str, Any], mcc: Mapping[str, Any],
                     f"| *testset* + MCC | {cell(mcc['n_plus'], 'n_plus')} |"]
 
 
-def _result_cell(value: float | int, metric: str) -> str:
-    """One run's value in results.md: P/R/F1 to 3 decimals, N+ as the count it is."""
-    return str(value) if metric == "n_plus" else f"{value:.3f}"
+def metric_cell(values: Sequence[float], metric: str) -> str:
+    """A table cell of `metric` over runs: mean ± sample sd, or one run's value alone; P/R/F1 to
+    3 decimals, N+ to 1 (one run's, a count, to 0). The one format of results.md, annotate.
+    summarize and docs/results.md."""
+    column = np.asarray(values, dtype=np.float64)
+    digits = (0 if len(column) == 1 else 1) if metric == "n_plus" else 3
+    mean = f"{column.mean():.{digits}f}"
+    return mean if len(column) == 1 else f"{mean} ± {column.std(ddof=1):.{digits}f}"
 
 
 def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
@@ -76,7 +81,7 @@ def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
         f"{config.train.batch_size} | {num_train_images} | {image_size} * {image_size} | "
         f"{results.get('best_epoch', '-')} | {epoch_time} |",
         "",
-        *seed_tables(fixed, mcc, _result_cell),
+        *seed_tables(fixed, mcc, lambda value, metric: metric_cell([value], metric)),
     ]
     if "protocol" in results:
         lines += ["", f"Protocol: {PROTOCOL_TEXT[results['protocol']]}."]

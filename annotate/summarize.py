@@ -208,14 +208,6 @@ def summarise_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def _cell(stats: dict[str, Any], metric: str) -> str:
-    """mean ± sd over runs (the value alone for one run): P/R/F1 to 3 decimals, N+ to 1 (one
-    run's N+, a count, without)."""
-    digits = (0 if stats["sd"] is None else 1) if metric == "n_plus" else 3
-    mean = f"{stats['mean']:.{digits}f}"
-    return mean if stats["sd"] is None else f"{mean} ± {stats['sd']:.{digits}f}"
-
-
 def markdown(summary: Sequence[dict[str, Any]]) -> str:
     """One section per group: the seed's P/R/F1 table and N+ table, cells mean ± sd."""
     lines = []
@@ -223,7 +215,9 @@ def markdown(summary: Sequence[dict[str, Any]]) -> str:
         seeds = ", ".join(str(seed) for seed in group["seeds"])
         lines += [f"### {group['label']}", "",
                   f"{len(group['seeds'])} run(s), seeds {seeds}; mean ± sd over runs.", "",
-                  *reports.seed_tables(group["fixed_0.5"], group["mcc"], _cell), ""]
+                  *reports.seed_tables(group["fixed_0.5"], group["mcc"],
+                                       lambda stats, metric: reports.metric_cell(stats["values"],
+                                                                                 metric)), ""]
     return "\n".join(lines)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from annotate.reports import metric_cell
+
 REPO = Path(__file__).resolve().parents[1]
 MEASUREMENTS = REPO / "docs" / "measurements"
 RESULTS_PAGE = REPO / "docs" / "results.md"
@@ -217,8 +219,9 @@ def epoch_table() -> str:
 
 
 def metric_cells(metrics: dict[str, Any]) -> list[str]:
-    return [f"{metrics['per_class_f1']:.3f}", f"{metrics['per_image_f1']:.3f}",
-            str(metrics["n_plus"])]
+    """One run's per-class F1, per-image F1 and N+ cells."""
+    return [metric_cell([metrics[metric]], metric)
+            for metric in ("per_class_f1", "per_image_f1", "n_plus")]
 
 
 CHOSEN_BY = {"seed": " (chosen by test per-class F1, the seed's protocol)",
@@ -425,13 +428,7 @@ COMPARED_HEADER = ["per-class F1 @0.5", "per-image F1 @0.5", "N+ @0.5", "per-cla
 
 def _metric_cells(values: list[dict[str, dict[str, float]]]) -> list[str]:
     """mean ± sd over runs (sample sd) of each COMPARED metric; one run: its value."""
-    cells = []
-    for kind, metric in COMPARED:
-        column = np.array([v[kind][metric] for v in values], dtype=np.float64)
-        digits = (0 if len(column) == 1 else 1) if metric == "n_plus" else 3
-        cell = f"{column.mean():.{digits}f}"
-        cells.append(cell if len(column) == 1 else f"{cell} ± {column.std(ddof=1):.{digits}f}")
-    return cells
+    return [metric_cell([v[kind][metric] for v in values], metric) for kind, metric in COMPARED]
 
 
 def _runs(pattern: str) -> list[tuple[Path, dict[str, Any]]]:

@@ -191,3 +191,12 @@ def test_a_picture_save_that_fails_midway_leaves_the_previous_picture(tmp_path, 
         reports.plot_f1_vs_frequency(tmp_path / reports.F1_PICTURE, results["per_label"])
     assert (tmp_path / reports.F1_PICTURE).read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == [reports.F1_PICTURE]
+
+
+def test_metric_cell_is_mean_and_sample_sd_or_the_one_value():
+    """sd with n - 1 (by hand: [0.5, 0.6] -> 0.0707; [140, 150] -> 7.07); one run's N+ as a
+    count."""
+    assert reports.metric_cell([0.5, 0.6], "per_class_f1") == "0.550 ± 0.071"
+    assert reports.metric_cell([140, 150], "n_plus") == "145.0 ± 7.1"
+    assert reports.metric_cell([148], "n_plus") == "148"
+    assert reports.metric_cell([1 / 3], "per_image_f1") == "0.333"
