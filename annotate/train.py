@@ -467,20 +467,13 @@ class RunData:
 
 def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) -> np.ndarray:
     """Rows of `train` that stay for training when the original images `held_out` are validation
-    images: the other originals and the WGAN images not made from a held-out image (wgan.run
-    names them <stem>_aug*.jpeg after their original's <stem>.<ext>)."""
+    images: the other originals and the WGAN images not made from a held-out image
+    (data.augmented_names)."""
     held = set(held_out.tolist())
     held_stems = {train.image_names[i].split(".")[0] for i in held}
-
-    def original_stem(name: str) -> str:  # its stem less the view's suffix (a stem may hold "_aug")
-        stem = name.split(".")[0]
-        suffix = max((s for s in data.AUGMENTATION_SUFFIXES if stem.endswith(s)), key=len,
-                     default="")
-        return stem[:len(stem) - len(suffix)]
-
     keep = [i for i in range(num_originals) if i not in held]
     keep += [i for i in range(num_originals, len(train.image_names))
-             if original_stem(train.image_names[i]) not in held_stems]
+             if data.original_stem(train.image_names[i]) not in held_stems]
     return np.asarray(keep)
 
 

@@ -566,3 +566,13 @@ def test_a_cache_folder_that_is_a_file_is_named_before_any_decoding(tiny_dataset
             f"the cache folder {tmp_path / 'afile'} (config.data.cache_dir, else $ANNOTATE_CACHE) "
             f"is a file")):
         load_split(tiny_dataset, "train", SIZE, cache_dir=tmp_path / "afile")
+
+
+@pytest.mark.parametrize("image_name", ["1000.jpeg", "my_aug.png", "a_aug_rot_90.b.jpg"])
+def test_original_stem_inverts_augmented_names(image_name):
+    """The seed's WGAN names (<stem><suffix>.jpeg, the stem up to the first '.'), and back: a
+    stem that itself ends with a suffix is kept whole."""
+    stem = image_name.split(".")[0]
+    names = annotate.data.augmented_names(image_name)
+    assert names == [f"{stem}_aug.jpeg", f"{stem}_aug_hor_flip.jpeg", f"{stem}_aug_rot_90.jpeg"]
+    assert [annotate.data.original_stem(name) for name in names] == [stem] * 3

@@ -23,8 +23,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from annotate import cli
-from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, AUGMENTATION_SUFFIXES,
-                           DatasetError, SplitIndex, read_split_index)
+from annotate.data import (AUGMENTATION_IMAGES, AUGMENTATION_INDEX, DatasetError, SplitIndex,
+                           augmented_names, read_split_index)
 from annotate.config import COMPUTE_DTYPES, dataset_folder
 from annotate.data.cache import hash_parts
 from annotate.data.folder import check_images_exist
@@ -32,12 +32,6 @@ from annotate.devices import enable_compilation_cache, is_out_of_memory
 from annotate.workdir import WorkdirError, WorkdirLock, remove_abandoned_writes, write_atomically
 from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys, load_wgan_image,
                         train_chunk)
-
-
-def augmented_names(image_name: str) -> list[str]:
-    """The seed's three output names for a training image: stem (up to the first '.') + suffix."""
-    stem = image_name.split(".")[0]
-    return [f"{stem}{suffix}.jpeg" for suffix in AUGMENTATION_SUFFIXES]
 
 
 def save_jpeg(path: Path, pixels: np.ndarray) -> None:

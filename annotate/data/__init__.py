@@ -38,10 +38,25 @@ AUGMENTATION_IMAGES = "aug-images"
 # the seed's names of an original's three WGAN images: <stem><suffix>.jpeg, in save order
 AUGMENTATION_SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")
 
+
+def augmented_names(image_name: str) -> list[str]:
+    """The seed's three WGAN image names for a training image: stem (up to the first '.') +
+    suffix + .jpeg."""
+    stem = image_name.split(".")[0]
+    return [f"{stem}{suffix}.jpeg" for suffix in AUGMENTATION_SUFFIXES]
+
+
+def original_stem(augmented_name: str) -> str:
+    """The stem of the training image a WGAN image was made from (augmented_names' inverse): its
+    stem less the longest suffix it ends with (a stem may itself hold "_aug")."""
+    stem = augmented_name.split(".")[0]
+    suffix = max((s for s in AUGMENTATION_SUFFIXES if stem.endswith(s)), key=len, default="")
+    return stem[:len(stem) - len(suffix)]
+
 __all__ = [
     "COREL5K_AUGMENTED_MEAN", "COREL5K_AUGMENTED_STD", "COREL5K_MEAN", "COREL5K_STD",
-    "DEFAULT_DATASET_FOLDER", "DatasetError", "Split", "SplitIndex", "as_rgb",
-    "decode_image",
+    "DEFAULT_DATASET_FOLDER", "DatasetError", "Split", "SplitIndex", "as_rgb", "augmented_names",
+    "decode_image", "original_stem",
     "default_cache_dir", "load_split", "multi_hot", "read_augmentation_index",
     "read_dataset_indices", "read_split_index", "split_sources", "SplitSources", "tfds_data_dir",
     "validate_dataset", "validation_indices",
