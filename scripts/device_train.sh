@@ -91,85 +91,8 @@ for name in results.json results.md metrics.jsonl; do
   [[ -f $WORKDIR/$name ]] && cp "$WORKDIR/$name" "$RUN_FILES/"
 done
 
-"$PY" - "$WORKDIR" "$MEASUREMENTS" "$OVERRIDES" <<'EOF' 2>&1 | tee "$RUN_FILES/summary.md" | tee -a "$LOG"
-"""Final- and best-epoch test metrics of the run beside the PyTorch reference's."""
-import json, statistics, sys
-from pathlib import Path
-
-workdir, measurements = Path(sys.argv[1]), Path(sys.argv[2])
-REFERENCE = {"at 0.5": {"per_class_f1": 0.333, "per_image_f1": 0.494, "n_plus": 148},
-             "MCC thresholds": {"per_class_f1": 0.327, "per_image_f1": 0.528, "n_plus": 133},
-             "epoch_s": 6.2}
-TARGET = {"per_class_f1": 0.313, "n_plus": 138}  # issue #6: test, threshold 0.5
-records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-           if line.strip()] if (workdir / "metrics.jsonl").is_file() else []
-if not records:
-    sys.exit(f"no epochs recorded in {workdir}/metrics.jsonl")
-# the split scored after every epoch: "test", or "val" under --config.eval.protocol=validation
-prefix = "test" if "test/per_class_f1" in records[-1] else "val"
-final = records[-1]
-best = max(records, key=lambda r: r[f"{prefix}/per_class_f1"])
-config = json.loads((workdir / "config.json").read_text())
-# medians over every epoch, as torch_reference.py takes its own (np.median)
-median = lambda values: statistics.median(values) if values else None  # noqa: E731
-epoch_seconds = [r["train/epoch_seconds"] for r in records]
-epoch_s = median(epoch_seconds)
-# evaluation, record and checkpoint save between two epochs (recorded since 2026-11-29)
-between_seconds = [r["train/seconds_between_epochs"] for r in records
-                   if "train/seconds_between_epochs" in r]
-between_s = median(between_seconds)
-results = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").is_file() else {}
-
-def row(name, metrics, reference):
-    cells = [f"{metrics[k]:.3f}" if k != "n_plus" else str(metrics[k])
-             for k in ("per_class_f1", "per_image_f1", "n_plus")]
-    ref = [f"{reference[k]:.3f}" if k != "n_plus" else str(reference[k])
-           for k in ("per_class_f1", "per_image_f1", "n_plus")]
-    return f"| {name} | " + " | ".join(f"{c} ({r})" for c, r in zip(cells, ref)) + " |"
-
-strip = lambda r: {k[len(prefix) + 1:]: v for k, v in r.items() if k.startswith(prefix + "/")}
-print(f"| {prefix} set, ours (reference) | per-class F1 | per-image F1 | N+ |")
-print("| --- | ---: | ---: | ---: |")
-print(row(f"final epoch {final['epoch']}, at 0.5", strip(final), REFERENCE["at 0.5"]))
-print(row(f"best epoch {best['epoch']} by per-class F1, at 0.5", strip(best), REFERENCE["at 0.5"]))
-if results:
-    print(row(f"test set, checkpoint of epoch {results.get('best_epoch')}, at 0.5",
-              results["fixed_0.5"], REFERENCE["at 0.5"]))
-    print(row(f"test set, checkpoint of epoch {results.get('best_epoch')}, MCC thresholds",
-              results["mcc"], REFERENCE["MCC thresholds"]))
-same_call = [json.loads(line) for line in measurements.read_text().splitlines()
-             if line.startswith('{"what": "train_from_scratch"')] if measurements.is_file() else []
-if same_call:
-    torch_epoch_s = same_call[-1]["epoch_s_median"]
-    print(f"\nPyTorch reference in this call: median epoch {torch_epoch_s:.2f} s over "
-          f"{same_call[-1]['epochs']} epochs; ours {epoch_s:.2f} s: "
-          f"{torch_epoch_s / epoch_s:.2f}x the reference's speed (target 2x)")
-with measurements.open("a") as handle:
-    handle.write(json.dumps({"what": "annotate_train", "config": "configs/reference_tresnet_asl_224.py",
-                             "overrides": sys.argv[3], "head": config["model"].get("head", "linear"),
-                             "protocol": config["eval"]["protocol"], "monitored": prefix,
-                             "epochs_run": len(records), "epoch_s_median": epoch_s,
-                             "epoch_s": epoch_seconds, "between_epochs_s_median": between_s,
-                             "between_epochs_s": between_seconds,
-                             "final": strip(final), f"best_epoch_by_{prefix}_f1": best["epoch"],
-                             "mcc": results.get("mcc")}) + "\n")
-    if results:  # the run's test metrics as annotate.summarize --runs-jsonl writes them
-        from annotate import summarize
-        handle.write(json.dumps(summarize.run_record(summarize.read_run(workdir))) + "\n")
-print(f"\nmedian epoch: {epoch_s:.2f} s (H100 reference of 2026-11-26: {REFERENCE['epoch_s']} s), "
-      + (f"{between_s:.2f} s between epochs, " if between_s is not None else "")
-      + f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
-      f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
-planned = config["train"]["epochs"]
-ok = (prefix == "test" and final["test/per_class_f1"] >= TARGET["per_class_f1"]
-      and final["test/n_plus"] >= TARGET["n_plus"])
-verdict = ("MET" if ok else "MISSED") if final["epoch"] == planned else (
-    f"NOT DECIDED: the run stopped after epoch {final['epoch']} of {planned}")
-if prefix != "test":
-    verdict = "not applicable: the epochs were scored on the validation images"
-print(f"parity target (final epoch, at 0.5: per-class F1 >= {TARGET['per_class_f1']}, "
-      f"N+ >= {TARGET['n_plus']}): {verdict}")
-EOF
+"$PY" scripts/results_tables.py --record-run "$WORKDIR" "$MEASUREMENTS" --overrides="$OVERRIDES" 2>&1 |
+  tee "$RUN_FILES/summary.md" | tee -a "$LOG"
 note "done in $((SECONDS - START)) s; packed: $(ls "$RUN_FILES" | tr '\n' ' ')"
 tar -czf "$OUT/run.tar.gz" -C "$RUN_FILES" . && rm -rf "$RUN_FILES"
 ls -l "$OUT"

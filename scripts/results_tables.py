@@ -7,6 +7,10 @@ traces to a file. A JAX/PyTorch ratio is only formed from lines of the same file
 
     python scripts/results_tables.py           # rewrite the generated tables in place
     python scripts/results_tables.py --check   # exit 1 if docs/results.md is out of date
+
+It also writes the lines of a device_train.sh run (the writer beside the reader of its format):
+
+    python scripts/results_tables.py --record-run WORKDIR MEASUREMENTS --overrides="$OVERRIDES"
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ REFERENCE_40_EPOCHS = {"at 0.5": {"per_class_f1": 0.333, "per_image_f1": 0.494, 
                        "MCC thresholds": {"per_class_f1": 0.327, "per_image_f1": 0.528,
                                           "n_plus": 133}}
 PARITY_TARGET = {"per_class_f1": 0.313, "n_plus": 138}  # final epoch, threshold 0.5
+REFERENCE_EPOCH_S = 6.2  # its median 224 px epoch, eager (issue #6)
 BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w-]+) -->\n).*?(<!-- END generated:(?P=name) -->)",
                    re.DOTALL)
 
@@ -224,6 +229,94 @@ def metric_cells(metrics: dict[str, Any]) -> list[str]:
             for metric in ("per_class_f1", "per_image_f1", "n_plus")]
 
 
+def parity_met(final_epoch: dict[str, Any]) -> bool:
+    """Whether a run's final-epoch test metrics at 0.5 (metrics.jsonl's "test/..." keys) reach
+    PARITY_TARGET."""
+    return (final_epoch["test/per_class_f1"] >= PARITY_TARGET["per_class_f1"]
+            and final_epoch["test/n_plus"] >= PARITY_TARGET["n_plus"])
+
+
+def _scored(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A metrics.jsonl record's metrics of one split ("test/per_class_f1" -> "per_class_f1")."""
+    return {key[len(prefix) + 1:]: value for key, value in record.items()
+            if key.startswith(prefix + "/")}
+
+
+def record_run(workdir: Path, measurements: Path, overrides: str) -> str:
+    """Append a device_train.sh run's `annotate_train` line (its epochs' seconds, final and best
+    epoch, MCC results) and, when it was evaluated, annotate.summarize's `annotate_run` line to
+    the call's `measurements` file; return the run's summary beside the PyTorch reference's
+    figures, the same call's reference epoch and the parity target (markdown)."""
+    from annotate import summarize
+    from annotate.summary import read_metrics
+
+    records = read_metrics(workdir)  # a run killed by its timeout: the torn last line dropped
+    if not records:
+        raise ValueError(f"no epochs recorded in {workdir}/metrics.jsonl")
+    # the split scored after every epoch: "test", or "val" under --config.eval.protocol=validation
+    prefix = "test" if "test/per_class_f1" in records[-1] else "val"
+    final = records[-1]
+    best = max(records, key=lambda record: record[f"{prefix}/per_class_f1"])
+    config = json.loads((workdir / "config.json").read_text())
+    results_path = workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    epoch_seconds = [record["train/epoch_seconds"] for record in records]
+    between_seconds = [record["train/seconds_between_epochs"] for record in records
+                       if "train/seconds_between_epochs" in record]
+    line = {"what": "annotate_train", "config": "configs/reference_tresnet_asl_224.py",
+            "overrides": overrides, "head": config["model"].get("head", "linear"),
+            "protocol": config["eval"]["protocol"], "monitored": prefix,
+            "epochs_run": len(records), "epoch_s": epoch_seconds,
+            "between_epochs_s": between_seconds, "final": _scored(final, prefix),
+            f"best_epoch_by_{prefix}_f1": best["epoch"], "mcc": results.get("mcc")}
+    epoch_s, between_s = _median(line, "epoch_s"), _median(line, "between_epochs_s")
+    line.update(epoch_s_median=epoch_s, between_epochs_s_median=between_s)
+    same_call = [record for record in (read_lines(measurements) if measurements.is_file() else [])
+                 if record.get("what") == "train_from_scratch"]
+    with measurements.open("a") as handle:
+        handle.write(json.dumps(line) + "\n")
+        if results:  # the run's test metrics as annotate.summarize --runs-jsonl writes them
+            handle.write(json.dumps(summarize.run_record(summarize.read_run(workdir))) + "\n")
+
+    reference = REFERENCE_40_EPOCHS
+
+    def row(name: str, metrics: dict[str, Any], against: dict[str, Any]) -> list[str]:
+        return [name, *(f"{ours} ({theirs})" for ours, theirs in
+                        zip(metric_cells(metrics), metric_cells(against)))]
+
+    rows = [row(f"final epoch {final['epoch']}, at 0.5", _scored(final, prefix),
+                reference["at 0.5"]),
+            row(f"best epoch {best['epoch']} by per-class F1, at 0.5", _scored(best, prefix),
+                reference["at 0.5"])]
+    if results:
+        checkpoint = f"test set, checkpoint of epoch {results.get('best_epoch')}"
+        rows += [row(f"{checkpoint}, at 0.5", results["fixed_0.5"], reference["at 0.5"]),
+                 row(f"{checkpoint}, MCC thresholds", results["mcc"],
+                     reference["MCC thresholds"])]
+    lines = [table([f"{prefix} set, ours (reference)", "per-class F1", "per-image F1", "N+"],
+                   rows, "lrrr")]
+    if same_call:
+        torch_s = same_call[-1]["epoch_s_median"]
+        lines.append(f"PyTorch reference in this call: median epoch {torch_s:.2f} s over "
+                     f"{same_call[-1]['epochs']} epochs; ours {epoch_s:.2f} s: "
+                     f"{torch_s / epoch_s:.2f}x the reference's speed (target 2x)")
+    lines.append(f"median epoch: {epoch_s:.2f} s (H100 reference of 2026-11-26: "
+                 f"{REFERENCE_EPOCH_S} s), "
+                 + (f"{between_s:.2f} s between epochs, " if between_s is not None else "")
+                 + f"{final['train/images_per_second']:.0f} images/s in the final epoch; "
+                 f"{len(records)} epochs, final train loss {final['train/loss']:.4f}")
+    planned = config["train"]["epochs"]
+    if prefix != "test":
+        verdict = "not applicable: the epochs were scored on the validation images"
+    elif final["epoch"] != planned:
+        verdict = f"NOT DECIDED: the run stopped after epoch {final['epoch']} of {planned}"
+    else:
+        verdict = "MET" if parity_met(final) else "MISSED"
+    lines.append(f"parity target (final epoch, at 0.5: per-class F1 >= "
+                 f"{PARITY_TARGET['per_class_f1']}, N+ >= {PARITY_TARGET['n_plus']}): {verdict}")
+    return "\n\n".join(lines)
+
+
 CHOSEN_BY = {"seed": " (chosen by test per-class F1, the seed's protocol)",
              "final": " (the last, protocol final)"}
 
@@ -236,16 +329,14 @@ def parity_table() -> str:
         (ours,) = [r for r in records if r.get("what") == "annotate_train"]  # its folder's run
         folder = path.with_suffix("")
         epochs = read_lines(folder / "metrics.jsonl")
-        strip = lambda r: {k[len("test/"):]: v for k, v in r.items() if k.startswith("test/")}
         final, best = epochs[-1], max(epochs, key=lambda r: r["test/per_class_f1"])
         results = json.loads((folder / "results.json").read_text())
-        met = (final["test/per_class_f1"] >= PARITY_TARGET["per_class_f1"]
-               and final["test/n_plus"] >= PARITY_TARGET["n_plus"])
+        met = parity_met(final)
         source = f"`{folder.name}/`"
-        rows += [[f"ours, final epoch {final['epoch']}, at 0.5", *metric_cells(strip(final)),
+        rows += [[f"ours, final epoch {final['epoch']}, at 0.5", *metric_cells(_scored(final, "test")),
                   "met" if met else "missed", source],
                  [f"ours, best epoch {best['epoch']} by test per-class F1, at 0.5",
-                  *metric_cells(strip(best)), "", source],
+                  *metric_cells(_scored(best, "test")), "", source],
                  [f"ours, checkpoint of epoch {results['best_epoch']}"
                   + CHOSEN_BY[ours.get("protocol", "seed")] + ", MCC thresholds",
                   *metric_cells(results["mcc"]), "", source]]
@@ -525,7 +616,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when docs/results.md differs from what the files give")
+    parser.add_argument("--record-run", nargs=2, metavar=("WORKDIR", "MEASUREMENTS"),
+                        help="append a device_train.sh run's lines to MEASUREMENTS and print "
+                             "its summary")
+    parser.add_argument("--overrides", default="",
+                        help="the run's command-line overrides, recorded with --record-run "
+                             "(give it as --overrides='--config...')")
     args = parser.parse_args(argv)
+    if args.record_run:
+        workdir, measurements = args.record_run
+        print(record_run(Path(workdir), Path(measurements), args.overrides))
+        return 0
     page = RESULTS_PAGE.read_text()
     rendered = render(page)
     if args.check:

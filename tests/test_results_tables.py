@@ -173,3 +173,43 @@ def test_a_heads_run_is_labelled_and_kept_out_of_the_parity_tables(results_table
     assert "| csra | 224 | 40 | validation | 1 | 0.300 |" in results_tables.gpu_heads_table()
     assert "40 epochs, csra head" in results_tables.epoch_table()
     assert "b-train-csra" not in results_tables.parity_table() + results_tables.epochs_table()
+
+
+def test_a_device_runs_lines_are_recorded_as_the_tables_read_them(results_tables, smoke_workdir,
+                                                                 tmp_path, capsys):
+    """device_train.sh's record of a run (here the smoke run's workdir): its annotate_train line
+    holds every epoch's seconds and their median, the final and best epochs' test metrics and the
+    MCC results, read back from metrics.jsonl and results.json; the summary sets them beside the
+    reference's figures and the same call's PyTorch epoch, with the parity verdict."""
+    import shutil
+
+    import numpy as np
+
+    workdir = Path(shutil.copytree(smoke_workdir, tmp_path / "run"))
+    epochs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((workdir / "results.json").read_text())
+    measurements = tmp_path / "measurements.jsonl"
+    _write(measurements, [{"what": "machine", "gpus": ["CPU"]},
+                          {"what": "train_from_scratch", "epochs": 3, "epoch_s_median": 6.0}])
+    overrides = "--config.model.head=linear --config.seed=0"  # as device_train.sh gives them
+    assert results_tables.main(["--record-run", str(workdir), str(measurements),
+                                f"--overrides={overrides}"]) == 0
+    summary = capsys.readouterr().out
+    machine, torch, line, run = results_tables.read_lines(measurements)
+    seconds = [epoch["train/epoch_seconds"] for epoch in epochs]
+    assert line["what"] == "annotate_train" and line["overrides"] == overrides
+    assert line["epochs_run"] == len(epochs) == 2 and line["epoch_s"] == seconds
+    assert line["epoch_s_median"] == pytest.approx(float(np.median(seconds)))
+    assert line["final"]["per_class_f1"] == epochs[-1]["test/per_class_f1"]
+    best = max(epochs, key=lambda epoch: epoch["test/per_class_f1"])["epoch"]
+    assert line["best_epoch_by_test_f1"] == best and line["mcc"] == results["mcc"]
+    assert run["what"] == "annotate_run" and run["mcc"] == results["mcc"]
+    final = epochs[-1]
+    assert (f"| final epoch 2, at 0.5 | {final['test/per_class_f1']:.3f} (0.333) | "
+            f"{final['test/per_image_f1']:.3f} (0.494) | {final['test/n_plus']} (148) |") in summary
+    assert f"{6.0 / line['epoch_s_median']:.2f}x the reference's speed" in summary
+    assert summary.rstrip().endswith("N+ >= 138): MISSED")  # 2 epochs at 32 px
+    # a run stopped by its timeout after epoch 1 (a torn last line): not decided
+    (workdir / "metrics.jsonl").write_text(json.dumps(epochs[0]) + "\n" + '{"epoch": 2, "te')
+    assert "NOT DECIDED: the run stopped after epoch 1 of 2" in results_tables.record_run(
+        workdir, tmp_path / "other.jsonl", "")
