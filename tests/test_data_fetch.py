@@ -608,3 +608,9 @@ def test_a_url_without_its_scheme_is_one_error_line(tmp_path, capsys, url):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: {url!r} is not a URL (unknown url type")
     assert "https://" in line and not destination.exists()
+
+
+def test_the_readme_gives_the_download_size_the_fetch_announces():
+    """The README's first-run paragraph and ensure_corel5k's message give one figure."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"downloads about {fetch_module.DOWNLOAD_MB} MB from GitHub" in readme
