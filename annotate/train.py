@@ -54,18 +54,23 @@ log = logging.getLogger(__name__)
 def one_cycle(total_steps: int, pct_start: float, initial: float, peak: float,
               final: float) -> Callable[[jax.Array], jax.Array]:
     """torch's OneCycleLR curve (two phases, cosine annealing) from `initial` to `peak` over the
-    first `pct_start` of `total_steps`, then to `final`; also its momentum curve (peak < initial)."""
+    first `pct_start` of `total_steps`, then to `final`; also its momentum curve (peak < initial).
+
+    torch's (cos(pi pct) + 1) / 2 is computed as sin^2(pi rest / 2), rest = 1 - pct from the steps
+    left: in float32 the cosine form cancels near a phase's end (the tiny learning rates, ~1e-9,
+    of the last 1.5% of 11,200 steps were up to 0.3% off torch's); this form is within 1e-5 of
+    torch's, relatively, at every step."""
     warmup_end = float(pct_start * total_steps) - 1  # torch's phase boundaries, as floats
     last = float(total_steps - 1)
 
     def schedule(step: jax.Array) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         warming = step <= warmup_end
-        pct = jnp.where(warming, step / max(warmup_end, 1e-12),
-                        (step - warmup_end) / max(last - warmup_end, 1e-12))
+        rest = jnp.where(warming, (warmup_end - step) / max(warmup_end, 1e-12),
+                         (last - step) / max(last - warmup_end, 1e-12))
         start = jnp.where(warming, initial, peak)
         end = jnp.where(warming, peak, final)
-        return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * pct) + 1.0)
+        return end + (start - end) * jnp.sin(jnp.pi / 2 * rest) ** 2
 
     return schedule
 

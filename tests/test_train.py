@@ -45,15 +45,15 @@ def _torch_schedule(total_steps: int, max_lr: float, **kwargs):
     return np.array(lrs), np.array(betas)
 
 
-@pytest.mark.parametrize("total_steps", [10, 23, 140])
+@pytest.mark.parametrize("total_steps", [10, 23, 140, 11_200])  # 11,200: 80 epochs of 140
 def test_one_cycle_lr_and_beta1_match_torch(total_steps):
     config = base.get_config(model="resnet18", loss="asl")
     config.train.learning_rate = 3e-4
     learning_rate, beta1 = train.learning_rate_and_beta1(config, total_steps)
     steps = jnp.arange(total_steps)
     torch_lr, torch_beta1 = _torch_schedule(total_steps, 3e-4)
-    # float32 against torch's float64: 1e-6 of the peak absolutely, 2e-5 relatively
-    np.testing.assert_allclose(np.asarray(learning_rate(steps)), torch_lr, rtol=2e-5, atol=3e-10)
+    # float32 against torch's float64, relatively also at the end of a long schedule (lr ~1e-9)
+    np.testing.assert_allclose(np.asarray(learning_rate(steps)), torch_lr, rtol=1e-5, atol=0)
     np.testing.assert_allclose(np.asarray(beta1(steps)), torch_beta1, rtol=1e-6)
 
 
