@@ -191,7 +191,7 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
         interrupted: str = RESUMES) -> None:
     """Define the app's flags and `app.run(main)`, with one-line flag and config errors (a config
     flag with a default file applies the command line's overrides while being defined) and
-    Ctrl-C as one line: "interrupted; <interrupted>", what the app keeps."""
+    Ctrl-C, or SIGTERM, as one line: "interrupted; <interrupted>", what the app keeps."""
     try:
         define_flags()
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
@@ -199,6 +199,7 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
     except Exception as error:
         fail(_config_file_failure(error))
     sys.unraisablehook = redeliver_interrupts(sys.unraisablehook)
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:  # the apps have already waited for their checkpoint or image saves
@@ -206,6 +207,12 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
         # no interpreter teardown: a Ctrl-C during the first compilation leaves XLA compiling in
         # its own threads, and tearing Python down under them segfaults (status 139)
         _exit_at_once(INTERRUPTED)
+
+
+def terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (`timeout`, `docker stop`, a cluster's preemption) taken as a Ctrl-C: the apps
+    complete the checkpoint or images being saved and keep what a Ctrl-C keeps."""
+    raise KeyboardInterrupt
 
 
 def redeliver_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:

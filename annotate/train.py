@@ -763,28 +763,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
 
 @contextlib.contextmanager
 def interrupts_deferred(finishing: str) -> Iterator[None]:
-    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt) until the block ends, saying on
-    stderr that it is `finishing` something first, then raise it; a second Ctrl-C raises at once.
-    Outside the main thread, or where SIGINT is handled otherwise (ignored in a background job),
-    nothing changes."""
+    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt), and a SIGTERM where a handler
+    raises one (cli.terminate_as_interrupt), until the block ends, saying on stderr that it is
+    `finishing` something first, then raise it; a second signal raises at once. Outside the main
+    thread, or where SIGINT is handled otherwise (ignored in a background job), nothing changes."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
+    previous = {signal.SIGINT: signal.default_int_handler}
+    if callable(signal.getsignal(signal.SIGTERM)):  # a Python handler, not SIG_DFL or SIG_IGN
+        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
     received = []
 
     def hold(signum: int, frame: Any) -> None:
         if received:
             raise KeyboardInterrupt
         received.append(signum)
-        print(f"Ctrl-C: {finishing} first (Ctrl-C again stops at once)", file=sys.stderr,
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{name}: {finishing} first ({name} again stops at once)", file=sys.stderr,
               flush=True)
 
-    signal.signal(signal.SIGINT, hold)
+    for signum in previous:
+        signal.signal(signum, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
         raise KeyboardInterrupt
 

@@ -377,28 +377,36 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert epochs == [1, 2, 3]
 
 
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_ctrl_c_while_a_checkpoint_is_saved_keeps_that_checkpoint(tiny_dataset, tiny_backbone,
-                                                                   tmp_path, monkeypatch, capsys):
-    """Ctrl-C as epoch 1's checkpoint is being saved: the save is completed first, then the run
-    stops (before, the epoch was lost and left an orbax temporary folder)."""
+                                                                   tmp_path, monkeypatch, capsys,
+                                                                   signum, name):
+    """Ctrl-C, or SIGTERM (`timeout`, a cluster's preemption) as the apps take it, as epoch 1's
+    checkpoint is being saved: the save is completed first, then the run stops (before, the
+    epoch was lost and left an orbax temporary folder)."""
+    from annotate import cli
+
     config = tiny_config(tiny_dataset, tmp_path / "cache")
     real_save = ocp.CheckpointManager.save
 
     def interrupted_save(self, step, *args, **kwargs):
-        signal.raise_signal(signal.SIGINT)  # Ctrl-C at the start of the save
+        signal.raise_signal(signum)  # at the start of the save
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    previous_term = signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)  # as cli.run sets
     try:
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, tmp_path / "run")
+        assert signal.getsignal(signal.SIGTERM) is cli.terminate_as_interrupt
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
     assert signal.getsignal(signal.SIGINT) is previous
-    assert ("Ctrl-C: recording epoch 1 and saving its checkpoint first (Ctrl-C again stops at "
-            "once)") in capsys.readouterr().err
+    assert (f"{name}: recording epoch 1 and saving its checkpoint first ({name} again stops at "
+            f"once)") in capsys.readouterr().err
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_a_new_config(
