@@ -471,16 +471,17 @@ class RunData:
         return self.validation if self.validation is not None else self.train
 
 
-def _training_rows(train: data.Split, num_originals: int, held_out: np.ndarray) -> np.ndarray:
-    """Rows of `train` that stay for training when the original images `held_out` are validation
-    images: the other originals and the WGAN images not made from a held-out image
-    (data.augmented_names)."""
+def _training_rows(image_names: Sequence[str], num_originals: int,
+                   held_out: np.ndarray) -> np.ndarray:
+    """Rows of the training split (`image_names`: its originals, then its WGAN images) that stay
+    for training when the original images `held_out` are validation images: the other originals
+    and the WGAN images not made from a held-out image (data.augmented_names)."""
     held = set(held_out.tolist())
-    held_stems = {train.image_names[i].split(".")[0] for i in held}
+    held_stems = {image_names[i].split(".")[0] for i in held}
     keep = [i for i in range(num_originals) if i not in held]
-    keep += [i for i in range(num_originals, len(train.image_names))
-             if data.original_stem(train.image_names[i]) not in held_stems]
-    return np.asarray(keep)
+    keep += [i for i in range(num_originals, len(image_names))
+             if data.original_stem(image_names[i]) not in held_stems]
+    return np.asarray(keep, dtype=np.int64)
 
 
 def check_before_decoding(config: ml_collections.ConfigDict, workdir: Path,
@@ -494,17 +495,23 @@ def check_before_decoding(config: ml_collections.ConfigDict, workdir: Path,
         raise ValueError(f"config.train.batch_size = {config.train.batch_size} must be a "
                          f"multiple of the device count {devices}")
     root = data_root(config)
-    originals = len(data.read_split_index(root, "train").image_names)
-    held_out = config.eval.validation_size if config.eval.protocol == "validation" else 0
-    if held_out >= originals:
-        raise ValueError(f"config.eval.validation_size = {held_out}: must be less than the "
-                         f"{originals} training images of {root / 'train.json'} (at least one "
-                         f"is left to train on)")
-    augmented = (len(data.read_augmentation_index(config.data.augmentation_dir or root)
-                     .image_names) if config.data.augmentation else 0)
-    if config.train.batch_size > originals - held_out + augmented:
+    index = data.read_split_index(root, "train")
+    originals = len(index.image_names)
+    validation = config.eval.protocol == "validation"
+    if validation and config.eval.validation_size >= originals:
+        raise ValueError(f"config.eval.validation_size = {config.eval.validation_size}: must be "
+                         f"less than the {originals} training images of {root / 'train.json'} "
+                         f"(at least one is left to train on)")
+    names = list(index.image_names)
+    if config.data.augmentation:
+        names += data.read_augmentation_index(config.data.augmentation_dir or root).image_names
+    held_out = (data.validation_indices(data.multi_hot(index.image_labels, index.vocabulary),
+                                        config.eval.validation_size, config.seed)
+                if validation else np.zeros(0, np.int64))  # as load_data holds them out
+    training_images = len(_training_rows(names, originals, held_out))
+    if config.train.batch_size > training_images:
         raise ValueError(f"config.train.batch_size = {config.train.batch_size} exceeds the "
-                         f"{originals - held_out + augmented} training images")
+                         f"{training_images} training images")
     if config.model.pretrained and not has_checkpoint(workdir):
         convert.check_pretrained(config.model.pretrained)
 
@@ -535,7 +542,7 @@ def load_data(config: ml_collections.ConfigDict, mesh: Mesh) -> RunData:
         held_out = data.validation_indices(train.targets[:num_originals],
                                            config.eval.validation_size, config.seed)
         validation = train.take(held_out)
-        train = train.take(_training_rows(train, num_originals, held_out))
+        train = train.take(_training_rows(train.image_names, num_originals, held_out))
     on_every_device = replicated(mesh)
 
     def prepared(split: data.Split | data.SplitSources | None) -> DeviceSplit | StreamSplit | None:
@@ -809,11 +816,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     check_before_decoding(config, workdir, mesh.size)
     run_data = load_data(config, mesh)
     train_split = run_data.train
-    num_images = train_split.num_images
-    steps_per_epoch = num_images // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"config.train.batch_size = {batch_size} exceeds the {num_images} "
-                         f"training images")
+    steps_per_epoch = train_split.num_images // batch_size  # >= 1: check_before_decoding
     vocabulary = train_split.host.vocabulary
     checkpoints = checkpoint_manager(workdir)
     start_epoch = checkpoints.latest_step() or 0
@@ -826,7 +829,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
         if start_epoch:
             state = restore_state(checkpoints, start_epoch, state)
             _check_steps_per_epoch(int(to_host(state.step)), start_epoch, steps_per_epoch,
-                                   num_images, batch_size)
+                                   train_split.num_images, batch_size)
             log.info("resumed from %s, epoch %d", checkpoints.directory, start_epoch)
         if is_writer and run_data.validation is not None:  # checked before config.json
             _record_validation_images(run_data, config, workdir, resumed=bool(start_epoch))

@@ -548,20 +548,16 @@ def test_final_protocol_evaluates_the_last_epoch(tiny_dataset, tiny_backbone, tm
 
 def test_wgan_images_of_validation_images_are_held_out_too():
     names = ["1.jpeg", "2.jpeg", "3.jpeg", "1_aug.jpeg", "1_aug_hor_flip.jpeg", "3_aug.jpeg"]
-    split = data.Split(np.zeros((6, 2, 2, 3), np.uint8), np.zeros((6, 1), np.float32), names,
-                       ["sky"])
-    kept = train._training_rows(split, 3, np.array([0]))
+    kept = train._training_rows(names, 3, np.array([0]))
     assert [names[i] for i in kept] == ["2.jpeg", "3.jpeg", "3_aug.jpeg"]
 
 
 def test_wgan_images_of_a_validation_image_whose_name_holds_aug_are_held_out_too():
     names = ["my_augusta.jpeg", "my.jpeg", "my_augusta_aug.jpeg", "my_augusta_aug_hor_flip.jpeg",
              "my_augusta_aug_rot_90.jpeg", "my_aug.jpeg", "my_aug_rot_90.jpeg"]
-    split = data.Split(np.zeros((7, 2, 2, 3), np.uint8), np.zeros((7, 1), np.float32), names,
-                       ["sky"])
-    kept = train._training_rows(split, 2, np.array([0]))  # my_augusta held out
+    kept = train._training_rows(names, 2, np.array([0]))  # my_augusta held out
     assert [names[i] for i in kept] == ["my.jpeg", "my_aug.jpeg", "my_aug_rot_90.jpeg"]
-    kept = train._training_rows(split, 2, np.array([1]))  # my held out
+    kept = train._training_rows(names, 2, np.array([1]))  # my held out
     assert [names[i] for i in kept] == ["my_augusta.jpeg", "my_augusta_aug.jpeg",
                                         "my_augusta_aug_hor_flip.jpeg", "my_augusta_aug_rot_90.jpeg"]
 
@@ -586,6 +582,29 @@ def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
     expected[0, [vocabulary.index("sky"), vocabulary.index("tree")]] = 1
     np.testing.assert_array_equal(np.asarray(augmented_train.targets[-2:]), expected)
     assert augmented_test.images.shape == plain_test.images.shape
+
+
+def test_a_batch_larger_than_the_images_left_to_train_on_is_refused_before_decoding(
+        tiny_dataset, tmp_path):
+    """Under the validation protocol with WGAN images, the count before any decoding is exact:
+    the held-out originals' WGAN images leave with them (12 originals, 4 held out, 0.jpeg among
+    them, and its 2 WGAN images: 8 training images, not 10)."""
+    from test_data import write_augmentation
+
+    vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
+    write_augmentation(tiny_dataset, vocabulary)  # 0_aug.jpeg, 0_aug_hor_flip.jpeg
+    index = data.read_split_index(tiny_dataset, "train")
+    targets = data.multi_hot(index.image_labels, index.vocabulary)
+    seed = next(seed for seed in range(100) if 0 in data.validation_indices(targets, 4, seed))
+    config = tiny_config(tiny_dataset, tmp_path / "cache")
+    config.data.augmentation, config.seed = True, seed
+    config.eval.protocol, config.eval.validation_size = "validation", 4
+    config.train.batch_size = 9
+    with pytest.raises(ValueError, match="batch_size = 9 exceeds the 8 training images"):
+        train.check_before_decoding(config, tmp_path / "work", 1)
+    config.train.batch_size = 8
+    train.check_before_decoding(config, tmp_path / "work", 1)
+    assert train.load_data(config, devices.make_mesh()).train.num_images == 8
 
 
 def test_batch_larger_than_the_split_is_named(tiny_dataset, tmp_path):
