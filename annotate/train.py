@@ -284,7 +284,9 @@ class Experiment:
 
 def create_experiment(config: ml_collections.ConfigDict, num_classes: int, total_steps: int,
                       mesh: Mesh, *, load_pretrained: bool = True) -> tuple[Experiment, TrainState]:
-    """Build the model, optimizer, jitted steps and the initial TrainState, replicated over `mesh`.
+    """Build the model, optimizer, jitted steps and the initial TrainState, replicated over `mesh`;
+    `total_steps` is the schedule's length (1 where the experiment only restores a checkpoint and
+    predicts: the schedule never runs, and the optimizer state's layout does not depend on it).
 
     config.model.pretrained is loaded only with `load_pretrained`: a run that restores a checkpoint
     (resume, evaluation, prediction) takes its weights from there, not from the network or disk.
