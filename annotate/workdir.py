@@ -355,8 +355,8 @@ def trained_configs(workdir: Path) -> dict[int, dict[str, Any]]:
 
 def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Any]) -> None:
     """Write `content` (a text, bytes, or a function that writes into the binary file it is given)
-    to a hidden file beside `path`, then rename it onto `path`: readers, and a run killed
-    mid-write, never see a partial file. The hidden file is written through the handle that holds
+    to a hidden file beside `path`, synced to disk, then rename it onto `path`: readers, a run
+    killed mid-write, and a machine that crashes never see a partial file. The hidden file is written through the handle that holds
     its flock (closing another handle would drop an NFS-emulated flock), so that
     `remove_abandoned_writes` tells a killed writer's file from a running one's."""
     # one name per process and thread: concurrent writers of `path` never share a half file
@@ -374,6 +374,7 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Any
             else:
                 content(file)
             file.flush()
+            os.fsync(file.fileno())  # on disk before the rename: a crash leaves old or new
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)  # a failed write leaves `path` as it was, and no debris

@@ -328,6 +328,28 @@ def test_vmapped_pair_does_not_depend_on_its_partners(trained):
     assert not np.allclose(np.asarray(saved[1]), np.asarray(saved_other[1]), atol=1e-2)
 
 
+@pytest.mark.parametrize("iterations", [3, 5])
+def test_the_fakes_of_the_last_three_iterations_are_saved_in_order(monkeypatch, iterations):
+    """train_iterations keeps iteration i's fake (drawn with fold_in(pair key, i)) in slot
+    i - (iterations - 3): the seed's 998, 999, 1000 of 1001. A stand-in iteration whose fake is
+    a number drawn from its key shows which iteration filled each slot."""
+    import wgan.train as wgan_train
+
+    def stand_in(setup, state, image, key):
+        return state + 1, jnp.full_like(image, jax.random.uniform(key))
+
+    monkeypatch.setattr(wgan_train, "pair_iteration", stand_in)
+    keys = jax.random.split(jax.random.key(3), 2)
+    images = jnp.zeros((2, 4, 6, 3), jnp.float32)
+    state, saved = wgan_train.train_iterations(None, jnp.zeros(2), images, keys, iterations)
+    np.testing.assert_array_equal(np.asarray(state), [iterations, iterations])
+    for pair in range(2):
+        for slot, iteration in enumerate(range(iterations - 3, iterations)):
+            drawn = jax.random.uniform(jax.random.fold_in(keys[pair], iteration))
+            np.testing.assert_array_equal(np.asarray(saved[pair, slot]),
+                                          np.full((4, 6, 3), drawn, np.float32))
+
+
 def test_preprocessing_matches_seed_transforms(tmp_path):
     from torchvision import transforms  # timm's dependency (dev extras)
     rng = np.random.default_rng(5)
@@ -355,6 +377,23 @@ def test_augmented_views_are_the_seeds():
     for view, reference in zip(views, expected, strict=True):
         np.testing.assert_array_equal(view, reference)
     assert views[2].shape == (192, 128, 3)
+
+
+def test_saved_files_are_the_seeds_bytes(tmp_path):
+    """The three files as the seed writes them, plt.imsave of the float views in [0, 1], and ours
+    (augmented_views, then save_jpeg) are the same bytes: pixels, quality and header."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fakes = np.tanh(np.random.default_rng(7).standard_normal((3, 128, 192, 3))).astype(np.float32)
+    seed_views = [fakes[0] / 2 + 0.5, (fakes[1] / 2 + 0.5)[:, ::-1],
+                  np.rot90(fakes[2] / 2 + 0.5, -1)]
+    for i, (ours, theirs) in enumerate(zip(augmented_views(fakes), seed_views, strict=True)):
+        plt.imsave(tmp_path / f"seed{i}.jpeg", np.ascontiguousarray(theirs))
+        wgan_run.save_jpeg(tmp_path / f"ours{i}.jpeg", ours)
+        assert (tmp_path / f"ours{i}.jpeg").read_bytes() == (tmp_path / f"seed{i}.jpeg").read_bytes()
 
 
 def wgan_config(**overrides) -> config_dict.ConfigDict:

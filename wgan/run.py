@@ -35,8 +35,10 @@ from wgan.train import (SAVED_PER_IMAGE, WganSetup, augmented_views, image_keys,
 
 
 def save_jpeg(path: Path, pixels: np.ndarray) -> None:
-    """Save uint8 [H, W, 3] as JPEG (PIL's default quality, as the seed's plt.imsave)."""
-    write_atomically(path, lambda file: Image.fromarray(pixels).save(file, format="JPEG"))
+    """Save uint8 [H, W, 3] as JPEG, byte for byte the file the seed's plt.imsave writes (through
+    PIL, at its default quality, with matplotlib's 100 dpi in the header)."""
+    write_atomically(path, lambda file: Image.fromarray(pixels).save(file, format="JPEG",
+                                                                     dpi=(100, 100)))
 
 
 def is_done(image_dir: Path, image_name: str) -> bool:

@@ -6,7 +6,9 @@ after another. Here `pair_iteration` is the seed's iteration for ONE pair as a p
 and scans it over iterations. `init_pairs` and `train_pairs` are jitted once per (setup, K,
 iterations) and the K pairs' state never leaves the device; `train_chunk` drives one chunk.
 Randomness is per image (`image_keys`), so an image's result does not depend on which images
-share its chunk.
+share its chunk; the draws are therefore the seed's in distribution only (it drew every image's
+noise from one torch stream, one image after another), while the computation given the draws is
+the seed's (tests/test_wgan.py compares one iteration with its torch loop on the same draws).
 
 Seed semantics kept: batch 1 per pair; every critic forward (fake, real, interpolate) normalises
 with that one image's own statistics (the three share one batch-3 call: `BatchNorm2d` is per
@@ -172,9 +174,10 @@ def train_iterations(setup: WganSetup, state: PairState, images: jax.Array, keys
         state, saved = carry
         iteration_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, iteration)
         state, fakes = step(state, images, iteration_keys)
+        # slot 0 before the first saved iteration, which then overwrites it: no select over the
+        # whole buffer needed
         slot = jnp.clip(iteration - first_saved, 0, SAVED_PER_IMAGE - 1)
-        updated = jax.lax.dynamic_update_index_in_dim(saved, fakes, slot, axis=1)
-        saved = jnp.where(iteration >= first_saved, updated, saved)
+        saved = jax.lax.dynamic_update_index_in_dim(saved, fakes, slot, axis=1)
         return (state, saved), None
 
     saved = jnp.zeros((images.shape[0], SAVED_PER_IMAGE) + images.shape[1:], images.dtype)
