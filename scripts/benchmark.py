@@ -709,8 +709,9 @@ ADAM_BYTES_PER_PARAMETER = 24  # float32 parameter and both moments, each read a
 
 
 def wgan_bound(width: int = 64) -> dict[str, Any]:
-    """What one pair-iteration of the recipe must do, from the traced (lowered) program of
-    `pair_iteration`: reads of each network's weights (counted for a middle layer: per critic
+    """What one pair-iteration of the recipe must do, from the traced program (jaxpr) of
+    `pair_iteration`, whose operations the lowered StableHLO holds one for one (what XLA's
+    optimisation then changes, only a device profile shows): reads of each network's weights (counted for a middle layer: per critic
     step, forward; the penalty's input-gradient pass; that pass's own derivative; the final
     backward; the generator step's critic, forward and input gradient; the generator, one
     batch-6 forward and its backward), the float32 bytes those reads and Adam's updates move,
