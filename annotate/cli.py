@@ -199,7 +199,8 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
     except Exception as error:
         fail(_config_file_failure(error))
     sys.unraisablehook = redeliver_interrupts(sys.unraisablehook)
-    signal.signal(signal.SIGTERM, terminate_as_interrupt)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not one a parent chose to ignore
+        signal.signal(signal.SIGTERM, terminate_as_interrupt)
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:  # the apps have already waited for their checkpoint or image saves

@@ -773,17 +773,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path | str) -
 
 @contextlib.contextmanager
 def interrupts_deferred(finishing: str) -> Iterator[None]:
-    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt), and a SIGTERM where a handler
-    raises one (cli.terminate_as_interrupt), until the block ends, saying on stderr that it is
-    `finishing` something first, then raise it; a second signal raises at once. Outside the main
-    thread, or where SIGINT is handled otherwise (ignored in a background job), nothing changes."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Hold back a Ctrl-C (SIGINT raising KeyboardInterrupt) and a SIGTERM where a handler
+    raises one (cli.terminate_as_interrupt) until the block ends, saying on stderr that it is
+    `finishing` something first, then raise it; a second signal raises at once. A signal handled
+    otherwise (SIGINT ignored in a background job, SIGTERM's default) is left alone, and outside
+    the main thread nothing changes."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: handler for signum, handler in previous.items()
+                if handler is signal.default_int_handler
+                or (signum == signal.SIGTERM and callable(handler))}  # a Python handler
+    if threading.current_thread() is not threading.main_thread() or not previous:
         yield
         return
-    previous = {signal.SIGINT: signal.default_int_handler}
-    if callable(signal.getsignal(signal.SIGTERM)):  # a Python handler, not SIG_DFL or SIG_IGN
-        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
     received = []
 
     def hold(signum: int, frame: Any) -> None:
@@ -818,7 +819,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     check_before_decoding(config, workdir, mesh.size)
     run_data = load_data(config, mesh)
     train_split = run_data.train
-    steps_per_epoch = train_split.num_images // batch_size  # >= 1: check_before_decoding
+    steps_per_epoch = train_split.num_images // batch_size
+    if steps_per_epoch == 0:  # check_before_decoding counted the index; the decoded split differs
+        raise RuntimeError(f"the decoded training split holds {train_split.num_images} images, "
+                           f"fewer than a batch of {batch_size}, although its index holds more")
     vocabulary = train_split.host.vocabulary
     checkpoints = checkpoint_manager(workdir)
     start_epoch = checkpoints.latest_step() or 0

@@ -271,8 +271,14 @@ def record_run(workdir: Path, measurements: Path, overrides: str) -> str:
             f"best_epoch_by_{prefix}_f1": best["epoch"], "mcc": results.get("mcc")}
     epoch_s, between_s = _median(line, "epoch_s"), _median(line, "between_epochs_s")
     line.update(epoch_s_median=epoch_s, between_epochs_s_median=between_s)
-    same_call = [record for record in (read_lines(measurements) if measurements.is_file() else [])
-                 if record.get("what") == "train_from_scratch"]
+    same_call = []  # the PyTorch reference's epoch in this call, read leniently: a line torn by
+    for text in (measurements.read_text().splitlines() if measurements.is_file() else []):
+        try:  # the reference's timeout must not lose this run's record
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("what") == "train_from_scratch":
+            same_call.append(record)
     with measurements.open("a") as handle:
         handle.write(json.dumps(line) + "\n")
         if results:  # the run's test metrics as annotate.summarize --runs-jsonl writes them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -202,15 +203,24 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["app"])
     monkeypatch.setattr(cli.os, "_exit", exit_at_once)
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
-    with pytest.raises(SystemExit) as stopped:
-        cli.run(interrupted, lambda: None)
-    assert stopped.value.code == 130
-    assert sys.unraisablehook.__qualname__ == "redeliver_interrupts.<locals>.unraisable"
-    assert capsys.readouterr().err.strip() == (
-        "interrupted; what was completed is kept (a rerun of the same command resumes)")
-    with pytest.raises(SystemExit):  # an app that keeps something else says what
-        cli.run(interrupted, lambda: None, interrupted="the lines printed above are complete")
-    assert capsys.readouterr().err.strip() == "interrupted; the lines printed above are complete"
+    previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.run(interrupted, lambda: None)
+        assert stopped.value.code == 130
+        assert sys.unraisablehook.__qualname__ == "redeliver_interrupts.<locals>.unraisable"
+        assert capsys.readouterr().err.strip() == (
+            "interrupted; what was completed is kept (a rerun of the same command resumes)")
+        assert signal.getsignal(signal.SIGTERM) is cli.terminate_as_interrupt  # SIGTERM: the same
+        with pytest.raises(SystemExit):  # an app that keeps something else says what
+            cli.run(interrupted, lambda: None, interrupted="the lines printed above are complete")
+        assert capsys.readouterr().err.strip() == "interrupted; the lines printed above are complete"
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a parent's choice to ignore it is kept
+        with pytest.raises(SystemExit):
+            cli.run(interrupted, lambda: None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again():

@@ -246,6 +246,75 @@ def test_a_download_cut_off_midway_is_kept_and_resumed(tmp_path, honour_range):
     assert handler.ranges == [None, "bytes=5000-"]
 
 
+class OddRangeHandler(CutOffHandler):
+    """CutOffHandler whose first request from the start is cut off and later ones are whole, and
+    whose answer to a Range request is 206 from another start (4,096) or, for a range at the
+    end, 416 with the file's length."""
+
+    requests_from_start = 0
+
+    def do_GET(self):
+        asked = self.headers.get("Range")
+        self.ranges.append(asked)
+        if asked is None:
+            type(self).requests_from_start += 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:5000] if self.requests_from_start == 1 else PAYLOAD)
+            self.close_connection = True
+        elif int(asked.removeprefix("bytes=").removesuffix("-")) >= len(PAYLOAD):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 4096-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header("Content-Length", str(len(PAYLOAD) - 4096))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[4096:])
+
+
+@pytest.mark.parametrize("kept, ranges", [
+    (5000, ["bytes=5000-", None]),  # a 206 from 4,096 cannot continue 5,000 bytes: again
+    (len(PAYLOAD), ["bytes=102400-"])])  # 416, the file's length: the part is whole
+def test_a_range_the_server_answers_otherwise(tmp_path, kept, ranges):
+    handler = type("Handler", (OddRangeHandler,), {"ranges": [], "requests_from_start": 0})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/corel5k.zip"
+    try:
+        with pytest.raises(DatasetError, match="its 5,000 bytes are kept"):
+            fetch_module.download(url, tmp_path)  # cut off
+        (partial,) = tmp_path.iterdir()
+        partial.write_bytes(PAYLOAD[:kept])
+        handler.ranges.clear()
+        downloaded = fetch_module.download(url, tmp_path)
+    finally:
+        httpd.shutdown()
+    assert downloaded.read_bytes() == PAYLOAD and handler.ranges == ranges
+    assert list(tmp_path.iterdir()) == [downloaded]
+
+
+def test_a_full_disk_while_unpacking_a_download_keeps_it(server, tiny_dataset, tmp_path,
+                                                        monkeypatch):
+    """The download was whole; the disk filled up while it was unpacked: it is kept for the
+    rerun (only bad content discards it)."""
+    url, folder = server
+    pack(tiny_dataset, folder / "tiny.zip")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fetch_module, "extract_archive", disk_full)
+    destination = tmp_path / "data" / "corel5k"
+    with pytest.raises(DatasetError, match="No space left on device"):
+        fetch_module.fetch_corel5k(destination, url=f"{url}/tiny.zip", checksums=False)
+    (kept,) = (tmp_path / "data" / ".corel5k-downloads").iterdir()
+    assert kept.read_bytes() == (folder / "tiny.zip").read_bytes()
+
+
 def test_a_connection_reset_keeps_what_was_received(tmp_path, monkeypatch):
     class ResetResponse(io.BytesIO):
         headers = {"Content-Length": "100000"}

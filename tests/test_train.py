@@ -377,13 +377,16 @@ def test_resume_is_bit_exact_and_nan_stops_cleanly(tiny_dataset, tiny_backbone, 
     assert epochs == [1, 2, 3]
 
 
-@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+@pytest.mark.parametrize("signum, name, sigint", [
+    (signal.SIGINT, "Ctrl-C", signal.default_int_handler),
+    (signal.SIGTERM, "SIGTERM", signal.default_int_handler),
+    (signal.SIGTERM, "SIGTERM", signal.SIG_IGN)])  # a background job's SIGINT, ignored
 def test_ctrl_c_while_a_checkpoint_is_saved_keeps_that_checkpoint(tiny_dataset, tiny_backbone,
                                                                    tmp_path, monkeypatch, capsys,
-                                                                   signum, name):
-    """Ctrl-C, or SIGTERM (`timeout`, a cluster's preemption) as the apps take it, as epoch 1's
-    checkpoint is being saved: the save is completed first, then the run stops (before, the
-    epoch was lost and left an orbax temporary folder)."""
+                                                                   signum, name, sigint):
+    """Ctrl-C, or SIGTERM (`timeout`, a cluster's preemption) as the apps take it, also in a
+    background job, as epoch 1's checkpoint is being saved: the save is completed first, then
+    the run stops (before, the epoch was lost and left an orbax temporary folder)."""
     from annotate import cli
 
     config = tiny_config(tiny_dataset, tmp_path / "cache")
@@ -394,7 +397,7 @@ def test_ctrl_c_while_a_checkpoint_is_saved_keeps_that_checkpoint(tiny_dataset, 
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    previous = signal.signal(signal.SIGINT, sigint)  # as in a terminal, or a background job
     previous_term = signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)  # as cli.run sets
     try:
         with pytest.raises(KeyboardInterrupt):

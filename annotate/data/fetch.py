@@ -2,16 +2,16 @@
 
     python -m annotate.data.fetch                        # GitHub, no account needed (default)
     python -m annotate.data.fetch --source kaggle        # the Kaggle dataset the seed links
-    python -m annotate.data.fetch --url URL              # any zip/tar in the seed's layout
+    python -m annotate.data.fetch --url URL              # a zip/tar of Corel-5k, seed's layout
     python -m annotate.data.fetch --archive corel5k.zip  # an archive already on disk
 
 The default source needs no account: the seed's train.json, test.json and vocabulary from
 parham1998/CNN_Image_Annotaion (Corel-5k/) and the 4,999 images from ParkByungYoon/corel-5k
 (db/train, db/test), both at pinned commits; the images come in one archive of that repository
-(about 121 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at any archive
-holding one folder with images/, train.json, test.json and corel5k_vocabulary.txt (the vocabulary
-file is only needed for the checksums: --skip-checksums accepts a folder without it). Every file
-is checked against the SHA-256 list `corel5k.sha256` beside this module (files byte-identical to
+(about 121 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at another
+copy: an archive holding one folder with images/, train.json, test.json and corel5k_vocabulary.txt
+(the vocabulary file is only needed for the checksums: --skip-checksums accepts a folder without
+it, and files that differ from the recorded ones). Every file is checked against the SHA-256 list `corel5k.sha256` beside this module (files byte-identical to
 the sources above), the folder is validated as the loader validates it (JSON structure, labels in
 the vocabulary, every image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260
 labels), and only then moved into place (an existing copy, with --force, is moved aside first and
@@ -87,8 +87,11 @@ def download(url: str, folder: Path) -> Path:
                            f"archive with --archive PATH") from None
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            content_range = response.headers.get("Content-Range") or ""
-            if not content_range.startswith(f"bytes {offset}-"):  # not a 206 continuing ours
+            content_range = response.headers.get("Content-Range")
+            if content_range and not content_range.startswith(f"bytes {offset}-"):
+                partial.unlink(missing_ok=True)  # a part from elsewhere cannot continue ours
+                return download(url, folder)
+            if not content_range:  # the whole file (a server that ignores ranges): from the start
                 offset = 0
             length = int(response.headers.get("Content-Length") or 0) or None
             total = offset + length if length is not None else None
@@ -103,7 +106,10 @@ def download(url: str, folder: Path) -> Path:
             if total is not None and received < total:
                 raise ConnectionError(f"the connection ended after {received:,} of {total:,} bytes")
     except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # the range starts at or past the end: start again
+        if error.code == 416 and offset:  # the range starts at or past the end of the file
+            if error.headers.get("Content-Range") == f"bytes */{offset}":  # the part is whole
+                partial.replace(complete)
+                return complete
             partial.unlink()
             return download(url, folder)
         raise _download_failed(url, error, partial) from error
@@ -122,7 +128,9 @@ def _discarded_if_bad(downloaded: Path) -> Iterator[None]:
     failure (Ctrl-C, a full disk) keeps it for the rerun."""
     try:
         yield
-    except DatasetError:
+    except DatasetError as error:
+        if isinstance(error.__cause__, OSError) and is_disk_full(error.__cause__):
+            raise  # _work_dir's name for a full disk: the download is not at fault
         downloaded.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # the downloads folder, when nothing else is kept
             downloaded.parent.rmdir()
