@@ -210,20 +210,26 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
         _exit_at_once(INTERRUPTED)
 
 
+_TERMINATED: list[int] = []  # SIGTERM once it arrived: what redeliver_interrupts signals again
+
+
 def terminate_as_interrupt(signum: int, frame: Any) -> None:
     """SIGTERM (`timeout`, `docker stop`, a cluster's preemption) taken as a Ctrl-C: the apps
     complete the checkpoint or images being saved and keep what a Ctrl-C keeps."""
+    _TERMINATED[:] = [signum]
     raise KeyboardInterrupt
 
 
 def redeliver_interrupts(hook: Callable[[Any], None]) -> Callable[[Any], None]:
-    """`hook` (a sys.unraisablehook), except that a Ctrl-C which landed where Python cannot raise
-    it is signalled again: JAX runs Python code inside the garbage collector (its gc callback),
-    and a KeyboardInterrupt raised there is printed and dropped, the run going on."""
+    """`hook` (a sys.unraisablehook), except that a Ctrl-C or SIGTERM which landed where Python
+    cannot raise it is signalled again (the same signal: a background job ignores SIGINT): JAX
+    runs Python code inside the garbage collector (its gc callback), and a KeyboardInterrupt
+    raised there is printed and dropped, the run going on."""
     def unraisable(info: Any) -> None:
         if isinstance(info.exc_value, KeyboardInterrupt):  # signalled again a moment later from
             # another thread: raised in the main thread once it runs ordinary code again
-            threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), signal.SIGINT)).start()
+            signum = _TERMINATED[0] if _TERMINATED else signal.SIGINT
+            threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), signum)).start()
             return
         hook(info)
 

@@ -223,21 +223,24 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
         signal.signal(signal.SIGTERM, previous_term)
 
 
-def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again():
+@pytest.mark.parametrize("sigint, raised", [
+    ("signal.default_int_handler", "raise KeyboardInterrupt"),  # Ctrl-C, as in a terminal
+    ("signal.SIG_IGN", "cli.terminate_as_interrupt(signal.SIGTERM, None)")])  # SIGTERM, nohup
+def test_a_ctrl_c_dropped_inside_the_garbage_collector_is_delivered_again(sigint, raised):
     """JAX runs Python code in a gc callback; a KeyboardInterrupt raised there is printed and
     dropped by Python, and the run went on. cli's unraisable hook signals it again, so that it
-    reaches the main code."""
+    reaches the main code: the same signal, so a SIGTERM is not lost where SIGINT is ignored."""
     script = (
         "import gc, signal, sys, time\n"
         "from annotate import cli\n"
-        # as in a terminal, even when the test runs where SIGINT is ignored (a background job)
-        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"signal.signal(signal.SIGINT, {sigint})\n"
+        "signal.signal(signal.SIGTERM, cli.terminate_as_interrupt)\n"
         "sys.unraisablehook = cli.redeliver_interrupts(sys.unraisablehook)\n"
         "fired = []\n"
         "def callback(phase, info):\n"
         "    if not fired:\n"
         "        fired.append(phase)\n"
-        "        raise KeyboardInterrupt\n"
+        f"        {raised}\n"
         "gc.callbacks.append(callback)\n"
         "try:\n"
         "    gc.collect()\n"
