@@ -158,6 +158,13 @@ def load_annotator(workdir: Path | str, batch_size: int | None = None) -> Annota
     if not (isinstance(vocabulary, list) and all(isinstance(label, str) for label in vocabulary)):
         raise ValueError(f"{thresholds_path} is damaged: its vocabulary must be a list of label "
                          f"names; write it again with --evaluate")
+    if stored.get("dtype") is not None:  # the thresholds' probabilities' precision (an --evaluate
+        config.model.dtype = stored["dtype"]  # with another dtype than the training's chose them)
+        try:
+            validate_config(config)
+        except ValueError as error:
+            raise ValueError(f"{thresholds_path} is damaged ({error}); write it again with "
+                             f"--evaluate") from error
     if thresholds.shape != (len(vocabulary),) or not np.all((thresholds >= 0) & (thresholds <= 1)):
         raise ValueError(f"{thresholds_path} is damaged: it must hold one threshold in [0, 1] per "
                          f"label ({len(vocabulary)} labels, thresholds of shape "

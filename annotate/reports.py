@@ -208,14 +208,14 @@ def write_reports(workdir: Path | str, results: dict, config: ml_collections.Con
                   test_images: Sequence[np.ndarray | Path], test_targets: np.ndarray,
                   test_probs: np.ndarray, vocabulary: Sequence[str],
                   num_train_images: int) -> None:
-    """Write results.json, results.md, thresholds.json (vocabulary, thresholds and the epoch of
-    the checkpoint they were chosen for, read by annotate.predict) and the two pictures into
-    `workdir`."""
+    """Write results.json, results.md, thresholds.json (vocabulary, thresholds, the epoch of the
+    checkpoint they were chosen for and the compute dtype of the probabilities they were chosen
+    on, read by annotate.predict) and the two pictures into `workdir`."""
     workdir = Path(workdir)  # the files annotate.predict and summarize read are whole or absent
     write_atomically(workdir / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomically(workdir / "thresholds.json", json.dumps(
         {"vocabulary": list(vocabulary), "thresholds": results["thresholds"],
-         "epoch": results.get("best_epoch")}, indent=2) + "\n")
+         "epoch": results.get("best_epoch"), "dtype": config.model.dtype}, indent=2) + "\n")
     seconds = [r["train/epoch_seconds"] for r in summary.read_metrics(workdir)
                if "train/epoch_seconds" in r]
     epoch_seconds = float(np.median(seconds)) if seconds else None

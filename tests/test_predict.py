@@ -106,6 +106,21 @@ def test_thresholds_of_another_epoch_are_refused(smoke_workdir, tmp_path):
         predict.load_annotator(workdir)
 
 
+def test_predict_computes_in_the_dtype_the_thresholds_were_chosen_in(smoke_workdir, tmp_path):
+    """thresholds.json records the compute dtype of the evaluation that chose them (the run's,
+    unless --evaluate was given another); predict computes in it, and names a bad one."""
+    stored = json.loads((smoke_workdir / "thresholds.json").read_text())
+    assert stored["dtype"] == json.loads((smoke_workdir / "config.json").read_text())["model"][
+        "dtype"] == "float32"
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_workdir, workdir)
+    (workdir / "thresholds.json").write_text(json.dumps({**stored, "dtype": "bfloat16"}))
+    assert predict.load_annotator(workdir).experiment.config.model.dtype == "bfloat16"
+    (workdir / "thresholds.json").write_text(json.dumps({**stored, "dtype": "float8"}))
+    with pytest.raises(ValueError, match="thresholds.json is damaged .*model.dtype = 'float8'"):
+        predict.load_annotator(workdir)
+
+
 def test_config_of_another_version_is_named(smoke_workdir, tmp_path):
     config = json.loads((smoke_workdir / "config.json").read_text())
     del config["model"]["head"]  # as a config.json written before heads existed

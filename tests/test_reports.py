@@ -108,11 +108,13 @@ def test_write_reports(tmp_path, predictions, results):
     images = np.random.default_rng(1).integers(0, 256, (len(test_targets), 24, 24, 3), dtype=np.uint8)
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train/epoch_seconds": 30.0}) + "\n")
     config = base.get_config(model="xception", loss="lsep")
+    config.model.dtype = "bfloat16"
     results = {**results, "best_epoch": 3}
     reports.write_reports(tmp_path, results, config, images, test_targets, test_probs, VOCABULARY, 80)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     stored = json.loads((tmp_path / "thresholds.json").read_text())
-    assert stored == {"vocabulary": VOCABULARY, "thresholds": results["thresholds"], "epoch": 3}
+    assert stored == {"vocabulary": VOCABULARY, "thresholds": results["thresholds"], "epoch": 3,
+                      "dtype": "bfloat16"}
     assert "| 30s |" in (tmp_path / "results.md").read_text()
     for name in (reports.PREDICTIONS_PICTURE, reports.F1_PICTURE):
         with Image.open(tmp_path / name) as picture:
