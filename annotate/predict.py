@@ -20,7 +20,7 @@ import json
 import os
 import io
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -31,7 +31,7 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 
 from annotate import checkpoints, cli, data, metrics, train
-from annotate.config import validate_config
+from annotate.config import COMPUTE_DTYPES, validate_config
 from annotate.devices import enable_compilation_cache, is_out_of_memory, make_mesh, put
 from annotate.workdir import CheckpointMismatchError, WorkdirError, write_atomically
 
@@ -89,39 +89,35 @@ class Annotator:
         return -(-self.experiment.config.train.eval_batch_size // devices) * devices
 
     def annotate(self, files: Sequence[Path | str], chunk_size: int | None = None,
+                 on_chunk: Callable[[list[dict]], None] | None = None,
                  ) -> tuple[list[dict], list[tuple[str, str]]]:
         """([{"image": path, "labels": [{"label", "probability"}, ...]}], [(path, why skipped)])
-        for image files: `annotate_chunks`' annotations and skipped files, all chunks joined."""
-        annotations, skipped = [], []
-        for chunk_annotations, chunk_skipped in self.annotate_chunks(files, chunk_size):
-            annotations += chunk_annotations
-            skipped += chunk_skipped
-        return annotations, skipped
-
-    def annotate_chunks(self, files: Sequence[Path | str], chunk_size: int | None = None,
-                        ) -> Iterator[tuple[list[dict], list[tuple[str, str]]]]:
-        """Per chunk of `chunk_size` files (default: self.chunk_size), as it is done: its
-        annotations (labels above their threshold, most probable first) and the files that do
-        not decode, with the reason. Every chunk is padded to one shape (one compilation)."""
+        for image files: labels above their threshold, most probable first; files that do not
+        decode are skipped with the reason. Files are decoded and predicted `chunk_size` at a
+        time (default: self.chunk_size), every chunk padded to one shape (one compilation);
+        `on_chunk` receives each chunk's annotations as soon as they are done."""
         chunk_size = min(chunk_size or self.chunk_size, max(len(files), 1))
+        annotations, skipped = [], []
         with tqdm(total=len(files), unit="image", desc="annotate", file=sys.stderr,
                   disable=len(files) <= chunk_size) as bar:
             for start in range(0, len(files), chunk_size):
-                chunk, decoded, skipped = files[start:start + chunk_size], [], []
+                chunk, decoded = files[start:start + chunk_size], []
                 for path in chunk:
                     try:
                         decoded.append((path, data.decode_image(path, self.image_size)))
                     except data.DatasetError as error:  # its message starts with the path
                         skipped.append((str(path), str(error).removeprefix(f"{path}: ")))
-                annotations = []
                 if decoded:
                     images = [image for _, image in decoded]
                     images += images[-1:] * (chunk_size - len(images))  # the compiled shape
                     probs = self.probabilities(np.stack(images))
-                    annotations = [self._labels_above_threshold(path, image_probs)
-                                   for (path, _), image_probs in zip(decoded, probs)]
+                    done = [self._labels_above_threshold(path, image_probs)
+                            for (path, _), image_probs in zip(decoded, probs)]
+                    annotations += done
+                    if on_chunk is not None:
+                        on_chunk(done)
                 bar.update(len(chunk))
-                yield annotations, skipped
+        return annotations, skipped
 
     def _labels_above_threshold(self, path: Path | str, image_probs: np.ndarray) -> dict:
         """One image's annotation: its labels above their threshold, most probable first."""
@@ -159,12 +155,11 @@ def load_annotator(workdir: Path | str, batch_size: int | None = None) -> Annota
         raise ValueError(f"{thresholds_path} is damaged: its vocabulary must be a list of label "
                          f"names; write it again with --evaluate")
     if stored.get("dtype") is not None:  # the thresholds' probabilities' precision (an --evaluate
-        config.model.dtype = stored["dtype"]  # with another dtype than the training's chose them)
-        try:
-            validate_config(config)
-        except ValueError as error:
-            raise ValueError(f"{thresholds_path} is damaged ({error}); write it again with "
-                             f"--evaluate") from error
+        if stored["dtype"] not in COMPUTE_DTYPES:  # with another dtype than the training's)
+            raise ValueError(f"{thresholds_path} is damaged (config.model.dtype = "
+                             f"{stored['dtype']!r}: use one of {list(COMPUTE_DTYPES)}); write "
+                             f"it again with --evaluate")
+        config.model.dtype = stored["dtype"]
     if thresholds.shape != (len(vocabulary),) or not np.all((thresholds >= 0) & (thresholds <= 1)):
         raise ValueError(f"{thresholds_path} is damaged: it must hold one threshold in [0, 1] per "
                          f"label ({len(vocabulary)} labels, thresholds of shape "
@@ -258,11 +253,8 @@ def main(argv: list[str]) -> None:
                                     f"{', '.join(argv[1:])}")
         enable_compilation_cache()
         annotator = load_annotator(FLAGS.workdir, FLAGS.batch_size)
-        annotations, skipped = [], []
-        for chunk_annotations, chunk_skipped in annotator.annotate_chunks(files):
-            print_annotations(chunk_annotations)  # now: a run stopped later keeps them
-            annotations += chunk_annotations
-            skipped += chunk_skipped
+        # each chunk printed when done: a run stopped later keeps them
+        annotations, skipped = annotator.annotate(files, on_chunk=print_annotations)
     except (FileNotFoundError, PermissionError, ValueError, data.DatasetError,
             WorkdirError) as error:
         cli.fail(error)

@@ -778,10 +778,9 @@ def interrupts_deferred(finishing: str) -> Iterator[None]:
     `finishing` something first, then raise it; a second signal raises at once. A signal handled
     otherwise (SIGINT ignored in a background job, SIGTERM's default) is left alone, and outside
     the main thread nothing changes."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    previous = {signum: handler for signum, handler in previous.items()
-                if handler is signal.default_int_handler
-                or (signum == signal.SIGTERM and callable(handler))}  # a Python handler
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    previous = {**({signal.SIGINT: sigint} if sigint is signal.default_int_handler else {}),
+                **({signal.SIGTERM: sigterm} if callable(sigterm) else {})}  # a Python handler
     if threading.current_thread() is not threading.main_thread() or not previous:
         yield
         return

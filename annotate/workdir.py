@@ -356,9 +356,10 @@ def trained_configs(workdir: Path) -> dict[int, dict[str, Any]]:
 def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Any]) -> None:
     """Write `content` (a text, bytes, or a function that writes into the binary file it is given)
     to a hidden file beside `path`, synced to disk, then rename it onto `path`: readers, a run
-    killed mid-write, and a machine that crashes never see a partial file. The hidden file is written through the handle that holds
-    its flock (closing another handle would drop an NFS-emulated flock), so that
-    `remove_abandoned_writes` tells a killed writer's file from a running one's."""
+    killed mid-write, and a machine that crashes never see a partial file. The hidden file is
+    written through the handle that holds its flock (closing another handle would drop an NFS-
+    emulated flock), so that `remove_abandoned_writes` tells a killed writer's file from a
+    running one's."""
     # one name per process and thread: concurrent writers of `path` never share a half file
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:

@@ -11,8 +11,8 @@ parham1998/CNN_Image_Annotaion (Corel-5k/) and the 4,999 images from ParkByungYo
 (about 121 MB, of which 31 MB are kept). `$COREL5K_URL` (or --url) points the fetch at another
 copy: an archive holding one folder with images/, train.json, test.json and corel5k_vocabulary.txt
 (the vocabulary file is only needed for the checksums: --skip-checksums accepts a folder without
-it, and files that differ from the recorded ones). Every file is checked against the SHA-256 list `corel5k.sha256` beside this module (files byte-identical to
-the sources above), the folder is validated as the loader validates it (JSON structure, labels in
+it, and files that differ from the recorded ones). Every file is checked against the SHA-256
+list `corel5k.sha256` beside this module (files byte-identical to the sources above), the folder is validated as the loader validates it (JSON structure, labels in
 the vocabulary, every image decodes) with the Corel-5k counts (4,500 train / 499 test images, 260
 labels), and only then moved into place (an existing copy, with --force, is moved aside first and
 deleted last). `python -m annotate.main` calls this on its first run.
@@ -309,19 +309,18 @@ def _install(root: Path, destination: Path, *, expected: dict[str, int],
     _refuse_existing(destination, force)
     if not destination.exists():
         root.rename(destination)
-        shutil.rmtree(downloads_folder(destination), ignore_errors=True)  # nothing to resume
-        return destination
-    replaced, deleting = replaced_path(destination), replaced_path(destination, "deleting")
-    _delete_aside_copies(destination)  # of a replacement killed after its renames
-    destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
-    try:
-        root.rename(destination)
-    except BaseException:
-        replaced.rename(destination)  # the old copy back
-        raise
-    replaced.rename(deleting)
-    _remove(deleting)  # a link to a copy elsewhere is replaced, the copy left alone
-    shutil.rmtree(downloads_folder(destination), ignore_errors=True)
+    else:
+        replaced, deleting = replaced_path(destination), replaced_path(destination, "deleting")
+        _delete_aside_copies(destination)  # of a replacement killed after its renames
+        destination.rename(replaced)  # moved aside, not deleted, until the new copy is in place
+        try:
+            root.rename(destination)
+        except BaseException:
+            replaced.rename(destination)  # the old copy back
+            raise
+        replaced.rename(deleting)
+        _remove(deleting)  # a link to a copy elsewhere is replaced, the copy left alone
+    shutil.rmtree(downloads_folder(destination), ignore_errors=True)  # nothing left to resume
     return destination
 
 
