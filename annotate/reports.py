@@ -62,6 +62,15 @@ def metric_cell(values: Sequence[float], metric: str) -> str:
     return mean if len(column) == 1 else f"{mean} ± {column.std(ddof=1):.{digits}f}"
 
 
+def step_label(record: Mapping[str, Any]) -> str:
+    """A train-step measurement's backbone, with its head when not the seed's linear one and its
+    depthwise convolutions' implementation when the line names one: 'xception (depthwise taps)',
+    'tresnet_m + csra'."""
+    head = record.get("head", "linear")
+    label = record["model"] if head == "linear" else f"{record['model']} + {head}"
+    return label + (f" (depthwise {record['depthwise']})" if record.get("depthwise") else "")
+
+
 def results_markdown(results: dict, config: ml_collections.ConfigDict, *,
                      num_train_images: int, epoch_seconds: float | None) -> str:
     """results.md: the seed's run table, P/R/F1 table (per-image and per-class, without and with

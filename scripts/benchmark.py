@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
         [--res 448,224] [--steps-per-call 1,10] [--heads linear,ml_decoder,csra] [--batch 32]
-        [--warmup 3] [--steps 20] [--repeats 3]
+        [--depthwise taps,grouped] [--warmup 3] [--steps 20] [--repeats 3]
     python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes bfloat16,float32] [--iterations 5]
     python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
@@ -14,7 +14,8 @@
 `train` times the FULL jitted train step of annotate.train (gather, flips, normalisation, forward,
 ASL, backward, Adam) on synthetic uint8 images already on the device, K steps per dispatch as the
 training loop runs them (`annotate.train.train_steps`, a lax.scan; K = 1 is one step per call).
-Variants are backbone x head x dtype x resolution x K. All variants are lowered
+Variants are backbone x head x dtype x resolution x K (x the depthwise convolutions' implementation,
+for a backbone that has them: Xception). All variants are lowered
 one after another and compiled concurrently (XLA compiles release the GIL), then timed one at a
 time: median of `repeats` timings of `steps` steps after `warmup` steps. FLOPs come from XLA's
 cost analysis of the lowered step (the compiled one leaves out cuDNN's convolutions), memory from
@@ -223,6 +224,27 @@ class TrainVariant:
     compile_window: tuple[float, float] | None = None  # start, end (s since the first lowering)
     error: str | None = None
     steps_done: int = 0
+    depthwise: str | None = None  # DepthwiseConv2d.implementation; None: the backbone has none
+
+
+def depthwise_field(depthwise: str | None) -> dict[str, str]:
+    """The records' `depthwise` field: present only for a backbone with depthwise convolutions."""
+    return {"depthwise": depthwise} if depthwise else {}
+
+
+def has_depthwise_convs(model: str) -> bool:
+    """Whether backbone `model` has DepthwiseConv2d layers (built abstractly; False for a name
+    the registry does not know, which build_variant then reports)."""
+    from flax import nnx
+
+    from annotate.models import create_model
+    from annotate.models.layers import DepthwiseConv2d
+
+    try:
+        abstract = nnx.eval_shape(lambda: create_model(model, NUM_CLASSES))
+    except ValueError:
+        return False
+    return any(isinstance(node, DepthwiseConv2d) for _, node in nnx.iter_graph(abstract))
 
 
 def train_config(model: str, dtype: str, res: int, batch: int, head: str = "linear") -> Any:
@@ -239,14 +261,17 @@ def train_config(model: str, dtype: str, res: int, batch: int, head: str = "line
 
 
 def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: int,
-                  batches_on_device: int, mesh: Any, head: str = "linear") -> TrainVariant:
+                  batches_on_device: int, mesh: Any, head: str = "linear",
+                  depthwise: str | None = None) -> TrainVariant:
     """Create the experiment and state, put `batches_on_device` batches of random uint8 images
     and multi-hot targets on the devices, and lower the train steps (K = `steps_per_call` per
-    call) for them."""
+    call, depthwise convolutions as `depthwise`) for them."""
     from annotate import devices, train as training
+    from annotate.models.layers import depthwise_implementation
 
     config = train_config(model, dtype, res, batch, head)
-    experiment, state = training.create_experiment(config, NUM_CLASSES, 10_000, mesh)
+    with depthwise_implementation(depthwise):  # a fresh jit of a fresh partial: traced below
+        experiment, state = training.create_experiment(config, NUM_CLASSES, 10_000, mesh)
     rng = np.random.default_rng(0)
     count = batch * batches_on_device
     images = devices.put(rng.integers(0, 256, (count, res, res, 3), dtype=np.uint8),
@@ -264,10 +289,11 @@ def build_variant(model: str, dtype: str, res: int, batch: int, steps_per_call: 
                            experiment.replicated)
     key = jax.random.wrap_key_data(key_data)
     start = time.perf_counter()
-    lowered = experiment.train_steps.lower(state, images, targets, batches[0], key)
+    with depthwise_implementation(depthwise):
+        lowered = experiment.train_steps.lower(state, images, targets, batches[0], key)
     return TrainVariant(model, dtype, batch, res, steps_per_call, head, experiment, state, images,
                         targets, batches, key, time.perf_counter() - start,
-                        flops_per_step(lowered), lowered)
+                        flops_per_step(lowered), lowered, depthwise=depthwise)
 
 
 def compile_variant(variant: TrainVariant, origin: float) -> TrainVariant:
@@ -320,7 +346,8 @@ def time_variant(variant: TrainVariant, warmup: int, steps: int, repeats: int) -
 def profile_variant(variant: TrainVariant, steps: int, directory: Path) -> dict[str, Any]:
     """A jax.profiler trace of `steps` calls of K train steps (each blocked on, so the per-call
     figures are one call's) and the compiled HLO beside it, summarised as a JSON record."""
-    name = (f"{variant.model}{'' if variant.head == 'linear' else '_' + variant.head}_"
+    name = (f"{variant.model}{'' if variant.head == 'linear' else '_' + variant.head}"
+            f"{'_dw-' + variant.depthwise if variant.depthwise else ''}_"
             f"{variant.dtype}_{variant.res}px_b{variant.batch}_k{variant.steps_per_call}")
     directory.mkdir(parents=True, exist_ok=True)
     with gzip.open(directory / f"{name}.hlo.txt.gz", "wt") as handle:
@@ -328,7 +355,7 @@ def profile_variant(variant: TrainVariant, steps: int, directory: Path) -> dict[
     profile = profile_calls(lambda: run_steps(variant, 1), steps, directory / name)
     return {"what": "train_profile", "model": variant.model, "head": variant.head,
             "dtype": variant.dtype, "batch": variant.batch, "res": variant.res,
-            "steps_per_call": variant.steps_per_call,
+            "steps_per_call": variant.steps_per_call, **depthwise_field(variant.depthwise),
             **profile, **device_info()}
 
 
@@ -349,7 +376,8 @@ def train_record(variant: TrainVariant, step_times: list[float]) -> dict[str, An
     params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variant.state.params))
     return {"what": "train_throughput", "model": variant.model, "head": variant.head,
             "dtype": variant.dtype, "batch": variant.batch, "res": variant.res,
-            "steps_per_call": variant.steps_per_call, "params": params,
+            "steps_per_call": variant.steps_per_call, **depthwise_field(variant.depthwise),
+            "params": params,
             "img_per_s": variant.batch / step_s, "step_ms": 1000 * step_s,
             "spread": [min(step_times) / step_s, max(step_times) / step_s],
             "lower_s": variant.lower_s, "compile_s": variant.compile_s,
@@ -360,11 +388,12 @@ def train_record(variant: TrainVariant, step_times: list[float]) -> dict[str, An
 
 
 def train_error_record(model: str, dtype: str, batch: int, res: int, steps_per_call: int,
-                       error: str, head: str = "linear") -> dict[str, Any]:
+                       error: str, head: str = "linear",
+                       depthwise: str | None = None) -> dict[str, Any]:
     """The JSON record of a variant that could not be built, compiled or timed."""
     return {"what": "train_throughput", "model": model, "head": head, "dtype": dtype,
-            "batch": batch, "res": res, "steps_per_call": steps_per_call, "error": error,
-            **device_info()}
+            "batch": batch, "res": res, "steps_per_call": steps_per_call,
+            **depthwise_field(depthwise), "error": error, **device_info()}
 
 
 def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -374,22 +403,26 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     mesh = devices.make_mesh()
     # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second;
     # then K, so that K > 1 compiles after K = 1 and finds its convolutions already autotuned
-    variants_wanted = [(model, dtype, int(res), int(k), head) for dtype in csv(args.dtypes)
-                       for k in csv(args.steps_per_call) for res in csv(args.res)
-                       for model in csv(args.models) for head in csv(args.heads)]
+    depthwise_models = {model for model in csv(args.models) if has_depthwise_convs(model)}
+    variants_wanted = [(model, dtype, int(res), int(k), head, depthwise)
+                       for dtype in csv(args.dtypes) for k in csv(args.steps_per_call)
+                       for res in csv(args.res) for model in csv(args.models)
+                       for head in csv(args.heads)
+                       for depthwise in (csv(args.depthwise) if model in depthwise_models
+                                         else [None])]
     workers = args.compile_workers or len(variants_wanted)
     profiled = set(csv(args.profile_models))
     records = []
     compile_start = time.perf_counter()
     futures: list[Future] = []
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        for model, dtype, res, k, head in variants_wanted:  # tracing holds the GIL
+        for model, dtype, res, k, head, depthwise in variants_wanted:  # tracing holds the GIL
             try:
                 variant = build_variant(model, dtype, res, args.batch, k,
-                                        args.batches_on_device, mesh, head)
+                                        args.batches_on_device, mesh, head, depthwise)
             except Exception as error:  # e.g. an unknown backbone: report it, build the rest
                 record = train_error_record(model, dtype, args.batch, res, k,
-                                            f"{type(error).__name__}: {error}", head)
+                                            f"{type(error).__name__}: {error}", head, depthwise)
                 emit(record)
                 records.append(record)
                 continue
@@ -410,7 +443,8 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
                 variant.error = f"{type(error).__name__}: {error}"
         if variant.error is not None:
             record = train_error_record(variant.model, variant.dtype, variant.batch, variant.res,
-                                        variant.steps_per_call, variant.error, variant.head)
+                                        variant.steps_per_call, variant.error, variant.head,
+                                        variant.depthwise)
         emit(record)
         records.append(record)
         if args.profile_dir and variant.error is None and variant.model in profiled:
@@ -916,26 +950,26 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
 
 
-def _model_label(record: dict[str, Any]) -> str:
-    """'tresnet_m', or 'tresnet_m + csra' for a head other than the seed's linear one."""
-    head = record.get("head", "linear")
-    return record["model"] if head == "linear" else f"{record['model']} + {head}"
-
-
 def report_table(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table per backbone and resolution: JAX images/s per dtype (the best K, steps per
     call) beside PyTorch's (torch_reference.py "throughput" lines), the ratios, and the best WGAN
     throughput. Ratios are only meaningful when both lines come from the same run."""
+    from annotate.reports import step_label
+
     jax_rate: dict[tuple[str, int, str], dict] = {}
     torch_rate: dict[tuple[str, int, str], float] = {}
+    backbone = {}  # row label -> the backbone whose PyTorch lines it is compared with
     for record in records:
         if record.get("what") == "train_throughput" and record.get("img_per_s"):
-            key = (_model_label(record), record.get("res"), record["dtype"])
+            key = (step_label(record), record.get("res"), record["dtype"])
+            backbone[key[0]] = record["model"]
             if record["img_per_s"] > jax_rate.get(key, {}).get("img_per_s", 0):
                 jax_rate[key] = record
         elif record.get("what") == "throughput" and record.get("img_per_s"):
             torch_rate[(record["model"], record.get("res"), record["mode"])] = record["img_per_s"]
-    rows = list(dict.fromkeys([k[:2] for k in jax_rate] + [k[:2] for k in torch_rate]))
+    compared = {(backbone[label], res) for label, res, _ in jax_rate}
+    rows = list(dict.fromkeys([k[:2] for k in jax_rate]
+                              + [k[:2] for k in torch_rate if k[:2] not in compared]))
     lines = [] if not rows else [
         "| backbone | px | JAX bf16 img/s (K) | JAX fp32 img/s | torch bf16 | torch bf16+compile "
         "| torch fp32 | JAX bf16 / torch best bf16 | JAX fp32 / torch fp32 "
@@ -944,9 +978,10 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
     for model, res in rows:
         bf16 = jax_rate.get((model, res, "bfloat16"), {})
         fp32 = jax_rate.get((model, res, "float32"), {})
-        torch_bf16 = torch_rate.get((model, res, "bf16"))
-        torch_compiled = torch_rate.get((model, res, "bf16compile"))
-        torch_fp32 = torch_rate.get((model, res, "fp32"))
+        torch_model = backbone.get(model, model)
+        torch_bf16 = torch_rate.get((torch_model, res, "bf16"))
+        torch_compiled = torch_rate.get((torch_model, res, "bf16compile"))
+        torch_fp32 = torch_rate.get((torch_model, res, "fp32"))
         flops = bf16.get("train_flops_per_img")
         steps = f" ({bf16.get('steps_per_call', 1)})" if bf16 else ""
         lines.append(
@@ -976,7 +1011,7 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         profiled = record.get("what") in ("train_profile", "wgan_profile")
         if profiled and record.get("device_threads") is not None:
-            label = (f"{_model_label(record)} {record.get('res')} px "
+            label = (f"{step_label(record)} {record.get('res')} px "
                      f"K={record.get('steps_per_call', 1)}"
                      if record.get("model") else f"WGAN K={record.get('pairs')}")
             lines += ["", f"Profile of {label} {record.get('dtype', '')}: "
@@ -1010,6 +1045,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--steps-per-call", default="1",
                        help="comma-separated K: train steps per dispatch (lax.scan)")
     train.add_argument("--batch", type=int, default=32, help="global batch size")
+    train.add_argument("--depthwise", default="taps",
+                       help="comma-separated implementations of the depthwise convolutions "
+                            "(taps, grouped), each a variant of a backbone that has them")
     train.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     train.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     train.add_argument("--repeats", type=int, default=3, help="timed repeats (median taken)")

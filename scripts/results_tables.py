@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from annotate.reports import metric_cell
+from annotate.reports import metric_cell, step_label
 
 REPO = Path(__file__).resolve().parents[1]
 MEASUREMENTS = REPO / "docs" / "measurements"
@@ -140,7 +140,7 @@ def train_step_table() -> str:
                 if record.get("error"):
                     ratio = f"failed: {' '.join(str(record['error']).split())[:80]}"
                 rows.append([
-                    model if head == "linear" else f"{model} + {head}", str(res), str(batch),
+                    step_label(dict(record, model=model)), str(res), str(batch),
                     record.get("dtype", "-"), str(record.get("steps_per_call", "-")),
                     number(rate), number(record.get("step_ms"), 2),
                     number(per_image / 1e9 if per_image else None, 1),
@@ -168,7 +168,7 @@ def profile_table() -> str:
                 continue
             families = ", ".join(f"{re.sub(r'_kernel.*|_warpgroup.*', '', name)[:40]} "
                                  f"{ms / steps:.2f}" for name, ms in busiest["top_families"][:4])
-            rows.append([record["model"], str(record["res"]), str(steps),
+            rows.append([step_label(record), str(record["res"]), str(steps),
                          f"{record['wall_ms_per_call'] / steps:.2f}",
                          f"{busiest['busy_ms_per_call'] / steps:.2f}", families,
                          f"`{path.name}`"])
@@ -420,6 +420,25 @@ def head_step_table() -> str:
                   "step time vs linear", "file", "machine"], rows, "llrlrrrrll")
 
 
+def depthwise_step_table() -> str:
+    """Each implementation of the depthwise convolutions against the grouped convolution timed in
+    the same file (same machine, backbone, head, size, dtype, batch and steps per call)."""
+    rows = []
+    for path, records in step_files():
+        timed = [r for r in timed_steps(records) if r.get("depthwise")]
+        grouped = {(_step_shape(r), r.get("head", "linear")): r for r in timed
+                   if r["depthwise"] == "grouped"}
+        for record in timed:
+            base = grouped.get((_step_shape(record), record.get("head", "linear")))
+            rows.append([step_label(record), str(record["res"]), str(record["batch"]),
+                         record["dtype"], str(record["steps_per_call"]),
+                         number(record["step_ms"], 1), number(record["img_per_s"], 1),
+                         f"{base['step_ms'] / record['step_ms']:.2f}x" if base else "-",
+                         f"`{path.name}`", card(records)])
+    return table(["backbone", "px", "batch", "dtype", "K", "ms/step", "img/s",
+                  "speed vs grouped", "file", "machine"], rows, "lrrlrrrrll")
+
+
 def wgan_bound_table() -> str:
     """The ML-WGAN recipe's weight reads (counted on the traced step, beside the fewest), the
     bytes and FLOPs of one pair-iteration, and what they take for 4,500 images x 1,001
@@ -599,7 +618,7 @@ def cpu_heads_table() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "train-step": train_step_table, "profile": profile_table, "epoch": epoch_table,
     "parity": parity_table, "epochs": epochs_table, "head-cost": head_cost_table,
-    "head-step": head_step_table,
+    "head-step": head_step_table, "depthwise-step": depthwise_step_table,
     "wgan-bound": wgan_bound_table, "wgan-throughput": wgan_throughput_table,
     "stream": stream_table, "checkpoint": checkpoint_table, "cpu-parity": cpu_parity_table,
     "cpu-heads": cpu_heads_table,

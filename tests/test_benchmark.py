@@ -178,6 +178,26 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
     assert "| 64 | float32 | 0.2000 | 1,151 | 3.91 | 25x |" in table
 
 
+def test_depthwise_variants_each_divide_by_their_backbones_torch_line(benchmark, train_record,
+                                                                    tmp_path, capsys):
+    """Only a backbone with depthwise convolutions gets a variant per implementation, and the
+    report keeps the two apart, each against the same PyTorch line of that backbone."""
+    assert benchmark.has_depthwise_convs("xception")
+    assert not benchmark.has_depthwise_convs("resnet18")
+    assert not benchmark.has_depthwise_convs("no_such_model")  # build_variant reports it
+    ours = [dict(train_record, model="xception", dtype="bfloat16", depthwise=depthwise,
+                 img_per_s=rate) for depthwise, rate in (("taps", 30.0), ("grouped", 10.0))]
+    theirs = {"what": "throughput", "model": "xception", "mode": "bf16compile", "img_per_s": 20.0,
+              "res": train_record["res"]}
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in ours + [theirs]))
+    benchmark.main(["report", str(path)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| xception")]
+    assert [row.split(" | ")[0] for row in rows] == ["| xception (depthwise taps)",
+                                                     "| xception (depthwise grouped)"]
+    assert "1.50x (vs compile)" in rows[0] and "0.50x (vs compile)" in rows[1]
+
+
 def test_time_variant_divides_by_the_steps_not_the_calls(benchmark, monkeypatch):
     """A call of K = 2 steps that takes 10 ms on a stand-in clock is 5 ms per step; 3 timed steps
     are rounded up to 2 whole calls (4 steps), the warm-up's call is not timed."""

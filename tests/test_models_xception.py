@@ -1,5 +1,8 @@
-"""Xception parity with timm's `legacy_xception`: parameter count, eval/train forward, BN, bf16."""
+"""Xception parity with timm's `legacy_xception`: parameter count, eval/train forward, BN, bf16,
+and its depthwise convolutions as shifted multiply-adds against the grouped convolution."""
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,8 @@ from timm.models.xception import Block as TimmBlock
 
 from annotate.convert import load_timm_weights
 from annotate.models import count_params, create_model
-from annotate.models.xception import Block
+from annotate.models.layers import DepthwiseConv2d, conv2d, depthwise_implementation
+from annotate.models.xception import Block, SeparableConv2d
 from parity import (assert_eval_matches_timm, assert_train_mode_matches_timm,
                     batch_stats_by_torch_key, nchw_tensor, random_images, randomize_torch_model_,
                     relative_l2, timm_and_flax_models, torch_state_dict)
@@ -86,6 +90,71 @@ def test_block_gradients_match_timm_under_jit():
     input_gradient, parameter_gradients = loss_gradients(block, jnp.asarray(images))
     assert relative_l2(np.asarray(input_gradient),
                        torch_images.grad.numpy().transpose(0, 2, 3, 1)) < 1e-5
-    pointwise_gradient = parameter_gradients["rep"][1]["pointwise"]["kernel"][...]
-    reference_gradient = torch_block.rep[1].pointwise.weight.grad.numpy().transpose(2, 3, 1, 0)
-    assert relative_l2(np.asarray(pointwise_gradient), reference_gradient) < 1e-5
+    for conv in ("pointwise", "conv1"):  # conv1: the depthwise convolution
+        gradient = parameter_gradients["rep"][1][conv]["kernel"][...]
+        reference = getattr(torch_block.rep[1], conv).weight.grad.numpy().transpose(2, 3, 1, 0)
+        assert relative_l2(np.asarray(gradient), reference) < 1e-5, conv
+
+
+def grouped(function):
+    """`function` run with DepthwiseConv2d traced as a grouped convolution."""
+    def run(*args):
+        with depthwise_implementation("grouped"):
+            return function(*args)
+    return run
+
+
+def test_depthwise_taps_draw_and_compute_as_the_grouped_conv():
+    """The same draws as conv2d(groups=channels); values and both gradients equal to the grouped
+    convolution's (float32, up to the order of the nine products' sum), at padding 1 and 0."""
+    assert DepthwiseConv2d.implementation == "taps"
+    for padding in (1, 0):
+        layer = DepthwiseConv2d(6, 3, padding=padding, rngs=nnx.Rngs(3))
+        reference = conv2d(6, 6, 3, padding=padding, groups=6, rngs=nnx.Rngs(3))
+        np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
+        images = jax.random.normal(jax.random.key(padding), (2, 7, 9, 6))
+        weights = jax.random.normal(jax.random.key(9), reference(images).shape)
+
+        def loss(layer: DepthwiseConv2d, x: jax.Array) -> jax.Array:
+            return jnp.sum(layer(x) * weights)
+
+        def gradients(layer: DepthwiseConv2d, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            kernel_gradient, input_gradient = nnx.grad(loss, argnums=(0, 1))(layer, x)
+            return kernel_gradient["kernel"][...], input_gradient
+
+        assert layer(images).shape == reference(images).shape
+        np.testing.assert_allclose(layer(images), reference(images), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(layer(images), grouped(layer)(images), rtol=0, atol=1e-5)
+        for ours, theirs in zip(gradients(layer, images), grouped(gradients)(layer, images)):
+            assert relative_l2(np.asarray(ours), np.asarray(theirs)) < 1e-6
+
+
+def test_depthwise_taps_in_bfloat16_sum_in_float32():
+    """In bfloat16 the taps multiply the bf16-rounded inputs exactly and sum in float32, then
+    round once: within one bf16 rounding of the float32 result of the same rounded inputs."""
+    layer = DepthwiseConv2d(16, 3, padding=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 16)).astype(jnp.bfloat16)
+    output = layer(images)
+    assert output.dtype == jnp.bfloat16
+    exact = jax.lax.conv_general_dilated(
+        images.astype(jnp.float32), layer.kernel[...].astype(jnp.bfloat16).astype(jnp.float32),
+        (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=16, precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(output, np.float32), exact, rtol=2 ** -8, atol=1e-6)
+
+
+def test_separable_conv_lowers_without_grouped_convolutions():
+    """What XLA sees: the forward and backward of a separable conv hold only the pointwise
+    convolutions (feature_group_count = 1); traced as "grouped" they hold the grouped one."""
+    layer = SeparableConv2d(8, 16, 3, padding=1, rngs=nnx.Rngs(0))
+    images = jnp.ones((2, 6, 6, 8))
+
+    def lowered_text() -> str:
+        def loss(layer: SeparableConv2d, x: jax.Array) -> jax.Array:
+            return jnp.sum(layer(x) ** 2)
+        return nnx.jit(nnx.grad(loss, argnums=(0, 1))).lower(layer, images).as_text()
+
+    groups = [int(count) for count in re.findall(r"feature_group_count = (\d+)", lowered_text())]
+    assert groups and set(groups) == {1}
+    assert 8 in [int(count) for count in
+                 re.findall(r"feature_group_count = (\d+)", grouped(lowered_text)())]

@@ -60,6 +60,26 @@ def test_ratio_only_within_one_file(results_tables, tmp_path, monkeypatch):
     assert "| 448 | 64 | bfloat16 | 1 | 1,500 |" in other[2] and "| - | - | - |" in other[2]
 
 
+def test_depthwise_variants_are_rows_of_their_own_against_one_torch_line(results_tables,
+                                                                         tmp_path, monkeypatch):
+    ours = {"what": "train_throughput", "model": "xception", "dtype": "bfloat16", "batch": 32,
+            "res": 448, "steps_per_call": 1, "img_per_s": 1200.0, "step_ms": 26.7,
+            "depthwise": "taps"}
+    torch_compiled = {"what": "throughput", "model": "xception", "mode": "bf16compile",
+                      "batch": 32, "res": 448, "img_per_s": 1000.0}
+    _write(tmp_path / "a.jsonl", [ours, dict(ours, depthwise="grouped", img_per_s=600.0,
+                                             step_ms=53.4),
+                                  torch_compiled])
+    monkeypatch.setattr(results_tables, "MEASUREMENTS", tmp_path)
+    rows = [line for line in results_tables.train_step_table().splitlines() if "`a.jsonl`" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| xception (depthwise taps)",
+                                                     "| xception (depthwise grouped)"]
+    assert "| 1.20x |" in rows[0] and "| 0.60x |" in rows[1]
+    rows = [line for line in results_tables.depthwise_step_table().splitlines()
+            if "`a.jsonl`" in line]
+    assert "| 2.00x |" in rows[0] and "| 1.00x |" in rows[1]  # speed against grouped: 1200 / 600
+
+
 def test_a_line_that_is_not_json_names_its_file_and_line(results_tables, tmp_path, monkeypatch):
     """A line cut short by a killed process is an error, not a measurement silently dropped."""
     (tmp_path / "a.jsonl").write_text('{"what": "machine"}\n\n{"what": "train_thro\n')

@@ -6,8 +6,10 @@ per-model key tables. Activations are NHWC.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -43,6 +45,66 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, in
                     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
                     bias_init=torch_default_uniform(in_channels // groups * kh * kw),
                     rngs=rngs)
+
+
+class DepthwiseConv2d(nnx.Module):
+    """A torch `nn.Conv2d(channels, channels, k, padding=p, groups=channels, bias=False)`: each
+    channel convolved with its own k x k filter, stride 1; `kernel` [k, k, 1, channels] as nnx.Conv
+    stores it, drawn as `conv2d` draws it.
+
+    Computed as k*k shifted multiply-adds (`implementation = "taps"`), which XLA fuses into
+    elementwise loops whose gradients are elementwise loops and reductions too. A grouped
+    convolution with one group per channel ("grouped") is what XLA would otherwise hand to cuDNN,
+    known to be slow on GPUs, in its backward pass above all (jax issue 13800). The products are
+    exact in float32 from the compute-dtype inputs and summed in float32, as cuDNN accumulates.
+    """
+
+    implementation = "taps"  # "taps" or "grouped": read when traced (scripts/benchmark.py times both)
+
+    def __init__(self, channels: int, kernel_size: int, *, padding: int = 0,
+                 dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels),
+                                     jnp.float32))
+        self.padding = padding
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        if self.implementation == "grouped":  # exactly what nnx.Conv(groups=channels) calls
+            return jax.lax.conv_general_dilated(
+                x, kernel, (1, 1), ((self.padding, self.padding),) * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=kernel.shape[-1])
+        return depthwise_taps(x, kernel, self.padding)
+
+
+@functools.partial(jax.jit, static_argnums=2)  # one dispatch when called eagerly (tests, eval)
+def depthwise_taps(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """Depthwise stride-1 convolution of NHWC `x` with `kernel` [k, k, 1, C] as k*k shifted
+    products summed in float32, in `x`'s dtype."""
+    size = kernel.shape[0]
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    padded = padded.astype(jnp.float32)
+    height, width = padded.shape[1] - size + 1, padded.shape[2] - size + 1
+    taps = [padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0].astype(jnp.float32)
+            for i in range(size) for j in range(size)]
+    return sum(taps[1:], taps[0]).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def depthwise_implementation(implementation: str | None) -> Iterator[None]:
+    """Trace every DepthwiseConv2d as `implementation` ("taps" or "grouped") inside the block, to
+    time or test one against the other; None keeps the default."""
+    if implementation not in (None, "taps", "grouped"):
+        raise ValueError(f"unknown depthwise implementation {implementation!r}; "
+                         "valid: taps, grouped")
+    previous = DepthwiseConv2d.implementation
+    DepthwiseConv2d.implementation = implementation or previous
+    try:
+        yield
+    finally:
+        DepthwiseConv2d.implementation = previous
 
 
 class BatchNorm2d(nnx.Module):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from annotate.models.layers import BatchNorm2d, conv2d, max_pool2d
+from annotate.models.layers import BatchNorm2d, DepthwiseConv2d, conv2d, max_pool2d
 
 Dtype = Any
 
@@ -23,8 +23,8 @@ class SeparableConv2d(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, *,
                  padding: int = 0, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        self.conv1 = conv2d(in_channels, in_channels, kernel_size, padding=padding,
-                            groups=in_channels, dtype=dtype, rngs=rngs)
+        self.conv1 = DepthwiseConv2d(in_channels, kernel_size, padding=padding, dtype=dtype,
+                                     rngs=rngs)
         self.pointwise = conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
