@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
-import io
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +30,7 @@ from absl import flags
 from absl import logging as absl_logging
 from tqdm import tqdm
 
-from annotate import checkpoints, cli, data, metrics, train
+from annotate import checkpoints, cli, data, metrics, run_data, train
 from annotate.config import COMPUTE_DTYPES, validate_config
 from annotate.devices import enable_compilation_cache, is_out_of_memory, make_mesh, put
 from annotate.workdir import CheckpointMismatchError, WorkdirError, write_atomically
@@ -78,7 +78,7 @@ class Annotator:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Sigmoid probabilities [N, C] of uint8 images [N, S, S, 3] (S = the training size)."""
         on_device = put(images, self.experiment.replicated)
-        split = train.DeviceSplit(on_device, targets=None, host=None)  # predict reads the images
+        split = run_data.DeviceSplit(on_device, targets=None, host=None)  # predict reads the images
         return train.predict(self.experiment, self.params, self.batch_stats, split)
 
     @property

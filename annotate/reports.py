@@ -20,7 +20,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from annotate import data, metrics, summary  # noqa: E402
+from annotate import data, metrics, training_log  # noqa: E402
 from annotate.workdir import write_atomically  # noqa: E402
 
 PROTOCOL_TEXT = {
@@ -225,7 +225,7 @@ def write_reports(workdir: Path | str, results: dict, config: ml_collections.Con
     write_atomically(workdir / "thresholds.json", json.dumps(
         {"vocabulary": list(vocabulary), "thresholds": results["thresholds"],
          "epoch": results.get("best_epoch"), "dtype": config.model.dtype}, indent=2) + "\n")
-    seconds = [r["train/epoch_seconds"] for r in summary.read_metrics(workdir)
+    seconds = [r["train/epoch_seconds"] for r in training_log.read_metrics(workdir)
                if "train/epoch_seconds" in r]
     epoch_seconds = float(np.median(seconds)) if seconds else None
     write_atomically(workdir / "results.md", results_markdown(

@@ -248,7 +248,7 @@ def record_run(workdir: Path, measurements: Path, overrides: str) -> str:
     the call's `measurements` file; return the run's summary beside the PyTorch reference's
     figures, the same call's reference epoch and the parity target (markdown)."""
     from annotate import summarize
-    from annotate.summary import read_metrics
+    from annotate.training_log import read_metrics
 
     records = read_metrics(workdir)  # a run killed by its timeout: the torn last line dropped
     if not records:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annotate import summary
+from annotate import training_log
 from conftest import latest_checkpoint_arrays, write_dataset
 from modules import REPO
 
@@ -76,7 +76,7 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume(tmp_path
     assert ours.keys() == theirs.keys() and "params.head.fc.kernel" in ours
     for name, array in ours.items():
         np.testing.assert_allclose(array, theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
-    assert [r["epoch"] for r in summary.read_metrics(workdir)] == [1, 2]  # written once
+    assert [r["epoch"] for r in training_log.read_metrics(workdir)] == [1, 2]  # written once
     assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # per start
     assert (workdir / "results.json").is_file() and not (workdir / ".lock").exists()
 

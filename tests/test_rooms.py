@@ -11,8 +11,8 @@ from modules import REPO
 # rank of each room, lowest first; a module may import its own rank or a lower one
 ROOMS = [
     ("annotate.data", "annotate.models", "annotate.losses", "annotate.metrics", "annotate.devices",
-     "annotate.workdir", "annotate.summary"),
-    ("annotate.config", "annotate.convert", "annotate.checkpoints"),
+     "annotate.workdir", "annotate.training_log"),
+    ("annotate.config", "annotate.convert", "annotate.checkpoints", "annotate.run_data"),
     ("annotate.train",),
     ("annotate.reports",),
     ("annotate.main", "annotate.predict", "annotate.summarize", "annotate.cli"),

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from annotate import data, summary, train
+from annotate import data, train, training_log
 from annotate.data import stream
 from conftest import tiny_config
 from modules import REPO
@@ -76,7 +76,7 @@ def test_stream_training_equals_device_training(tiny_dataset, tiny_backbone, tmp
         config = tiny_config(tiny_dataset, tmp_path / "cache")
         config.data.pipeline = pipeline
         evaluation = train.train_and_evaluate(config, tmp_path / pipeline)
-        records[pipeline] = (summary.read_metrics(tmp_path / pipeline), evaluation)
+        records[pipeline] = (training_log.read_metrics(tmp_path / pipeline), evaluation)
         if pipeline == "device":
             assert decoded == {}  # the device pipeline decodes nothing batch by batch
     # the stream run decoded every image it used: 12 training images per epoch and once more
@@ -98,7 +98,7 @@ import json, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import jax
 from conftest import register_tiny_backbone, tiny_config
-from annotate import summary, train
+from annotate import train, training_log
 assert jax.device_count() == 2
 from annotate.data import stream
 from test_stream import counting_decoded_batches
@@ -110,7 +110,8 @@ for pipeline in ("device", "stream"):
     config = tiny_config({root!r}, {cache!r})
     config.data.pipeline = pipeline
     train.train_and_evaluate(config, {workdir!r} + "/" + pipeline)
-    losses[pipeline] = [r["train/loss"] for r in summary.read_metrics({workdir!r} + "/" + pipeline)]
+    losses[pipeline] = [r["train/loss"]
+                        for r in training_log.read_metrics({workdir!r} + "/" + pipeline)]
 print("LOSSES" + json.dumps(losses))
 print("DECODED" + json.dumps(decoded))
 """

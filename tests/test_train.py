@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from annotate import data, devices, metrics, summary, train
+from annotate import devices, metrics, run_data, train, training_log
 from annotate.config import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path[:0] = [{repo!r}, {tests!r}]
 from conftest import register_tiny_backbone
 from configs import base
-from annotate import devices, train
+from annotate import devices, run_data, train
 assert jax.device_count() == 8, jax.devices()
 config = base.get_config(model="resnet18", loss="asl")
 config.model.name = register_tiny_backbone()
@@ -217,7 +217,7 @@ for name, device_list in (("one", jax.devices()[:1]), ("eight", jax.devices())):
                                              devices.put(batch[None], experiment.steps_sharding), key)
         losses.append(float(loss[0]))
     probs = train.predict(experiment, state.params, state.batch_stats,
-                          train.DeviceSplit(on_device(images), None, None))
+                          run_data.DeviceSplit(on_device(images), None, None))
     leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((state.params, state.batch_stats))]
     results[name] = dict(losses=losses, params=np.concatenate(leaves).tolist(), probs=probs.tolist(),
                          devices=len(state.step.sharding.device_set))
@@ -441,34 +441,6 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh_with_a_new_confi
         train.train_and_evaluate(config, workdir)
 
 
-def test_the_validation_record_is_checked_on_resume_and_a_damaged_one_named(tmp_path):
-    """validation_images.json records the held-out images; a resume holding out others, or
-    finding the record unreadable, is refused with the file named."""
-    from types import SimpleNamespace
-
-    import ml_collections
-
-    def run_data(names):
-        return SimpleNamespace(validation=SimpleNamespace(host=SimpleNamespace(image_names=names)))
-
-    config = ml_collections.ConfigDict({"seed": 3, "eval": {"validation_size": 2}})
-    path = tmp_path / "validation_images.json"
-    train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, False)
-    assert json.loads(path.read_text()) == {"seed": 3, "size": 2,
-                                            "image_names": ["1.jpeg", "7.jpeg"]}
-    train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, True)
-    with pytest.raises(ValueError, match="lists other validation images than this run holds out"):
-        train._record_validation_images(run_data(["1.jpeg", "8.jpeg"]), config, tmp_path, True)
-    # an evaluation checks it too, and writes nothing
-    train.check_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path)
-    with pytest.raises(ValueError, match="lists other validation images than this run holds out"):
-        train.check_validation_images(run_data(["7.jpeg", "1.jpeg"]), config, tmp_path)
-    path.write_text('{"seed": 3, "size"')  # damaged by hand
-    with pytest.raises(ValueError, match=f"^{path} is damaged"):
-        train._record_validation_images(run_data(["1.jpeg", "7.jpeg"]), config, tmp_path, True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["validation_images.json"]
-
-
 def test_a_resume_whose_epochs_take_another_step_count_is_refused(tiny_dataset, tiny_backbone,
                                                                   tmp_path):
     """A resume after the training images changed in number (another copy of the dataset, more
@@ -515,10 +487,11 @@ def test_validation_protocol_never_looks_at_the_test_labels(tiny_dataset, tiny_b
     assert len(held_out["image_names"]) == 4 and first.num_train_images == 8
     timing = ("train/epoch_seconds", "train/images_per_second", "train/seconds_between_epochs")
     records = [[{k: v for k, v in record.items() if k not in timing}
-                for record in summary.read_metrics(tmp_path / run)] for run in ("first", "second")]
+                for record in training_log.read_metrics(tmp_path / run)]
+               for run in ("first", "second")]
     assert records[0] == records[1] and len(records[0]) == 3
     # the time outside training before epochs 2 and 3 (an evaluation and a save each)
-    between = [r.get(timing[2]) for r in summary.read_metrics(tmp_path / "first")]
+    between = [r.get(timing[2]) for r in training_log.read_metrics(tmp_path / "first")]
     assert between[0] is None and all(0 < seconds < 60 for seconds in between[1:]), between
     assert all(key.startswith(("train/", "val/")) or key in ("epoch", "step")
                for record in records[0] for key in record), "a test number was computed per epoch"
@@ -547,67 +520,6 @@ def test_final_protocol_evaluates_the_last_epoch(tiny_dataset, tiny_backbone, tm
         evaluation.test.targets, evaluation.test_probs,
         np.asarray(evaluation.results["thresholds"]),
         resamples=config.eval.bootstrap_resamples, seed=config.seed)
-
-
-def test_wgan_images_of_validation_images_are_held_out_too():
-    names = ["1.jpeg", "2.jpeg", "3.jpeg", "1_aug.jpeg", "1_aug_hor_flip.jpeg", "3_aug.jpeg"]
-    kept = train._training_rows(names, 3, np.array([0]))
-    assert [names[i] for i in kept] == ["2.jpeg", "3.jpeg", "3_aug.jpeg"]
-
-
-def test_wgan_images_of_a_validation_image_whose_name_holds_aug_are_held_out_too():
-    names = ["my_augusta.jpeg", "my.jpeg", "my_augusta_aug.jpeg", "my_augusta_aug_hor_flip.jpeg",
-             "my_augusta_aug_rot_90.jpeg", "my_aug.jpeg", "my_aug_rot_90.jpeg"]
-    kept = train._training_rows(names, 2, np.array([0]))  # my_augusta held out
-    assert [names[i] for i in kept] == ["my.jpeg", "my_aug.jpeg", "my_aug_rot_90.jpeg"]
-    kept = train._training_rows(names, 2, np.array([1]))  # my held out
-    assert [names[i] for i in kept] == ["my_augusta.jpeg", "my_augusta_aug.jpeg",
-                                        "my_augusta_aug_hor_flip.jpeg", "my_augusta_aug_rot_90.jpeg"]
-
-
-def test_augmentation_flag_adds_the_wgan_images(tiny_dataset, tmp_path):
-    """--config.data.augmentation=True: train_aug.json's images (in the data root by default, where
-    wgan.run writes them) join the train split with their labels; the test split is unchanged."""
-    from test_data import write_augmentation
-
-    vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
-    write_augmentation(tiny_dataset, vocabulary)
-    config = tiny_config(tiny_dataset, tmp_path / "cache")
-    plain = train.load_data(config, devices.make_mesh())
-    plain_train, plain_test = plain.train, plain.test
-    config.data.augmentation = True
-    augmented = train.load_data(config, devices.make_mesh())
-    augmented_train, augmented_test = augmented.train, augmented.test
-    assert augmented_train.images.shape[0] == plain_train.images.shape[0] + 2
-    np.testing.assert_array_equal(np.asarray(augmented_train.images[:-2]),
-                                  np.asarray(plain_train.images))
-    expected = np.zeros((2, len(vocabulary)), np.float32)
-    expected[0, [vocabulary.index("sky"), vocabulary.index("tree")]] = 1
-    np.testing.assert_array_equal(np.asarray(augmented_train.targets[-2:]), expected)
-    assert augmented_test.images.shape == plain_test.images.shape
-
-
-def test_a_batch_larger_than_the_images_left_to_train_on_is_refused_before_decoding(
-        tiny_dataset, tmp_path):
-    """Under the validation protocol with WGAN images, the count before any decoding is exact:
-    the held-out originals' WGAN images leave with them (12 originals, 4 held out, 0.jpeg among
-    them, and its 2 WGAN images: 8 training images, not 10)."""
-    from test_data import write_augmentation
-
-    vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
-    write_augmentation(tiny_dataset, vocabulary)  # 0_aug.jpeg, 0_aug_hor_flip.jpeg
-    index = data.read_split_index(tiny_dataset, "train")
-    targets = data.multi_hot(index.image_labels, index.vocabulary)
-    seed = next(seed for seed in range(100) if 0 in data.validation_indices(targets, 4, seed))
-    config = tiny_config(tiny_dataset, tmp_path / "cache")
-    config.data.augmentation, config.seed = True, seed
-    config.eval.protocol, config.eval.validation_size = "validation", 4
-    config.train.batch_size = 9
-    with pytest.raises(ValueError, match="batch_size = 9 exceeds the 8 training images"):
-        train.check_before_decoding(config, tmp_path / "work", 1)
-    config.train.batch_size = 8
-    train.check_before_decoding(config, tmp_path / "work", 1)
-    assert train.load_data(config, devices.make_mesh()).train.num_images == 8
 
 
 def test_batch_larger_than_the_split_is_named(tiny_dataset, tmp_path):
@@ -657,7 +569,7 @@ def test_a_long_cpu_run_says_what_it_will_cost(tiny_dataset, tiny_backbone, tmp_
     assert len(warnings) == 1
     assert "s/step" in warnings[0] and "3 epochs to go" in warnings[0]
     assert "make train CONFIG=configs/smoke.py" in warnings[0]
-    assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert [r["epoch"] for r in training_log.read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("estimate_after_seconds, estimated_at_call", [(1e9, 6), (0.0, 2)])
@@ -671,11 +583,11 @@ def test_the_step_time_estimate_comes_after_five_timed_steps_or_once_they_took_l
     config = resolved_config(tiny_config(tiny_dataset, tmp_path / "cache"))
     config.train.batch_size = 1  # 12 steps, one per call on the CPU
     mesh = devices.make_mesh()
-    run_data = train.load_data(config, mesh)
+    splits = run_data.load_data(config, mesh)
     experiment, state = train.create_experiment(config, 5, 12, mesh)
     calls, estimated = [], []
     key = jax.random.key(0)
-    train.train_epoch(experiment, state, run_data.train, 1, key, key, show_progress=False,
+    train.train_epoch(experiment, state, splits.train, 1, key, key, show_progress=False,
                       on_step_time=lambda seconds: estimated.append((len(calls), seconds)),
                       check_saves=lambda: calls.append(1))
     assert len(calls) == 12 and [call for call, _ in estimated] == [estimated_at_call]
@@ -711,4 +623,4 @@ def test_a_dataset_with_other_labels_is_refused_on_resume_and_evaluation(
     (workdir / "vocabulary.json").unlink()  # a workdir of an earlier version
     with pytest.raises(train.WorkdirError, match=message + "thresholds.json"):
         train.evaluate(config, workdir)
-    train.check_vocabulary(workdir, labels)
+    run_data.check_vocabulary(workdir, labels)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from annotate import data, models, summary, train
+from annotate import data, models, train, training_log
 from annotate.config import resolved_config
 from annotate.workdir import (FRESH_SECONDS, CheckpointSaveError, WorkdirError, WorkdirLock,
                               check_config, is_abandoned, state_layout, write_atomically,
@@ -332,7 +332,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_once(tiny_dataset, tiny_backb
                                                   r"\(OSError: \[Errno 28\] No space left"):
         train.train_and_evaluate(config, tmp_path / "run")
     # epoch 2's save failed: seen on the first step of epoch 3, which never finished
-    assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2]
+    assert [r["epoch"] for r in training_log.read_metrics(tmp_path / "run")] == [1, 2]
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dataset, tiny_backbone, tmp_path,
@@ -344,11 +344,11 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tiny_dataset, tiny_backbo
         file.write('{"epoch": 2, "train/lo')  # a kill during the append
     config.train.epochs = 2
     train.train_and_evaluate(config, tmp_path / "run")
-    assert [r["epoch"] for r in summary.read_metrics(tmp_path / "run")] == [1, 2]
+    assert [r["epoch"] for r in training_log.read_metrics(tmp_path / "run")] == [1, 2]
     assert "dropping its torn last line" in caplog.text
     (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
-        summary.read_metrics(tmp_path / "run")
+        training_log.read_metrics(tmp_path / "run")
     # a resume refused for it records nothing: config.json stays that of the epochs trained
     files = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()
              if path.is_file()}

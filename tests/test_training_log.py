@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 
-from annotate import summary
+from annotate import training_log
 
 
 def _events(log_dir):
@@ -23,7 +23,7 @@ def _scalars(event) -> dict[str, float]:
 
 
 def test_event_file_reads_with_tensorboard(tmp_path):
-    writer = summary.TensorBoardWriter(tmp_path)
+    writer = training_log.TensorBoardWriter(tmp_path)
     writer.scalars(3, {"train/loss": 0.25, "test/per_class_f1": 0.5})
     writer.scalars(2**40, {"train/loss": -1.5, "skipped": float("nan")})
     writer.scalars(7, {"test/n_plus": 12})
@@ -40,14 +40,14 @@ def test_event_file_reads_with_tensorboard(tmp_path):
 
 
 def test_metrics_jsonl_round_trip(tmp_path):
-    writer = summary.MetricsWriter(tmp_path)
+    writer = training_log.MetricsWriter(tmp_path)
     writer.write(10, {"epoch": 1, "train/loss": 0.5})
     writer.write(20, {"epoch": 2, "train/loss": 0.25})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
         {"step": 10, "epoch": 1, "train/loss": 0.5}, {"step": 20, "epoch": 2, "train/loss": 0.25}]
-    assert summary.read_metrics(tmp_path) == [json.loads(line) for line in lines]
-    assert summary.read_metrics(tmp_path / "absent") == []
+    assert training_log.read_metrics(tmp_path) == [json.loads(line) for line in lines]
+    assert training_log.read_metrics(tmp_path / "absent") == []
     events = _events(tmp_path / "tensorboard")
     assert [(e.step, _scalars(e)) for e in events[2:]] == [
         (10, {"epoch": 1.0, "train/loss": 0.5}), (20, {"epoch": 2.0, "train/loss": 0.25})]
@@ -58,12 +58,12 @@ def test_tensorboard_drops_what_a_killed_segment_logged_past_its_checkpoint(tmp_
     """A run logs epochs 1-3 (3 steps each) and is killed before epoch 3's checkpoint; the resumed
     segment starts at step 7 and logs epochs 3 and 4 again. TensorBoard's own accumulator shows
     each epoch once, epoch 3 from the resumed segment, as metrics.jsonl does."""
-    first = summary.MetricsWriter(tmp_path)
+    first = training_log.MetricsWriter(tmp_path)
     for epoch in (1, 2, 3):
         first.write(3 * epoch, {"epoch": epoch, "train/loss": 1.0 / epoch})
     first.close()
     time.sleep(1.1)  # event files are ordered by their names, which start with the second
-    resumed = summary.MetricsWriter(tmp_path, first_step=2 * 3 + 1)
+    resumed = training_log.MetricsWriter(tmp_path, first_step=2 * 3 + 1)
     for epoch in (3, 4):
         resumed.write(3 * epoch, {"epoch": epoch, "train/loss": 10.0 / epoch})
     resumed.close()
