@@ -187,6 +187,19 @@ OUTPUT_FORMATS = (".json", ".csv")
 FLAGS = flags.FLAGS
 
 
+def out_of_memory_message(error: Exception, annotator: Annotator | None) -> str:
+    """The one line for running out of device memory: what ran at once, XLA's first line, what is
+    kept, and what helps: a smaller --batch_size, unless each device already held one image."""
+    at_once = f" annotating {annotator.chunk_size} at a time" if annotator else ""
+    if annotator and annotator.chunk_size <= annotator.experiment.mesh.size:
+        remedy = ("one image per device does not fit: annotate the rest on a device with more "
+                  "memory, or on the CPU (JAX_PLATFORMS=cpu)")
+    else:
+        remedy = "annotate the rest with a smaller --batch_size"
+    return (f"out of device memory{at_once} ({str(error).splitlines()[0][:200]}); the "
+            f"annotations printed above are complete: {remedy}")
+
+
 def define_flags() -> None:
     """Register the flags; done only when run as a program, so importing this module is harmless."""
     flags.DEFINE_string("workdir", None, "Training workdir (best checkpoint + thresholds.json).")
@@ -261,10 +274,7 @@ def main(argv: list[str]) -> None:
     except jax.errors.JaxRuntimeError as error:
         if not is_out_of_memory(error):
             raise
-        at_once = f" annotating {annotator.chunk_size} at a time" if annotator else ""
-        cli.fail(f"out of device memory{at_once} ({str(error).splitlines()[0][:200]}); the "
-                 f"annotations printed above are complete: annotate the rest with a smaller "
-                 f"--batch_size")
+        cli.fail(out_of_memory_message(error, annotator))
     skipped += [(str(path), "not an image file") for path in others]
     if skipped:
         print(f"skipped {len(skipped)} file(s):", file=sys.stderr)

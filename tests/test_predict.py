@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +225,8 @@ def test_command_line(smoke_workdir, corel5k_dir, tmp_path):
 def test_out_of_device_memory_keeps_the_printed_annotations(smoke_workdir, corel5k_dir):
     """--batch_size=1 over two images, the second batch running out of device memory (a real
     XLA RESOURCE_EXHAUSTED: a 1 TiB buffer in a process capped at 1 TiB of address space): the
-    first image's annotation was printed before, and one line names --batch_size."""
+    first image's annotation was printed before, and one line says what to do (one image per
+    device did not fit, so not a smaller --batch_size)."""
     from conftest import ADDRESS_SPACE_CAP
 
     script = (ADDRESS_SPACE_CAP + "import jax.numpy as jnp\n"
@@ -247,8 +249,28 @@ def test_out_of_device_memory_keeps_the_printed_annotations(smoke_workdir, corel
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: out of device memory annotating 1 at a time "
                            "(RESOURCE_EXHAUSTED: Out of memory "), last
-    assert last.endswith("the annotations printed above are complete: annotate the rest with a "
-                         "smaller --batch_size"), last
+    assert last.endswith("the annotations printed above are complete: one image per device does "
+                         "not fit: annotate the rest on a device with more memory, or on the CPU "
+                         "(JAX_PLATFORMS=cpu)"), last
+
+
+@pytest.mark.parametrize("chunk_size, devices, remedy", [
+    (8, 1, "annotate the rest with a smaller --batch_size"),
+    (2, 2, "one image per device does not fit: annotate the rest on a device with more memory"),
+    (1, 1, "one image per device does not fit")])
+def test_out_of_memory_advice_names_a_smaller_batch_only_where_one_exists(chunk_size, devices,
+                                                                          remedy):
+    annotator = types.SimpleNamespace(chunk_size=chunk_size,
+                                      experiment=types.SimpleNamespace(
+                                          mesh=types.SimpleNamespace(size=devices)))
+    error = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.\nmore")
+    message = predict.out_of_memory_message(error, annotator)
+    assert message.startswith(f"out of device memory annotating {chunk_size} at a time "
+                              "(RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.); "), message
+    assert remedy in message
+    assert ("--batch_size" in message) == (chunk_size > devices)
+    assert predict.out_of_memory_message(error, None).startswith(
+        "out of device memory (RESOURCE_EXHAUSTED")
 
 
 def test_the_output_is_written_through_a_link(tmp_path):
