@@ -87,7 +87,7 @@ else
 fi
 
 # DEVICE_CHECK_SECTIONS picks sections: train,torch,torch_small_compile,tests,torch_others,
-# others,heads,wgan,stream,checkpoint
+# depthwise,others,heads,wgan,stream,checkpoint
 SECTIONS=",${DEVICE_CHECK_SECTIONS:-train,torch,torch_small_compile},"
 wanted() { [[ $SECTIONS == *",$1,"* ]]; }
 
@@ -140,6 +140,19 @@ for test_file in tests/test_models_tresnet.py tests/test_losses.py tests/test_tr
 done
 wanted tests && JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
   section 50 tests "$PY" -m pytest "${TESTS_ARGS[@]}" "${TESTS[@]}"
+
+# 5a. Xception's depthwise convolutions both ways at the seed's size (docs/results.md: its 0.63x
+#    of PyTorch + torch.compile, and the prediction for the shifted products): JAX's train step
+#    with DepthwiseConv2d as "taps" and as "grouped" (the two compile together, about 75 s on the
+#    H200), each profiled, then PyTorch bf16 and bf16 + torch.compile of Xception, so that both
+#    ratios and the old/new comparison come from one call. DEVICE_CHECK_SECTIONS=depthwise; it
+#    runs before "others", which it is meant to share a call with.
+wanted depthwise && section "${DEPTHWISE_JAX_CAP_S:-200}" "benchmark train xception depthwise ${RES_LARGE} px" \
+  "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}" --models xception --res "$RES_LARGE" \
+  --steps-per-call 1 --depthwise taps,grouped --profile-dir "$PROFILE_DIR" --profile-models xception
+wanted depthwise && section "${DEPTHWISE_TORCH_CAP_S:-110}" "torch reference xception ${RES_LARGE} px" \
+  "$PY" .bench/torch_reference.py throughput --model xception --modes "$TORCH_MAIN_MODES" \
+  --res "$RES_LARGE" "${TORCH_ARGS[@]}"
 
 # 5. The other three backbones at the seed's size: per backbone, JAX's train step in a process of
 #    its own, then PyTorch bf16 and bf16 + torch.compile of the same backbone, so that each ratio
