@@ -187,17 +187,22 @@ OUTPUT_FORMATS = (".json", ".csv")
 FLAGS = flags.FLAGS
 
 
-def out_of_memory_message(error: Exception, annotator: Annotator | None) -> str:
-    """The one line for running out of device memory: what ran at once, XLA's first line, what is
-    kept, and what helps: a smaller --batch_size, unless each device already held one image."""
-    at_once = f" annotating {annotator.chunk_size} at a time" if annotator else ""
-    if annotator and annotator.chunk_size <= annotator.experiment.mesh.size:
-        remedy = ("one image per device does not fit: annotate the rest on a device with more "
-                  "memory, or on the CPU (JAX_PLATFORMS=cpu)")
-    else:
+def out_of_memory_message(error: Exception, at_once: int | None, devices: int,
+                          platform: str) -> str:
+    """The one line for running out of device memory while the model loaded (`at_once` None) or
+    annotated `at_once` images per call over `devices` devices: XLA's first line, what is kept,
+    and what helps: a smaller --batch_size, unless each device already held one image."""
+    reason = str(error).splitlines()[0][:200]
+    elsewhere = ("" if platform == "cpu" else
+                 ": use a device with more memory, or the CPU (JAX_PLATFORMS=cpu)")
+    if at_once is None:
+        return f"out of device memory loading the model ({reason}){elsewhere}"
+    if at_once > devices:
         remedy = "annotate the rest with a smaller --batch_size"
-    return (f"out of device memory{at_once} ({str(error).splitlines()[0][:200]}); the "
-            f"annotations printed above are complete: {remedy}")
+    else:
+        remedy = "one image per device does not fit" + (elsewhere or " in this machine's memory")
+    return (f"out of device memory annotating {at_once} at a time ({reason}); the annotations "
+            f"printed above are complete: {remedy}")
 
 
 def define_flags() -> None:
@@ -274,7 +279,8 @@ def main(argv: list[str]) -> None:
     except jax.errors.JaxRuntimeError as error:
         if not is_out_of_memory(error):
             raise
-        cli.fail(out_of_memory_message(error, annotator))
+        at_once = min(annotator.chunk_size, len(files)) if annotator else None
+        cli.fail(out_of_memory_message(error, at_once, jax.device_count(), jax.default_backend()))
     skipped += [(str(path), "not an image file") for path in others]
     if skipped:
         print(f"skipped {len(skipped)} file(s):", file=sys.stderr)

@@ -962,7 +962,9 @@ def report_table(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         if record.get("what") == "train_throughput" and record.get("img_per_s"):
             key = (step_label(record), record.get("res"), record["dtype"])
-            backbone[key[0]] = record["model"]
+            # PyTorch runs the linear head only: another head is compared with nothing
+            linear = record.get("head", "linear") == "linear"
+            backbone[key[0]] = record["model"] if linear else key[0]
             if record["img_per_s"] > jax_rate.get(key, {}).get("img_per_s", 0):
                 jax_rate[key] = record
         elif record.get("what") == "throughput" and record.get("img_per_s"):

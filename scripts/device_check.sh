@@ -146,8 +146,9 @@ wanted tests && JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCA
 #    with DepthwiseConv2d as "taps" and as "grouped" (the two compile together, about 75 s on the
 #    H200), each profiled, then PyTorch bf16 and bf16 + torch.compile of Xception, so that both
 #    ratios and the old/new comparison come from one call. DEVICE_CHECK_SECTIONS=depthwise; it
-#    runs before "others", which it is meant to share a call with.
-wanted depthwise && section "${DEPTHWISE_JAX_CAP_S:-200}" "benchmark train xception depthwise ${RES_LARGE} px" \
+#    runs before "others", which it is meant to share a call with (and which then leaves
+#    Xception out).
+wanted depthwise && section "${DEPTHWISE_JAX_CAP_S:-170}" "benchmark train xception depthwise ${RES_LARGE} px" \
   "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}" --models xception --res "$RES_LARGE" \
   --steps-per-call 1 --depthwise taps,grouped --profile-dir "$PROFILE_DIR" --profile-models xception
 wanted depthwise && section "${DEPTHWISE_TORCH_CAP_S:-110}" "torch reference xception ${RES_LARGE} px" \
@@ -165,7 +166,9 @@ wanted depthwise && section "${DEPTHWISE_TORCH_CAP_S:-110}" "torch reference xce
 #    caps add up to 3 x (100 + 110) = 630 s for all three: run them in a call of their own with
 #    DEVICE_CHECK_DEADLINE_S=570; the last section (xception's torch.compile) gets what is left.
 IFS=, read -r -a OTHER_MODELS <<<"${BENCH_OTHERS:-resnet101,resnext50_32x4d,xception}"
+wanted depthwise && OTHER_MODELS=("${OTHER_MODELS[@]/xception/}")  # timed by its own section
 for model in "${OTHER_MODELS[@]}"; do
+  [[ -n $model ]] || continue
   wanted others && section "${OTHERS_JAX_CAP_S:-100}" "benchmark train $model ${RES_LARGE} px" \
     "$PY" scripts/benchmark.py train "${TRAIN_ARGS[@]}" --models "$model" \
     --res "$RES_LARGE" --steps-per-call 1

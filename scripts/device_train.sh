@@ -84,7 +84,7 @@ timeout --kill-after=10 "$TIMEOUT_S" "$PY" -m annotate.main \
   --config=configs/reference_tresnet_asl_224.py --workdir="$WORKDIR" \
   --config.data.root="$(cd "$DATA" && pwd)" --config.data.cache_dir=/tmp/annotate_cache \
   $OVERRIDES 2>&1 | tr '\r' '\n' | tee -a "$LOG" |
-  awk '(!/^[IWE][0-9][0-9][0-9][0-9] / || / (train|main|evaluate|summary)\.py:/) && !/%\|/'
+  awk '(!/^[IWE][0-9][0-9][0-9][0-9] / || / (train|main|evaluate|training_log)\.py:/) && !/%\|/'
 note "training exit ${PIPESTATUS[0]} after $((SECONDS - START)) s"
 
 for name in results.json results.md metrics.jsonl; do

@@ -393,10 +393,10 @@ def head_cost_table() -> str:
 FP32_FLOPS, TF32_FLOPS = 67e12, 495e12
 
 
-def _step_shape(record: dict[str, Any]) -> tuple[str, int, str, int, int]:
+def _step_shape(record: dict[str, Any]) -> tuple[str, int, str, int, int, str | None]:
     """What a train step's time depends on besides the head."""
     return (record["model"], record["res"], record["dtype"], record["batch"],
-            record["steps_per_call"])
+            record["steps_per_call"], record.get("depthwise"))
 
 
 def head_step_table() -> str:
@@ -411,8 +411,8 @@ def head_step_table() -> str:
             base = linear.get(_step_shape(record))
             if base is None or _step_shape(record) not in with_other_heads:
                 continue
-            rows.append([record["model"], record.get("head", "linear"), str(record["res"]),
-                         record["dtype"], str(record["steps_per_call"]),
+            rows.append([step_label(dict(record, head="linear")), record.get("head", "linear"),
+                         str(record["res"]), record["dtype"], str(record["steps_per_call"]),
                          number(record["step_ms"], 1), number(record["img_per_s"], 1),
                          f"{record['step_ms'] / base['step_ms'] - 1:+.1%}",
                          f"`{path.name}`", card(records)])
@@ -426,10 +426,10 @@ def depthwise_step_table() -> str:
     rows = []
     for path, records in step_files():
         timed = [r for r in timed_steps(records) if r.get("depthwise")]
-        grouped = {(_step_shape(r), r.get("head", "linear")): r for r in timed
+        grouped = {(_step_shape(r)[:-1], r.get("head", "linear")): r for r in timed
                    if r["depthwise"] == "grouped"}
         for record in timed:
-            base = grouped.get((_step_shape(record), record.get("head", "linear")))
+            base = grouped.get((_step_shape(record)[:-1], record.get("head", "linear")))
             rows.append([step_label(record), str(record["res"]), str(record["batch"]),
                          record["dtype"], str(record["steps_per_call"]),
                          number(record["step_ms"], 1), number(record["img_per_s"], 1),

@@ -181,12 +181,14 @@ def test_report_divides_by_the_torch_line_of_the_same_model(benchmark, train_rec
 def test_depthwise_variants_each_divide_by_their_backbones_torch_line(benchmark, train_record,
                                                                     tmp_path, capsys):
     """Only a backbone with depthwise convolutions gets a variant per implementation, and the
-    report keeps the two apart, each against the same PyTorch line of that backbone."""
+    report keeps the two apart, each against the same PyTorch line of that backbone (which runs
+    the linear head: another head's row has no PyTorch figure)."""
     assert benchmark.has_depthwise_convs("xception")
     assert not benchmark.has_depthwise_convs("resnet18")
     assert not benchmark.has_depthwise_convs("no_such_model")  # build_variant reports it
     ours = [dict(train_record, model="xception", dtype="bfloat16", depthwise=depthwise,
                  img_per_s=rate) for depthwise, rate in (("taps", 30.0), ("grouped", 10.0))]
+    ours.append(dict(ours[0], head="csra"))  # PyTorch has no CSRA head: no ratio
     theirs = {"what": "throughput", "model": "xception", "mode": "bf16compile", "img_per_s": 20.0,
               "res": train_record["res"]}
     path = tmp_path / "results.jsonl"
@@ -194,8 +196,10 @@ def test_depthwise_variants_each_divide_by_their_backbones_torch_line(benchmark,
     benchmark.main(["report", str(path)])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| xception")]
     assert [row.split(" | ")[0] for row in rows] == ["| xception (depthwise taps)",
-                                                     "| xception (depthwise grouped)"]
+                                                     "| xception (depthwise grouped)",
+                                                     "| xception + csra (depthwise taps)"]
     assert "1.50x (vs compile)" in rows[0] and "0.50x (vs compile)" in rows[1]
+    assert "20.00" not in rows[2] and "x (vs compile)" not in rows[2]
 
 
 def test_time_variant_divides_by_the_steps_not_the_calls(benchmark, monkeypatch):

@@ -145,7 +145,7 @@ def test_depthwise_taps_in_bfloat16_sum_in_float32():
 
 def test_separable_conv_lowers_without_grouped_convolutions():
     """What XLA sees: the forward and backward of a separable conv hold only the pointwise
-    convolutions (feature_group_count = 1); traced as "grouped" they hold the grouped one."""
+    convolutions, neither feature- nor batch-grouped; traced as "grouped" they hold both."""
     layer = SeparableConv2d(8, 16, 3, padding=1, rngs=nnx.Rngs(0))
     images = jnp.ones((2, 6, 6, 8))
 
@@ -154,7 +154,11 @@ def test_separable_conv_lowers_without_grouped_convolutions():
             return jnp.sum(layer(x) ** 2)
         return nnx.jit(nnx.grad(loss, argnums=(0, 1))).lower(layer, images).as_text()
 
-    groups = [int(count) for count in re.findall(r"feature_group_count = (\d+)", lowered_text())]
-    assert groups and set(groups) == {1}
-    assert 8 in [int(count) for count in
-                 re.findall(r"feature_group_count = (\d+)", grouped(lowered_text)())]
+    def group_counts(text: str) -> list[tuple[int, int]]:  # (batch, feature) per convolution
+        return [(int(batch), int(feature)) for batch, feature in re.findall(
+            r"batch_group_count = (\d+) : i64, feature_group_count = (\d+)", text)]
+
+    # the pointwise conv's forward, input gradient and kernel gradient, none grouped
+    assert group_counts(lowered_text()) == [(1, 1)] * 3
+    # a grouped conv's kernel gradient is a batch-grouped convolution
+    assert {(1, 8), (8, 1)} <= set(group_counts(grouped(lowered_text)()))

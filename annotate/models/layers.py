@@ -55,8 +55,8 @@ class DepthwiseConv2d(nnx.Module):
     Computed as k*k shifted multiply-adds (`implementation = "taps"`), which XLA fuses into
     elementwise loops whose gradients are elementwise loops and reductions too. A grouped
     convolution with one group per channel ("grouped") is what XLA would otherwise hand to cuDNN,
-    known to be slow on GPUs, in its backward pass above all (jax issue 13800). The products are
-    exact in float32 from the compute-dtype inputs and summed in float32, as cuDNN accumulates.
+    known to be slow on GPUs, in its backward pass above all (jax issue 13800). The products and
+    their sum are float32 (exact products for bfloat16 inputs), as cuDNN accumulates.
     """
 
     implementation = "taps"  # "taps" or "grouped": read when traced (scripts/benchmark.py times both)
@@ -95,7 +95,8 @@ def depthwise_taps(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 @contextlib.contextmanager
 def depthwise_implementation(implementation: str | None) -> Iterator[None]:
     """Trace every DepthwiseConv2d as `implementation` ("taps" or "grouped") inside the block, to
-    time or test one against the other; None keeps the default."""
+    time or test one against the other; None keeps the default. Only traces made inside the
+    block see it: a function jitted and traced before keeps what it was traced with."""
     if implementation not in (None, "taps", "grouped"):
         raise ValueError(f"unknown depthwise implementation {implementation!r}; "
                          "valid: taps, grouped")
