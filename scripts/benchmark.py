@@ -3,7 +3,7 @@
     python scripts/benchmark.py train [--models resnet101,tresnet_m] [--dtypes bfloat16,float32]
         [--res 448,224] [--steps-per-call 1,10] [--heads linear,ml_decoder,csra] [--batch 32]
         [--depthwise taps,grouped] [--warmup 3] [--steps 20] [--repeats 3]
-    python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224]   # no timing
+    python scripts/benchmark.py flops [--models tresnet_m] [--res 448,224] [--memory]   # no timing
     python scripts/benchmark.py wgan [--pairs 32,96] [--dtypes bfloat16,float32] [--iterations 5]
     python scripts/benchmark.py wgan-bound [--width 64]   # reads, bytes, FLOPs: no timing
     python scripts/benchmark.py stream --data DIR [--res 448,224] [--threads 2,16]
@@ -462,26 +462,33 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
     """FLOPs per image of each backbone x dtype x size's train step, from the lowered step (no
-    compilation, no timing): the count for GPU records, whose compiled cost analysis omits the
-    cuDNN convolutions."""
+    timing): the count for GPU records, whose compiled cost analysis omits the cuDNN
+    convolutions. With --memory the step is also compiled for this backend's memory analysis."""
     from annotate import devices
 
     mesh = devices.make_mesh()
+    depthwise_models = {model for model in csv(args.models) if has_depthwise_convs(model)}
     records = []
     for dtype in csv(args.dtypes):
         for res in csv(args.res):
             for model in csv(args.models):
                 for head in csv(args.heads):
-                    variant = build_variant(model, dtype, int(res), args.batch, 1, 1, mesh, head)
-                    params = sum(int(np.prod(leaf.shape))
-                                 for leaf in jax.tree.leaves(variant.state.params))
-                    record = {"what": "train_flops", "model": model, "head": head,
-                              "dtype": dtype, "batch": args.batch, "res": int(res),
-                              "params": params,
-                              "train_flops_per_img": variant.flops_per_step / args.batch,
-                              "lowered_on": device_info()["platform"], "jax": jax.__version__}
-                    emit(record)
-                    records.append(record)
+                    for depthwise in (csv(args.depthwise) if model in depthwise_models
+                                      else [None]):
+                        variant = build_variant(model, dtype, int(res), args.batch, 1, 1, mesh,
+                                                head, depthwise)
+                        params = sum(int(np.prod(leaf.shape))
+                                     for leaf in jax.tree.leaves(variant.state.params))
+                        record = {"what": "train_flops", "model": model, "head": head,
+                                  "dtype": dtype, "batch": args.batch, "res": int(res),
+                                  **depthwise_field(depthwise), "params": params,
+                                  "train_flops_per_img": variant.flops_per_step / args.batch,
+                                  "lowered_on": device_info()["platform"], "jax": jax.__version__}
+                        if args.memory:
+                            record.update(memory_fields(variant.lowered.compile()),
+                                          compiled_on=device_info()["platform"])
+                        emit(record)
+                        records.append(record)
     return records
 
 
@@ -1069,6 +1076,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flops.add_argument("--res", default="448,224", help="comma-separated image sizes in pixels")
     flops.add_argument("--batch", type=int, default=32, help="global batch size")
     flops.add_argument("--heads", default="linear", help="comma-separated heads")
+    flops.add_argument("--depthwise", default="taps",
+                       help="comma-separated implementations of the depthwise convolutions "
+                            "(taps, grouped), each a variant of a backbone that has them")
+    flops.add_argument("--memory", action="store_true",
+                       help="also compile each step and add its memory analysis (temp, "
+                            "argument, output bytes on this backend)")
     streaming = commands.add_parser("stream", help="images/s of the stream input pipeline")
     streaming.add_argument("--data", default="data/corel5k", help="dataset folder")
     streaming.add_argument("--source", default="folder", choices=("folder", "tfds"))

@@ -85,12 +85,12 @@ def flops_records() -> list[dict[str, Any]]:
             if record.get("what") == "train_flops"]
 
 
-def lowered_flops() -> dict[tuple[str, str, str, int, int], tuple[float, str]]:
+def lowered_flops() -> dict[tuple[str, str, str, int, int, str | None], tuple[float, str]]:
     """FLOPs per image of the train step and the name of the file that counted them, by
-    (model, head, dtype, size, batch)."""
-    return {(r["model"], r.get("head", "linear"), r["dtype"], r["res"], r["batch"]):
-            (r["train_flops_per_img"], path.name) for path, r in _runs("*.jsonl")
-            if r.get("what") == "train_flops"}
+    (model, head, dtype, size, batch, depthwise implementation where the line names one)."""
+    return {(r["model"], r.get("head", "linear"), r["dtype"], r["res"], r["batch"],
+             r.get("depthwise")): (r["train_flops_per_img"], path.name)
+            for path, r in _runs("*.jsonl") if r.get("what") == "train_flops"}
 
 
 def timed_steps(records: Iterable[dict[str, Any]], *, gpu_only: bool = False,
@@ -132,8 +132,8 @@ def train_step_table() -> str:
             for record in variants or [{}]:
                 rate = record.get("img_per_s")
                 head = record.get("head", "linear")
-                per_image, flops_file = flops.get((model, head, record.get("dtype"), res, batch),
-                                                  (None, None))
+                per_image, flops_file = flops.get((model, head, record.get("dtype"), res, batch,
+                                                   record.get("depthwise")), (None, None))
                 same_dtype = record.get("dtype") == "bfloat16"  # torch's modes above are bf16
                 ratio = (f"{rate / best_torch:.2f}x" if rate and best_torch and same_dtype
                          else "-")
@@ -376,10 +376,11 @@ def head_cost_table() -> str:
     on the same backbone and size."""
     records = [record for record in flops_records() if "params" in record]
     linear = {(r["model"], r["res"]): r for r in records if r.get("head", "linear") == "linear"}
+    with_heads = {(r["model"], r["res"]) for r in records if r.get("head", "linear") != "linear"}
     rows = []
     for record in records:
         base = linear.get((record["model"], record["res"]))
-        if base is None:
+        if base is None or (record["model"], record["res"]) not in with_heads:
             continue
         rows.append([record["model"], record.get("head", "linear"), str(record["res"]),
                      f"{record['params']:,}", f"{record['params'] - base['params']:+,}",
@@ -434,9 +435,10 @@ def depthwise_step_table() -> str:
                          record["dtype"], str(record["steps_per_call"]),
                          number(record["step_ms"], 1), number(record["img_per_s"], 1),
                          f"{base['step_ms'] / record['step_ms']:.2f}x" if base else "-",
+                         number(record["temp_bytes"] / 1e6 if record.get("temp_bytes") else None),
                          f"`{path.name}`", card(records)])
     return table(["backbone", "px", "batch", "dtype", "K", "ms/step", "img/s",
-                  "speed vs grouped", "file", "machine"], rows, "lrrlrrrrll")
+                  "speed vs grouped", "temp MB", "file", "machine"], rows, "lrrlrrrrrll")
 
 
 def wgan_bound_table() -> str:

@@ -235,11 +235,17 @@ def test_k_steps_per_call_time_per_step_and_borrow_the_step_flops(benchmark):
 
 
 def test_flops_command_counts_the_timed_step(benchmark, train_record):
-    """`flops` (lowering only) gives the FLOPs per image of the timed train step."""
+    """`flops` (lowering only) gives the FLOPs per image of the timed train step; with --memory it
+    compiles that step too, for the same temporaries as the timed one."""
     (record,) = benchmark.main(["flops", "--models", "resnet18", "--dtypes", "float32",
                                 "--res", "32", "--batch", "2"])
     assert record["what"] == "train_flops" and record["res"] == 32
     assert record["train_flops_per_img"] == pytest.approx(train_record["train_flops_per_img"])
+    assert "temp_bytes" not in record
+    (compiled,) = benchmark.main(["flops", "--models", "resnet18", "--dtypes", "float32",
+                                  "--res", "32", "--batch", "2", "--memory"])
+    assert compiled["temp_bytes"] == train_record["temp_bytes"] > 0
+    assert compiled["compiled_on"] == "cpu"
 
 
 def test_wgan_bound_counts_the_fewest_weight_reads(benchmark):
