@@ -9,12 +9,24 @@ import subprocess
 from typing import Any
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections", "numpy",
-            "torch", "timm")
+            "PIL", "torch", "timm")  # PIL: its JPEG decoder sets the pixels every run trains on
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (XLA:CPU's results depend on it), or why not."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo
+                         if line.startswith("model name")), "unknown")
+    except OSError as error:
+        return f"unknown ({type(error).__name__})"
 
 
 def machine_info() -> dict[str, Any]:
-    """Card (nvidia-smi), CUDA devices as JAX sees them, and the versions of PACKAGES."""
-    info: dict[str, Any] = {"what": "machine", "python": platform.python_version()}
+    """Card (nvidia-smi), CPU model, the devices as JAX sees them, and the versions of
+    PACKAGES."""
+    info: dict[str, Any] = {"what": "machine", "python": platform.python_version(),
+                            "cpu": cpu_model()}
     try:
         query = "name,memory.total,driver_version"
         out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
