@@ -88,6 +88,11 @@ class Annotator:
         devices = self.experiment.mesh.size
         return -(-self.experiment.config.train.eval_batch_size // devices) * devices
 
+    def images_at_once(self, count: int, chunk_size: int | None = None) -> int:
+        """Images decoded and predicted per call when annotating `count` files: `chunk_size`
+        (default: self.chunk_size), no more than there are files."""
+        return min(chunk_size or self.chunk_size, max(count, 1))
+
     def annotate(self, files: Sequence[Path | str], chunk_size: int | None = None,
                  on_chunk: Callable[[list[dict]], None] | None = None,
                  ) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -96,7 +101,7 @@ class Annotator:
         decode are skipped with the reason. Files are decoded and predicted `chunk_size` at a
         time (default: self.chunk_size), every chunk padded to one shape (one compilation);
         `on_chunk` receives each chunk's annotations as soon as they are done."""
-        chunk_size = min(chunk_size or self.chunk_size, max(len(files), 1))
+        chunk_size = self.images_at_once(len(files), chunk_size)
         annotations, skipped = [], []
         with tqdm(total=len(files), unit="image", desc="annotate", file=sys.stderr,
                   disable=len(files) <= chunk_size) as bar:
@@ -279,7 +284,7 @@ def main(argv: list[str]) -> None:
     except jax.errors.JaxRuntimeError as error:
         if not is_out_of_memory(error):
             raise
-        at_once = min(annotator.chunk_size, len(files)) if annotator else None
+        at_once = annotator.images_at_once(len(files)) if annotator else None
         cli.fail(out_of_memory_message(error, at_once, jax.device_count(), jax.default_backend()))
     skipped += [(str(path), "not an image file") for path in others]
     if skipped:

@@ -232,6 +232,14 @@ def depthwise_field(depthwise: str | None) -> dict[str, str]:
     return {"depthwise": depthwise} if depthwise else {}
 
 
+def depthwise_variants(models: Sequence[str],
+                       implementations: str) -> dict[str, list[str | None]]:
+    """Per backbone, the depthwise implementations to build it with (the comma-separated
+    `implementations`), or [None] for a backbone without depthwise convolutions."""
+    return {model: csv(implementations) if has_depthwise_convs(model) else [None]
+            for model in models}
+
+
 def has_depthwise_convs(model: str) -> bool:
     """Whether backbone `model` has DepthwiseConv2d layers (built abstractly; False for a name
     the registry does not know, which build_variant then reports)."""
@@ -403,13 +411,11 @@ def run_train(args: argparse.Namespace) -> list[dict[str, Any]]:
     mesh = devices.make_mesh()
     # dtype-major: every backbone's first dtype (bf16 by default) is timed before the second;
     # then K, so that K > 1 compiles after K = 1 and finds its convolutions already autotuned
-    depthwise_models = {model for model in csv(args.models) if has_depthwise_convs(model)}
+    depthwise_by_model = depthwise_variants(csv(args.models), args.depthwise)
     variants_wanted = [(model, dtype, int(res), int(k), head, depthwise)
                        for dtype in csv(args.dtypes) for k in csv(args.steps_per_call)
                        for res in csv(args.res) for model in csv(args.models)
-                       for head in csv(args.heads)
-                       for depthwise in (csv(args.depthwise) if model in depthwise_models
-                                         else [None])]
+                       for head in csv(args.heads) for depthwise in depthwise_by_model[model]]
     workers = args.compile_workers or len(variants_wanted)
     profiled = set(csv(args.profile_models))
     records = []
@@ -467,14 +473,13 @@ def run_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
     from annotate import devices
 
     mesh = devices.make_mesh()
-    depthwise_models = {model for model in csv(args.models) if has_depthwise_convs(model)}
+    depthwise_by_model = depthwise_variants(csv(args.models), args.depthwise)
     records = []
     for dtype in csv(args.dtypes):
         for res in csv(args.res):
             for model in csv(args.models):
                 for head in csv(args.heads):
-                    for depthwise in (csv(args.depthwise) if model in depthwise_models
-                                      else [None]):
+                    for depthwise in depthwise_by_model[model]:
                         variant = build_variant(model, dtype, int(res), args.batch, 1, 1, mesh,
                                                 head, depthwise)
                         params = sum(int(np.prod(leaf.shape))
@@ -1054,9 +1059,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--steps-per-call", default="1",
                        help="comma-separated K: train steps per dispatch (lax.scan)")
     train.add_argument("--batch", type=int, default=32, help="global batch size")
-    train.add_argument("--depthwise", default="taps",
-                       help="comma-separated implementations of the depthwise convolutions "
-                            "(taps, grouped), each a variant of a backbone that has them")
     train.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     train.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     train.add_argument("--repeats", type=int, default=3, help="timed repeats (median taken)")
@@ -1076,9 +1078,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     flops.add_argument("--res", default="448,224", help="comma-separated image sizes in pixels")
     flops.add_argument("--batch", type=int, default=32, help="global batch size")
     flops.add_argument("--heads", default="linear", help="comma-separated heads")
-    flops.add_argument("--depthwise", default="taps",
-                       help="comma-separated implementations of the depthwise convolutions "
-                            "(taps, grouped), each a variant of a backbone that has them")
+    for subcommand in (train, flops):
+        subcommand.add_argument("--depthwise", default="taps",
+                                help="comma-separated implementations of the depthwise "
+                                     "convolutions (taps, grouped), each a variant of a backbone "
+                                     "that has them")
     flops.add_argument("--memory", action="store_true",
                        help="also compile each step and add its memory analysis (temp, "
                             "argument, output bytes on this backend)")

@@ -30,6 +30,10 @@ def torch_default_uniform(fan_in: int) -> Initializer:
     return init
 
 
+# timm's (and torch's kaiming_normal_ fan-out) conv kernel initialisation
+KAIMING_FAN_OUT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
 def conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
            stride: int = 1, padding: int | tuple[int, int] = 0, groups: int = 1,
            dilation: int = 1, bias: bool = False, dtype: Dtype = jnp.float32,
@@ -42,7 +46,7 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, in
                     padding=((ph, ph), (pw, pw)), kernel_dilation=dilation,
                     feature_group_count=groups, use_bias=bias, dtype=dtype,
                     param_dtype=jnp.float32,
-                    kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    kernel_init=KAIMING_FAN_OUT,
                     bias_init=torch_default_uniform(in_channels // groups * kh * kw),
                     rngs=rngs)
 
@@ -63,9 +67,9 @@ class DepthwiseConv2d(nnx.Module):
 
     def __init__(self, channels: int, kernel_size: int, *, padding: int = 0,
                  dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels),
-                                     jnp.float32))
+        self.kernel = nnx.Param(KAIMING_FAN_OUT(rngs.params(),
+                                                (kernel_size, kernel_size, 1, channels),
+                                                jnp.float32))
         self.padding = padding
         self.dtype = dtype
 
@@ -83,11 +87,11 @@ class DepthwiseConv2d(nnx.Module):
 def depthwise_taps(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """Depthwise stride-1 convolution of NHWC `x` with `kernel` [k, k, 1, C] as k*k shifted
     products summed in float32, in `x`'s dtype."""
-    size = kernel.shape[0]
+    size, kernel = kernel.shape[0], kernel.astype(jnp.float32)
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     padded = padded.astype(jnp.float32)
     height, width = padded.shape[1] - size + 1, padded.shape[2] - size + 1
-    taps = [padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0].astype(jnp.float32)
+    taps = [padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
             for i in range(size) for j in range(size)]
     return sum(taps[1:], taps[0]).astype(x.dtype)
 
